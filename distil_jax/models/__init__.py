@@ -1,0 +1,9 @@
+"""Flax teacher (BERT/RoBERTa) and student (DistilBERT) masked language models."""
+
+from distil_jax.models.bert import Bert, BertConfig
+from distil_jax.models.distilbert import DistilBert, DistilBertConfig
+from distil_jax.models.layers import (EncoderConfig, MaskedLM, MaskedLMOutput, init_params,
+                                      logical_axes)
+
+__all__ = ["Bert", "BertConfig", "DistilBert", "DistilBertConfig", "EncoderConfig",
+           "MaskedLM", "MaskedLMOutput", "init_params", "logical_axes"]

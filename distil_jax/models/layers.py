@@ -1,0 +1,306 @@
+"""Building blocks shared by the teacher (BERT/RoBERTa) and the student (DistilBERT).
+
+Both Hugging Face architectures use the same post-LayerNorm encoder layer; only the
+names of their tensors differ. Here they share one module tree with one set of names,
+so that student initialisation is a copy by name and the Hugging Face mapping tables
+(`distil_jax/hf.py`) differ only on the Hugging Face side.
+
+Every kernel and embedding carries logical axis names (`vocab`, `embed`, `heads`, `kv`,
+`mlp`); the mapping from logical to mesh axes is a table in the training config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# HF's ACT2FN names -> functions. "gelu" is the exact erf GELU (HF `GELUActivation`).
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Fields every encoder has, named as in Hugging Face's BertConfig."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            problems.append(
+                f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class MaskedLMOutput:
+    """What both models return: like HF's output with `output_hidden_states=True`.
+
+    logits: [B, S, V] (or None when the head was not asked for).
+    hidden_states: embeddings output followed by every layer's output, each [B, S, D].
+    attentions: per layer [B, H, S, S] probabilities when asked for, else None.
+    """
+
+    logits: Optional[jax.Array]
+    hidden_states: Tuple[jax.Array, ...]
+    attentions: Optional[Tuple[jax.Array, ...]] = None
+    pooled_output: Optional[jax.Array] = None
+
+    @property
+    def last_hidden_state(self) -> jax.Array:
+        return self.hidden_states[-1]
+
+
+def _init(config: EncoderConfig, names):
+    return nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=config.initializer_range), names)
+
+
+def _zeros(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def layer_norm(eps: float, name: Optional[str] = None, *, dtype: Dtype,
+               param_dtype: Dtype) -> nn.LayerNorm:
+    """LayerNorm (statistics in float32) with logically named scale and bias."""
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)),
+        use_fast_variance=False)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention over a key padding mask."""
+
+    config: EncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
+        cfg = self.config
+        dense = lambda name: nn.DenseGeneral(  # noqa: E731
+            features=(cfg.num_heads, cfg.head_dim), dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name,
+            kernel_init=_init(cfg, ("embed", "heads", "kv")),
+            bias_init=_zeros(("heads", "kv")))
+        query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
+        query = query / jnp.sqrt(cfg.head_dim).astype(self.dtype)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+        keep = attention_mask[:, None, None, :].astype(bool)
+        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
+        out = nn.DenseGeneral(
+            features=cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
+            param_dtype=self.param_dtype, name="out",
+            kernel_init=_init(cfg, ("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)))(context)
+        return out, (probs if output_attentions else None)
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
+
+    `dropout_after_attention`: BERT drops the attention output before the residual
+    add; DistilBERT does not (HF `TransformerBlock`).
+    """
+
+    config: EncoderConfig
+    dropout_after_attention: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn, probs = SelfAttention(cfg, name="attention", **kw)(
+            x, attention_mask, deterministic, output_attentions)
+        if self.dropout_after_attention:
+            attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
+        x = layer_norm(cfg.layer_norm_eps, "attention_norm", **kw)(x + attn)
+        h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=_init(cfg, ("embed", "mlp")),
+                     bias_init=_zeros(("mlp",)), **kw)(x)
+        h = ACTIVATIONS[cfg.hidden_act](h)
+        h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=_init(cfg, ("mlp", "embed")),
+                     bias_init=_zeros(("embed",)), **kw)(h)
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        x = layer_norm(cfg.layer_norm_eps, "output_norm", **kw)(x + h)
+        return x, probs
+
+
+class Encoder(nn.Module):
+    """A stack of `num_layers` EncoderLayers named layer_0 ... layer_{N-1}."""
+
+    config: EncoderConfig
+    dropout_after_attention: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
+        hidden_states, attentions = [x], []
+        for i in range(self.config.num_layers):
+            x, probs = EncoderLayer(
+                self.config, self.dropout_after_attention, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"layer_{i}")(
+                    x, attention_mask, deterministic, output_attentions)
+            hidden_states.append(x)
+            attentions.append(probs)
+        return tuple(hidden_states), (tuple(attentions) if output_attentions else None)
+
+
+class Embed(nn.Module):
+    """A lookup table with logical names; `attend` gives the tied output projection."""
+
+    num_embeddings: int
+    features: int
+    config: EncoderConfig
+    axes: Tuple[Optional[str], str]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", _init(self.config, self.axes),
+            (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, ids):
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+    def attend(self, x):
+        return jnp.einsum("...d,vd->...v", x, jnp.asarray(self.embedding, self.dtype))
+
+
+class MLMHead(nn.Module):
+    """dense -> activation -> LayerNorm -> decoder tied to the word embeddings + bias.
+
+    The same math as HF BertLMPredictionHead and DistilBERT's vocab_transform /
+    vocab_layer_norm / vocab_projector.
+    """
+
+    config: EncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, word_embeddings: Embed):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.Dense(cfg.hidden_size, name="transform", kernel_init=_init(cfg, ("embed_in", "embed")),
+                     bias_init=_zeros(("embed",)), **kw)(hidden)
+        h = ACTIVATIONS[cfg.hidden_act](h)
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm", **kw)(h)
+        bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), self.param_dtype)
+        return word_embeddings.attend(h) + jnp.asarray(bias, self.dtype)
+
+
+class MaskedLM(nn.Module):
+    """Embeddings -> Encoder -> MLMHead; the teacher and the student specialise `embed`.
+
+    `apply({'params': p}, input_ids, attention_mask, deterministic=...)` returns a
+    MaskedLMOutput. `compute_logits=False` skips the vocabulary projection (the losses
+    can then project only the rows they need through `method=MaskedLM.mlm_logits`).
+    """
+
+    config: EncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    dropout_after_attention = True  # class constant, not a dataclass field
+
+    def setup(self):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.word_embeddings = Embed(cfg.vocab_size, cfg.hidden_size, cfg, ("vocab", "embed"), **kw)
+        self.position_embeddings = Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, cfg, (None, "embed"), **kw)
+        self.embeddings_norm = layer_norm(cfg.layer_norm_eps, **kw)
+        self.embeddings_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.encoder = Encoder(cfg, self.dropout_after_attention, **kw)
+        self.mlm_head = MLMHead(cfg, **kw)
+
+    def position_ids(self, input_ids):
+        return jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+
+    def embed(self, input_ids, token_type_ids):
+        return self.word_embeddings(input_ids) + self.extra_embeddings(input_ids, token_type_ids)
+
+    def extra_embeddings(self, input_ids, token_type_ids):
+        """Everything added to the word embeddings (positions; BERT adds token types)."""
+        return self.position_embeddings(self.position_ids(input_ids))
+
+    def pool(self, hidden):
+        return None
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                 deterministic: bool = True, output_attentions: bool = False,
+                 compute_logits: bool = True) -> MaskedLMOutput:
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        x = self.embeddings_norm(self.embed(input_ids, token_type_ids))
+        x = self.embeddings_dropout(x, deterministic=deterministic)
+        hidden_states, attentions = self.encoder(
+            x, attention_mask, deterministic, output_attentions)
+        logits = self.mlm_logits(hidden_states[-1]) if compute_logits else None
+        return MaskedLMOutput(logits=logits, hidden_states=hidden_states,
+                              attentions=attentions, pooled_output=self.pool(hidden_states[-1]))
+
+    def mlm_logits(self, hidden):
+        return self.mlm_head(hidden, self.word_embeddings)
+
+
+def init_params(model: MaskedLM, rng: jax.Array, seq_len: int = 8):
+    """Fresh params of `model` as plain arrays (logical-axis boxes removed)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.meta.unbox(model.init(rng, ids)["params"])
+
+
+def logical_axes(model: MaskedLM, seq_len: int = 8):
+    """The params' logical PartitionSpecs (e.g. P('vocab', 'embed')), without allocating them."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
+    return nn.get_partition_spec(boxed)["params"]

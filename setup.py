@@ -1,0 +1,34 @@
+"""distil_jax: distil a masked language model into a small, fast student, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="distil_jax",
+    version="0.1.0",
+    description="DistilBERT-style distillation of masked language models in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["distil_jax", "distil_jax.*"]),
+    python_requires=">=3.10",
+    # Versions that install together (checked with Python 3.11, CPU): see README.
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "chex>=0.1.92,<0.2",
+        "transformers>=5.23,<6",
+        "tensorflow-datasets>=4.9.10,<5",
+        "ml-collections>=1.1,<2",
+        "grain>=0.2.18,<0.3",
+        "safetensors>=0.8,<0.9",
+        "absl-py>=2.5,<3",
+        "tokenizers>=0.23,<0.24",
+        "numpy>=2.0",
+    ],
+    extras_require={
+        # torch checks our Hugging Face export against transformers' PyTorch models.
+        # Install `torch==2.13.0` first to get the CPU build rather than CUDA wheels.
+        "test": ["pytest>=8", "torch>=2.6"],
+    },
+)

@@ -1,0 +1,226 @@
+"""Our Flax models against transformers' PyTorch models on the same weights, and export."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distil_jax import hf
+from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 120
+TINY = {
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40, type_vocab_size=2),
+    "roberta": lambda: transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=42, type_vocab_size=1, pad_token_id=1),
+    "distilbert": lambda: transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=40),
+}
+MLM_CLASSES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM",
+               "distilbert": "DistilBertForMaskedLM"}
+
+
+def _random_hf_model(arch, seed=0):
+    """A transformers model whose every tensor (LayerNorms and biases included) is random."""
+    torch.manual_seed(seed)
+    config = TINY[arch]()
+    config._attn_implementation = "eager"  # so that attention probabilities are returned
+    model = getattr(transformers, MLM_CLASSES[arch])(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def _batch(pad_id, seed=0, b=3, s=16):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, VOCAB, size=(b, s))
+    am = np.ones((b, s), np.int64)
+    am[1, 11:] = 0
+    am[2, 4:] = 0
+    return np.where(am == 1, ids, pad_id), am
+
+
+def _torch_outputs(model, ids, am):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am),
+                    output_hidden_states=True, output_attentions=True)
+    return (out.logits.numpy(), [h.numpy() for h in out.hidden_states],
+            [a.numpy() for a in out.attentions])
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_imported_model_equals_transformers(arch, tmp_path):
+    ref = _random_hf_model(arch)
+    ref.save_pretrained(tmp_path)
+    model, params = hf.load_hf_model(str(tmp_path))
+    assert isinstance(model, DistilBert if arch == "distilbert" else Bert)
+    ids, am = _batch(ref.config.pad_token_id)
+    logits, hidden, attn = _torch_outputs(ref, ids, am)
+    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(am), output_attentions=True)
+    assert len(out.hidden_states) == len(hidden) == model.config.num_layers + 1
+    np.testing.assert_allclose(out.logits, logits, atol=1e-4)
+    for ours, theirs in zip(out.hidden_states, hidden, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    for ours, theirs in zip(out.attentions, attn, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_bert_with_pooler_and_token_types(tmp_path):
+    torch.manual_seed(1)
+    ref = transformers.BertModel(TINY["bert"]()).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    mlm = _random_hf_model("bert", seed=2)
+    state = {f"bert.{k}": v for k, v in ref.state_dict().items()}
+    state.update({k: v for k, v in mlm.state_dict().items() if k.startswith("cls.")})
+    state.pop("cls.predictions.decoder.weight")
+    mlm.save_pretrained(tmp_path)
+    import safetensors.torch
+    safetensors.torch.save_file({k: v.clone().contiguous() for k, v in state.items()},
+                                os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
+    model, params = hf.load_hf_model(str(tmp_path))
+    assert model.config.add_pooler
+    ids, am = _batch(0)
+    tt = (np.arange(ids.shape[1])[None] >= 6).astype(np.int64) * am
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am),
+                   token_type_ids=torch.tensor(tt))
+    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(am), jnp.asarray(tt))
+    np.testing.assert_allclose(out.last_hidden_state, want.last_hidden_state.numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.pooled_output, want.pooler_output.numpy(), atol=1e-4)
+
+
+def test_legacy_gamma_beta_names_and_pytorch_bin(tmp_path):
+    ref = _random_hf_model("bert", seed=3)
+    ref.save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in ref.state_dict().items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model, params = hf.load_hf_model(str(tmp_path))
+    ids, am = _batch(0, seed=4)
+    logits, _, _ = _torch_outputs(ref, ids, am)
+    np.testing.assert_allclose(model.apply({"params": params}, ids, am).logits, logits, atol=1e-4)
+
+
+def test_bf16_compute_stays_close_to_float32(tmp_path):
+    ref = _random_hf_model("distilbert", seed=5)
+    ref.save_pretrained(tmp_path)
+    model32, params = hf.load_hf_model(str(tmp_path))
+    model16, _ = hf.load_hf_model(str(tmp_path), dtype=jnp.bfloat16)
+    ids, am = _batch(0)
+    out32 = model32.apply({"params": params}, ids, am)
+    out16 = model16.apply({"params": params}, ids, am)
+    assert out16.logits.dtype == jnp.bfloat16
+    chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    rel = np.abs(np.asarray(out16.logits, np.float32) - out32.logits).max() / np.abs(out32.logits).max()
+    assert rel < 0.05, rel
+    agree = (np.asarray(out16.logits, np.float32).argmax(-1) == np.asarray(out32.logits).argmax(-1)).mean()
+    assert agree > 0.9, agree
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    config = DistilBertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    model = DistilBert(config)
+    params = init_params(model, jax.random.key(0))
+    ids, am = _batch(0)
+    det = model.apply({"params": params}, ids, am).logits
+    a = model.apply({"params": params}, ids, am, deterministic=False, rngs={"dropout": jax.random.key(1)}).logits
+    b = model.apply({"params": params}, ids, am, deterministic=False, rngs={"dropout": jax.random.key(1)}).logits
+    c = model.apply({"params": params}, ids, am, deterministic=False, rngs={"dropout": jax.random.key(2)}).logits
+    chex.assert_trees_all_equal(a, b)
+    assert not np.allclose(a, det) and not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+def test_student_export_round_trip(tmp_path, with_tokenizer):
+    config = DistilBertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                              intermediate_size=64, max_position_embeddings=64)
+    model = DistilBert(config)
+    params = init_params(model, jax.random.key(3))
+    # Give LayerNorms and biases non-trivial values so the check covers them.
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape), params)
+    tokenizer = _tiny_tokenizer() if with_tokenizer else None
+    hf.save_student_hf(params, config, str(tmp_path), tokenizer=tokenizer)
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path)).eval()
+    assert type(loaded).__name__ == "DistilBertForMaskedLM"
+    ids, am = _batch(0)
+    with torch.no_grad():
+        want = loaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am)).logits.numpy()
+    np.testing.assert_allclose(model.apply({"params": params}, ids, am).logits, want, atol=1e-4)
+    # And back: importing the export gives the same params.
+    _, again = hf.load_hf_model(str(tmp_path))
+    chex.assert_trees_all_close(again, params, atol=0)
+    if with_tokenizer:
+        tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+        assert tok("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+
+
+def test_teacher_export_round_trip(tmp_path):
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    model = Bert(config)
+    params = init_params(model, jax.random.key(4))
+    hf.save_hf_model(params, config, str(tmp_path))
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path)).eval()
+    assert type(loaded).__name__ == "BertForMaskedLM"
+    ids, am = _batch(0)
+    with torch.no_grad():
+        want = loaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am)).logits.numpy()
+    np.testing.assert_allclose(model.apply({"params": params}, ids, am).logits, want, atol=1e-4)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["hello", "world", "the", "cat"]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]")
+
+
+# --- bad input --------------------------------------------------------------------
+def test_missing_and_extra_tensors_are_listed(tmp_path):
+    ref = _random_hf_model("distilbert")
+    ref.save_pretrained(tmp_path)
+    from safetensors.numpy import load_file, save_file
+    state = load_file(tmp_path / "model.safetensors")
+    del state["distilbert.transformer.layer.1.ffn.lin2.bias"]
+    state["distilbert.transformer.layer.9.ffn.lin2.bias"] = np.zeros(32, np.float32)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing distilbert\.transformer\.layer\.1\.ffn\.lin2\.bias; "
+                                         r"unexpected distilbert\.transformer\.layer\.9\.ffn\.lin2\.bias"):
+        hf.load_hf_model(str(tmp_path))
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*bert, roberta, distilbert"):
+        hf.load_hf_model(str(tmp_path))
+
+
+def test_missing_weights_and_missing_dir(tmp_path):
+    _random_hf_model("bert").config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no weights in .*model.safetensors"):
+        hf.load_hf_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a model the hub gave"):
+        hf.load_hf_model(str(tmp_path / "nothing-here"))
+
+
+def test_save_student_refuses_a_teacher_config(tmp_path):
+    with pytest.raises(TypeError, match="save_hf_model"):
+        hf.save_student_hf({}, BertConfig(), str(tmp_path))

@@ -1,0 +1,136 @@
+"""The losses against float64 NumPy references and torch's reference semantics."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distil_jax import losses
+
+
+def _log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _ref_kd(s, t, w, temp):
+    lt, ls = _log_softmax64(np.asarray(t, np.float64) / temp), _log_softmax64(np.asarray(s, np.float64) / temp)
+    per_row = (np.exp(lt) * (lt - ls)).sum(-1)
+    return (per_row * w).sum() / max(w.sum(), 1) * temp**2
+
+
+def _ref_mlm(logits, labels, w):
+    lp = _log_softmax64(logits)
+    safe = np.clip(labels, 0, logits.shape[-1] - 1)
+    per_row = -np.take_along_axis(lp, safe[..., None], -1)[..., 0]
+    return (per_row * w).sum() / max(w.sum(), 1)
+
+
+def _ref_cos(s, t, w):
+    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+    cos = (s * t).sum(-1) / np.sqrt((s * s).sum(-1) * (t * t).sum(-1))
+    return ((1 - cos) * w).sum() / max(w.sum(), 1)
+
+
+def _ref_mse(s, t, w):
+    d = np.asarray(s, np.float64) - np.asarray(t, np.float64)
+    return ((d * d).sum(-1) * w).sum() / max(w.sum(), 1)
+
+
+def _inputs(seed, dtype=np.float32, b=3, s=7, v=50, d=16):
+    rng = np.random.default_rng(seed)
+    student = (rng.normal(size=(b, s, v)) * 3).astype(dtype)
+    teacher = (rng.normal(size=(b, s, v)) * 3).astype(dtype)
+    hs, ht = rng.normal(size=(b, s, d)).astype(dtype), rng.normal(size=(b, s, d)).astype(dtype)
+    labels = rng.integers(0, v, size=(b, s))
+    weights = (rng.random((b, s)) < 0.6).astype(np.int32)
+    labels = np.where(weights == 1, labels, -100)
+    return student, teacher, hs, ht, labels, weights
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_losses_match_float64_reference(seed, temperature):
+    s, t, hs, ht, labels, w = _inputs(seed)
+    np.testing.assert_allclose(losses.kd_loss(s, t, w, temperature), _ref_kd(s, t, w, temperature), rtol=1e-5)
+    np.testing.assert_allclose(losses.mlm_loss(s, labels, w), _ref_mlm(s, labels, w), rtol=1e-5)
+    np.testing.assert_allclose(losses.cosine_loss(hs, ht, w), _ref_cos(hs, ht, w), rtol=1e-5)
+    np.testing.assert_allclose(losses.mse_loss(s, t, w), _ref_mse(s, t, w), rtol=1e-5)
+
+
+def test_bf16_inputs_computed_in_float32():
+    s, t, hs, ht, labels, w = _inputs(2)
+    to_bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    # The reference sees exactly the bf16-rounded values: the loss math adds no bf16 error.
+    sb, tb, hsb, htb = (np.asarray(to_bf16(x).astype(jnp.float32)) for x in (s, t, hs, ht))
+    for got, want in [
+        (losses.kd_loss(to_bf16(s), to_bf16(t), w, 2.0), _ref_kd(sb, tb, w, 2.0)),
+        (losses.mlm_loss(to_bf16(s), labels, w), _ref_mlm(sb, labels, w)),
+        (losses.cosine_loss(to_bf16(hs), to_bf16(ht), w), _ref_cos(hsb, htb, w)),
+        (losses.mse_loss(to_bf16(s), to_bf16(t), w), _ref_mse(sb, tb, w)),
+    ]:
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_no_selected_row_gives_zero_and_finite_gradients():
+    s, t, hs, ht, labels, _ = _inputs(3)
+    w = np.zeros(labels.shape, np.int32)
+
+    def total(s, hs):
+        return (losses.kd_loss(s, t, w, 2.0) + losses.mlm_loss(s, labels, w)
+                + losses.cosine_loss(hs, ht, w) + losses.mse_loss(s, t, w))
+
+    value, grads = jax.value_and_grad(total, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(hs))
+    assert float(value) == 0.0
+    for g in grads:
+        chex.assert_tree_all_finite(g)
+        assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_rows_with_weight_zero_do_not_matter():
+    s, t, hs, ht, labels, w = _inputs(4)
+    noise = np.random.default_rng(5).normal(size=s.shape).astype(np.float32) * 100
+    s2 = np.where(w[..., None] == 1, s, noise)
+    np.testing.assert_allclose(losses.kd_loss(s2, t, w, 2.0), losses.kd_loss(s, t, w, 2.0), rtol=1e-6)
+    np.testing.assert_allclose(losses.mlm_loss(s2, labels, w), losses.mlm_loss(s, labels, w), rtol=1e-6)
+
+
+def test_kd_loss_equals_torch_kldiv_batchmean_times_t_squared():
+    torch = pytest.importorskip("torch")
+    s, t, _, _, _, w = _inputs(6)
+    temp = 2.0
+    sel = w.astype(bool)
+    s_rows, t_rows = torch.tensor(s[sel]), torch.tensor(t[sel])
+    want = torch.nn.KLDivLoss(reduction="batchmean")(
+        torch.log_softmax(s_rows / temp, -1), torch.softmax(t_rows / temp, -1)) * temp**2
+    np.testing.assert_allclose(losses.kd_loss(s, t, w, temp), want.item(), rtol=1e-5)
+
+
+def test_cosine_loss_equals_torch_cosine_embedding_loss():
+    torch = pytest.importorskip("torch")
+    _, _, hs, ht, _, w = _inputs(7)
+    sel = w.astype(bool)
+    want = torch.nn.CosineEmbeddingLoss()(torch.tensor(hs[sel]), torch.tensor(ht[sel]),
+                                          torch.ones(int(sel.sum())))
+    np.testing.assert_allclose(losses.cosine_loss(hs, ht, w), want.item(), rtol=1e-5)
+
+
+def test_kd_loss_gradient_matches_float64_finite_differences():
+    s, t, _, _, _, w = _inputs(8, b=2, s=3, v=6)
+    grad = np.asarray(jax.grad(lambda x: losses.kd_loss(x, t, w, 2.0))(jnp.asarray(s)))
+    eps, numeric = 1e-6, np.zeros_like(s, np.float64)
+    for idx in np.ndindex(s.shape):
+        up, down = s.astype(np.float64), s.astype(np.float64)
+        up[idx] += eps
+        down[idx] -= eps
+        numeric[idx] = (_ref_kd(up, t, w, 2.0) - _ref_kd(down, t, w, 2.0)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, atol=2e-5)
+
+
+def test_accuracy():
+    logits = np.eye(4, dtype=np.float32)[None]  # argmax of row i is i
+    labels = np.array([[0, 1, 3, 0]])
+    np.testing.assert_allclose(losses.accuracy(logits, labels, np.array([[1, 1, 1, 0]])), 2 / 3, rtol=1e-6)
