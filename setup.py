@@ -24,6 +24,8 @@ setup(
         "safetensors>=0.8,<0.9",
         "absl-py>=2.5,<3",
         "tokenizers>=0.23,<0.24",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
         "numpy>=2.0",
     ],
     extras_require={

@@ -1,0 +1,225 @@
+"""The config schema (every key, with its default) and its validation, in one place.
+
+Config files start from `defaults()` and change what they need; `validate` lists every
+problem at once, before anything is compiled or loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import List, Optional
+
+import ml_collections
+
+from distil_jax.models import BertConfig, EncoderConfig
+
+MODES = ("distill", "pretrain", "eval", "export")
+DTYPES = ("float32", "bfloat16")
+# The rules flax's lm1b example uses, with the batch over both data-parallel axes.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("embed_in", None),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message lists every problem."""
+
+
+def _bert_fields(**changes) -> dict:
+    fields = {f.name: f.default for f in dataclasses.fields(BertConfig)}
+    fields.update(changes)
+    return fields
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a config may have. Values here are the paper's where it has one."""
+    c = ml_collections.ConfigDict()
+    c.mode = "distill"
+
+    # The teacher: a Hugging Face dir or hub name; with path "" a teacher of
+    # `teacher.model` fields (random in distill mode: for tests; trained in pretrain mode).
+    c.teacher = ml_collections.ConfigDict(dict(
+        path="", dtype="float32", model=_bert_fields()))
+
+    # The student: DistilBERT of the teacher's width; 0 means "the teacher's value".
+    c.student = ml_collections.ConfigDict(dict(
+        num_layers=6, init="teacher", layer_map=(), vocab_transform=True,
+        fold_token_type=True, hidden_size=0, num_heads=0, intermediate_size=0))
+
+    c.distill = ml_collections.ConfigDict(dict(
+        temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.0,
+        restrict_ce_to_mask=False))
+    c.masking = ml_collections.ConfigDict(dict(
+        mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1, smoothing=0.7))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", seq_len=512,
+        # A fixed corpus drawn from a seeded Markov chain (the step's iterator interface
+        # without any files; used by the tests and the smoke configs).
+        synthetic=dict(num_sequences=1024, min_len=12, branching=4, seed=0)))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=0, epochs=3, batch_size=4096, micro_batch_size=32, seed=56,
+        learning_rate=5e-4, warmup_fraction=0.05, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-6,
+        weight_decay=0.0, grad_clip=5.0, dtype="float32", log_every=10, peak_tflops=0.0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
+    c.eval = ml_collections.ConfigDict(dict(batches=8, seed=0))
+    c.export = ml_collections.ConfigDict(dict(dir=""))
+    return c
+
+
+def _unknown_keys(config, schema, prefix="") -> List[str]:
+    problems = []
+    for key in config.keys():
+        name = prefix + key
+        if key not in schema:
+            problems.append(f"unknown key {name!r}")
+        elif isinstance(schema[key], ml_collections.ConfigDict) and key not in ("model",):
+            if isinstance(config[key], ml_collections.ConfigDict):
+                problems += _unknown_keys(config[key], schema[key], name + ".")
+            else:
+                problems.append(f"{name} must be a group of keys, got {config[key]!r}")
+    return problems
+
+
+def teacher_config_of(config) -> EncoderConfig:
+    """The teacher's architecture: its config.json when a directory is given, else teacher.model."""
+    path = config.teacher.path
+    if path:
+        if os.path.isdir(path):
+            from distil_jax.hf import config_from_hf
+            with open(os.path.join(path, "config.json")) as f:
+                return config_from_hf(json.load(f))
+        from distil_jax.hf import load_hf_model  # a hub name: resolve it (needs a network)
+        return load_hf_model(path)[0].config
+    return BertConfig(**config.teacher.model.to_dict())
+
+
+def validate(config, num_devices: Optional[int] = None, teacher: Optional[EncoderConfig] = None) -> None:
+    """Raise ConfigError listing every problem of `config` (nothing is loaded or compiled)."""
+    problems = _unknown_keys(config, defaults())
+    if problems:  # the rest would only trip over the same keys
+        raise ConfigError(_message(problems))
+    c = config
+    if c.mode not in MODES:
+        problems.append(f"mode {c.mode!r} is not one of {MODES}")
+    for name, value in (("teacher.dtype", c.teacher.dtype), ("train.dtype", c.train.dtype)):
+        if value not in DTYPES:
+            problems.append(f"{name} {value!r} is not one of {DTYPES}")
+    if c.mode == "pretrain" and c.teacher.path:
+        problems.append("mode 'pretrain' trains a BERT from scratch with the sizes in teacher.model; "
+                        f"teacher.path must be empty (got {c.teacher.path!r})")
+    if c.student.init not in ("teacher", "random"):
+        problems.append(f"student.init {c.student.init!r} is not 'teacher' or 'random'")
+
+    t = c.train
+    if t.steps <= 0 and t.epochs <= 0:
+        problems.append("train.steps and train.epochs are both <= 0: set one of them")
+    if t.micro_batch_size <= 0 or t.batch_size <= 0:
+        problems.append(f"train.batch_size ({t.batch_size}) and train.micro_batch_size "
+                        f"({t.micro_batch_size}) must be positive")
+    elif t.batch_size % t.micro_batch_size:
+        problems.append(f"train.batch_size {t.batch_size} is not a multiple of "
+                        f"train.micro_batch_size {t.micro_batch_size}")
+    if t.learning_rate <= 0:
+        problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
+    if not 0 <= t.warmup_fraction < 1:
+        problems.append(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+
+    d = c.distill
+    alphas = {k: d[k] for k in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse")}
+    for k, v in alphas.items():
+        if v < 0:
+            problems.append(f"distill.{k} is negative ({v}); loss weights must be >= 0")
+    if c.mode == "distill" and all(v == 0 for v in alphas.values()):
+        problems.append("distill.alpha_ce, alpha_mlm, alpha_cos and alpha_mse are all 0: "
+                        "nothing to train on")
+    if d.temperature <= 0:
+        problems.append(f"distill.temperature must be > 0, got {d.temperature}")
+    m = c.masking
+    if not 0 < m.mask_prop < 1:
+        problems.append(f"masking.mask_prop must be in (0, 1), got {m.mask_prop}")
+    if min(m.word_mask, m.word_keep, m.word_rand) < 0 or m.word_mask + m.word_keep + m.word_rand <= 0:
+        problems.append("masking.word_mask/word_keep/word_rand must be >= 0 with a positive sum")
+    if c.checkpoint.every_steps <= 0 or c.checkpoint.keep <= 0:
+        problems.append("checkpoint.every_steps and checkpoint.keep must be positive")
+
+    problems += _mesh_problems(c, num_devices)
+    if teacher is None:
+        try:
+            teacher = teacher_config_of(c)
+        except Exception as e:  # noqa: BLE001 - reported with the other problems
+            problems.append(f"teacher: {e}")
+    if teacher is not None:
+        problems += _model_problems(c, teacher)
+    if problems:
+        raise ConfigError(_message(problems))
+
+
+def _mesh_problems(c, num_devices) -> List[str]:
+    shape = tuple(c.mesh.shape)
+    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        return [f"mesh.shape {shape} must be 3 sizes (data, fsdp, tensor), positive or one -1"]
+    if num_devices is None:
+        return []
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known or (-1 not in shape and known != num_devices):
+        return [f"mesh.shape {shape} does not fit {num_devices} devices"]
+    full = tuple(num_devices // known if s == -1 else s for s in shape)
+    data_parallel = full[0] * full[1]
+    if c.train.micro_batch_size % data_parallel:
+        return [f"train.micro_batch_size {c.train.micro_batch_size} is not a multiple of the "
+                f"data-parallel size {data_parallel} (mesh data x fsdp = {full[0]} x {full[1]})"]
+    return []
+
+
+def student_sizes(c, teacher: EncoderConfig) -> dict:
+    return dict(hidden_size=c.student.hidden_size or teacher.hidden_size,
+                num_heads=c.student.num_heads or teacher.num_heads,
+                intermediate_size=c.student.intermediate_size or teacher.intermediate_size)
+
+
+def _model_problems(c, teacher: EncoderConfig) -> List[str]:
+    problems = []
+    usable_positions = teacher.max_position_embeddings - getattr(teacher, "position_offset", 0)
+    if c.data.seq_len > usable_positions:
+        problems.append(f"data.seq_len {c.data.seq_len} is longer than the teacher's "
+                        f"{usable_positions} position embeddings; lower data.seq_len")
+    if c.mode == "pretrain":
+        return problems
+    sizes = student_sizes(c, teacher)
+    if c.student.num_layers <= 0:
+        problems.append(f"student.num_layers must be positive, got {c.student.num_layers}")
+    if sizes["hidden_size"] % sizes["num_heads"]:
+        problems.append(f"student hidden_size {sizes['hidden_size']} is not divisible by "
+                        f"num_heads {sizes['num_heads']}")
+    if c.student.init == "teacher":
+        for k, v in sizes.items():
+            if v != getattr(teacher, k):
+                problems.append(f"student.{k} {v} differs from the teacher's {getattr(teacher, k)}: "
+                                "student.init='teacher' copies teacher weights, so sizes must match")
+        if c.student.num_layers > teacher.num_layers:
+            problems.append(f"student.num_layers {c.student.num_layers} > teacher's "
+                            f"{teacher.num_layers}: cannot initialise from the teacher")
+        if c.student.layer_map and len(c.student.layer_map) != c.student.num_layers:
+            problems.append(f"student.layer_map {tuple(c.student.layer_map)} must name "
+                            f"{c.student.num_layers} teacher layers")
+    if c.distill.alpha_cos > 0 and sizes["hidden_size"] != teacher.hidden_size:
+        problems.append(f"distill.alpha_cos > 0 needs equal widths (the cosine loss compares "
+                        f"hidden states): student {sizes['hidden_size']}, teacher {teacher.hidden_size}")
+    return problems
+
+
+def _message(problems: List[str]) -> str:
+    return (f"the config has {len(problems)} problem(s):\n" +
+            "\n".join(f"  - {p}" for p in problems))

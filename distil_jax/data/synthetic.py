@@ -1,0 +1,102 @@
+"""A fixed corpus drawn from a seeded Markov chain: learnable, offline, no files.
+
+Each token has `branching` likely successors, so a masked LM can learn the corpus
+and the loss visibly falls. Sequences look like real ones: [CLS] tokens [SEP], lengths
+between min_len and seq_len, right padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+
+from distil_jax.data import VocabInfo
+
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+SPECIALS = (PAD, UNK, CLS, SEP, MASK)
+EVAL_SEQUENCES = 256
+
+
+class SyntheticCorpus:
+    def __init__(self, vocab_size: int, seq_len: int, num_sequences: int, min_len: int = 12,
+                 branching: int = 4, seed: int = 0):
+        if vocab_size is None or vocab_size <= len(SPECIALS) + branching:
+            raise ValueError(f"the synthetic corpus needs a vocabulary larger than "
+                             f"{len(SPECIALS) + branching}, got {vocab_size}")
+        if not 3 <= min_len <= seq_len:
+            raise ValueError(f"data.synthetic.min_len {min_len} must be in [3, seq_len={seq_len}]")
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+        rng = np.random.default_rng(seed)
+        first = len(SPECIALS)
+        self._next = rng.integers(first, vocab_size, size=(vocab_size, branching))
+        self._train = self._draw(rng, num_sequences, min_len)
+        self._eval = self._draw(rng, EVAL_SEQUENCES, min_len)
+
+    def _draw(self, rng, n, min_len):
+        ids = np.full((n, self.seq_len), PAD, np.int32)
+        lengths = rng.integers(min_len, self.seq_len + 1, size=n)
+        weights = 0.5 ** np.arange(self._next.shape[1])  # successor k with weight 2^-k
+        weights /= weights.sum()
+        for i, length in enumerate(lengths):
+            tok = rng.integers(len(SPECIALS), self.vocab_size)
+            row = [CLS]
+            for _ in range(length - 2):
+                row.append(tok)
+                tok = self._next[tok, rng.choice(self._next.shape[1], p=weights)]
+            row.append(SEP)
+            ids[i, :length] = row
+        return ids
+
+    def vocab_info(self) -> VocabInfo:
+        counts = np.bincount(self._train[self._train != PAD], minlength=self.vocab_size)
+        return VocabInfo(self.vocab_size, PAD, MASK, SPECIALS, counts)
+
+    def batches(self, split: str, micro_batch_size: int, seed: int, process_index: int = 0,
+                process_count: int = 1) -> "ShuffledBatches":
+        data = {"train": self._train, "eval": self._eval}[split]
+        return ShuffledBatches(data, micro_batch_size, seed, process_index, process_count,
+                               shuffle=split == "train")
+
+
+class ShuffledBatches:
+    """Epochs of seeded shuffles over a fixed array of sequences; this process's rows only."""
+
+    def __init__(self, data: np.ndarray, micro_batch_size: int, seed: int, process_index: int,
+                 process_count: int, shuffle: bool = True):
+        if micro_batch_size % process_count:
+            raise ValueError(f"micro batch {micro_batch_size} is not divisible by "
+                             f"{process_count} processes")
+        if len(data) < micro_batch_size:
+            raise ValueError(f"{len(data)} sequences cannot fill a micro batch of {micro_batch_size}")
+        self._data, self._batch, self._seed, self._shuffle = data, micro_batch_size, seed, shuffle
+        self._local = micro_batch_size // process_count
+        self._offset = process_index * self._local
+        self.batches_per_epoch = len(data) // micro_batch_size
+        self.sequences_per_epoch = self.batches_per_epoch * micro_batch_size
+        self._epoch, self._position, self._order = 0, 0, None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            self._order = (np.random.default_rng((self._seed, self._epoch)).permutation(len(self._data))
+                           if self._shuffle else np.arange(len(self._data)))
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        if self._position >= self.batches_per_epoch:
+            self._epoch, self._position, self._order = self._epoch + 1, 0, None
+        order = self._epoch_order()
+        start = self._position * self._batch + self._offset
+        rows = self._data[order[start: start + self._local]]
+        self._position += 1
+        return {"input_ids": rows, "attention_mask": (rows != PAD).astype(np.int32)}
+
+    def get_state(self) -> Dict[str, Any]:
+        return {"epoch": self._epoch, "position": self._position}
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+        self._order = None
