@@ -23,8 +23,18 @@ def get_config():
     c.mode = "distill"
     c.teacher.path = "bert-base-uncased"
     c.student.num_layers = 6
-    c.data.source = "tfds"
+    c.data.source = "corpus"
     c.data.seq_len = 512
+    # English Wikipedia + Toronto BookCorpus, each once per epoch; 1% of each held out.
+    # Both are read with tfds.data_source from data_dir (a local path or gs:// bucket)
+    # where they were prepared beforehand with `tfds build`.
+    c.data.sources = {
+        "wikipedia": {"kind": "tfds", "name": "wikipedia/20230601.en", "split": "train[:99%]",
+                      "eval_split": "train[99%:]", "data_dir": "", "text_key": "text", "weight": 1.0},
+        "bookcorpus": {"kind": "tfds", "name": "huggingface:bookcorpus", "split": "train[:99%]",
+                       "eval_split": "train[99%:]", "data_dir": "", "text_key": "text", "weight": 1.0},
+    }
+    c.data.length_buckets = (128, 256, 384, 512)  # four shapes: four compilations at most
     c.train.update(steps=0, epochs=3, batch_size=4096, micro_batch_size=256)
     c.checkpoint.every_steps = 250
     return c

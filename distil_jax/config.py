@@ -62,9 +62,15 @@ def defaults() -> ml_collections.ConfigDict:
         mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1, smoothing=0.7))
 
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", seq_len=512,
-        # A fixed corpus drawn from a seeded Markov chain (the step's iterator interface
-        # without any files; used by the tests and the smoke configs).
+        # "corpus": data.sources prepared into data.dir (default WORKDIR/data) by
+        # distil_jax.data.prepare, read by the grain loader. "synthetic": a fixed corpus
+        # from a seeded Markov chain, no files (tests and smoke configs).
+        source="corpus", seq_len=512,
+        # name -> {kind: embedded | text | tfds, weight, and the kind's fields}; see data/sources.py.
+        sources={"embedded": {"kind": "embedded", "weight": 1.0}},
+        dir="", tokenizer="", lowercase=True, docs_per_shard=10000,
+        group_by_length=True, group_window=64, pad_multiple=8, length_buckets=(),
+        num_threads=2, prefetch=8,
         synthetic=dict(num_sequences=1024, min_len=12, branching=4, seed=0)))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -84,7 +90,7 @@ def _unknown_keys(config, schema, prefix="") -> List[str]:
         name = prefix + key
         if key not in schema:
             problems.append(f"unknown key {name!r}")
-        elif isinstance(schema[key], ml_collections.ConfigDict) and key not in ("model",):
+        elif isinstance(schema[key], ml_collections.ConfigDict) and key not in ("model", "sources"):
             if isinstance(config[key], ml_collections.ConfigDict):
                 problems += _unknown_keys(config[key], schema[key], name + ".")
             else:
@@ -151,6 +157,13 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
         problems.append(f"masking.mask_prop must be in (0, 1), got {m.mask_prop}")
     if min(m.word_mask, m.word_keep, m.word_rand) < 0 or m.word_mask + m.word_keep + m.word_rand <= 0:
         problems.append("masking.word_mask/word_keep/word_rand must be >= 0 with a positive sum")
+    if c.data.source not in ("corpus", "synthetic"):
+        problems.append(f"data.source {c.data.source!r} is not 'corpus' or 'synthetic'")
+    for name, spec in (c.data.sources.items() if c.data.source == "corpus" else ()):
+        if not hasattr(spec, "get") or spec.get("kind") not in ("embedded", "text", "tfds"):
+            problems.append(f"data.sources.{name} needs kind 'embedded', 'text' or 'tfds'")
+        elif spec.get("weight", 1.0) < 0:
+            problems.append(f"data.sources.{name}.weight must be >= 0")
     if c.checkpoint.every_steps <= 0 or c.checkpoint.keep <= 0:
         problems.append("checkpoint.every_steps and checkpoint.keep must be positive")
 

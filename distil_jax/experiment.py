@@ -72,8 +72,8 @@ def load_teacher(config):
     return type(module)(module.config, dtype=dtype, param_dtype=dtype), params, module.config
 
 
-def build(config, process_index: Optional[int] = None, process_count: Optional[int] = None,
-          split: str = "train") -> Experiment:
+def build(config, workdir: str = "", process_index: Optional[int] = None,
+          process_count: Optional[int] = None, split: str = "train") -> Experiment:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     config_lib.validate(config, num_devices=jax.device_count())
@@ -96,7 +96,7 @@ def build(config, process_index: Optional[int] = None, process_count: Optional[i
         teacher_ref = _teacher_ref(config.teacher.path, teacher_params32)
 
     train_data, vocab = make_data(config, split, config.train.micro_batch_size, process_index,
-                                  process_count, vocab_size=model.config.vocab_size)
+                                  process_count, vocab_size=model.config.vocab_size, workdir=workdir)
     if vocab.vocab_size != model.config.vocab_size:
         raise config_lib.ConfigError(
             f"the data's vocabulary has {vocab.vocab_size} tokens, the model's {model.config.vocab_size}; "

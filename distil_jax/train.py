@@ -242,7 +242,7 @@ class Run:
 
 
 def make_run(config, workdir: str, split: str = "train") -> Run:
-    exp = experiment_lib.build(config, split=split)
+    exp = experiment_lib.build(config, workdir, split=split)
     tx, schedule = make_optimizer(config.train, exp.total_updates)
     replicated = parallel.replicated(exp.mesh)
 

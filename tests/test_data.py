@@ -1,0 +1,268 @@
+"""The data pipeline: sources, split/filter rules, preparation, the grain loader."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from distil_jax.config import defaults
+from distil_jax.data import loader as loader_lib
+from distil_jax.data.prepare import prepare, split_and_filter
+from distil_jax.data.sources import DataError, EmbeddedSource, TextFilesSource, TfdsSource
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLS, SEP, UNK = 2, 3, 1
+WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang loud songs in tall "
+         "green trees near old stone houses by the quiet river").split()
+
+
+def _write_corpus(path, n_docs, seed=0, min_words=5, max_words=60):
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(WORDS, rng.integers(min_words, max_words))) for _ in range(n_docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _config(files, seq_len=32, vocab=64, **data):
+    c = defaults()
+    c.mode = "pretrain"
+    c.teacher.model.vocab_size = vocab
+    c.data.update(seq_len=seq_len, docs_per_shard=50, **data)
+    c.data.sources = ml_collections.ConfigDict(
+        {"text": {"kind": "text", "files": [str(f) for f in files], "weight": 1.0}})
+    return c
+
+
+# --- sources -----------------------------------------------------------------------
+def test_tfds_source_reads_through_data_source(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    docs = [{"text": f"document number {i}".encode()} for i in range(7)]
+
+    def fake_source(builder, split, **kwargs):
+        assert split in ("train", "test")
+        return docs if split == "train" else docs[:2]
+
+    with tfds.testing.mock_data(as_data_source_fn=fake_source):
+        source = TfdsSource("imdb_reviews", split="train", eval_split="test")
+        assert list(source.documents("train")) == [f"document number {i}" for i in range(7)]
+        assert len(list(source.documents("eval"))) == 2
+    with pytest.raises(DataError, match="TFDS has no dataset 'no_such_corpus_xyz'"):
+        list(TfdsSource("no_such_corpus_xyz").documents("train"))
+
+
+def test_text_files_lines_paragraphs_and_bad_bytes(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"first line\nsecond \xff\xfe line\n\nthird\n")
+    lines = TextFilesSource([str(tmp_path / "*.txt")], doc_per="line", eval_percent=0)
+    assert list(lines.documents("train")) == ["first line", "second \ufffd\ufffd line", "third"]
+    assert lines.replaced_bytes == 2
+    paras = TextFilesSource([str(tmp_path / "a.txt")], doc_per="paragraph", eval_percent=0)
+    assert list(paras.documents("train")) == ["first line\nsecond \ufffd\ufffd line", "third"]
+    with pytest.raises(DataError, match=r"no file matches '.*missing\*\.txt'"):
+        TextFilesSource([str(tmp_path / "missing*.txt")])
+
+
+def test_embedded_corpus_is_deterministic_with_a_disjoint_held_out_split():
+    source = EmbeddedSource()
+    train, held_out = list(source.documents("train")), list(source.documents("eval"))
+    assert not set(train) & set(held_out)
+    assert 0.02 < len(held_out) / (len(train) + len(held_out)) < 0.08
+    words = sum(len(d.split()) for d in train + held_out)
+    assert words > 250_000, words  # about 330K on CPython 3.11
+    assert list(EmbeddedSource().documents("eval")) == held_out
+
+
+# --- split and filter (the reference's rules) ----------------------------------------
+def test_split_boundaries_and_filters():
+    seq_len = 16
+    body = list(range(10, 10 + seq_len - 2))  # exactly seq_len - 2 tokens: one sequence
+    kept, short, unk = split_and_filter(body, seq_len, CLS, SEP, UNK)
+    assert [len(s) for s in kept] == [16] and kept[0][0] == CLS and kept[0][-1] == SEP
+    kept, short, _ = split_and_filter(body + [99], seq_len, CLS, SEP, UNK)  # one more: a 3-token tail
+    assert [len(s) for s in kept] == [16] and short == 1
+    long = list(range(10, 10 + 2 * (seq_len - 2) + 10))
+    kept, _, _ = split_and_filter(long, seq_len, CLS, SEP, UNK)
+    assert [len(s) for s in kept] == [16, 16, 12]
+    np.testing.assert_array_equal(np.concatenate([s[1:-1] for s in kept]), long)
+    assert all(s[0] == CLS and s[-1] == SEP for s in kept)
+    # 11 tokens or fewer are dropped, 12 kept.
+    assert split_and_filter(list(range(10, 19)), 64, CLS, SEP, UNK)[1] == 1  # 9 + 2 = 11
+    assert len(split_and_filter(list(range(10, 20)), 64, CLS, SEP, UNK)[0]) == 1  # 12
+    # Half or more unknown tokens are dropped; just under half is kept.
+    half = [UNK] * 6 + [20] * 4  # 6 unknown of 12
+    assert split_and_filter(half, 64, CLS, SEP, UNK)[2] == 1
+    under = [UNK] * 5 + [20] * 5  # 5 of 12
+    assert len(split_and_filter(under, 64, CLS, SEP, UNK)[0]) == 1
+
+
+# --- preparation -----------------------------------------------------------------------
+def test_prepare_is_idempotent_resumable_and_refuses_other_inputs(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus, 300)
+    out = tmp_path / "prepared"
+    config = _config([corpus])
+    manifest = prepare(config, str(out), progress=False)
+    train = manifest["splits"]["train"]["text"]
+    assert train["shards"] >= 5 and train["sequences"] > 200 and manifest["vocab_size"] == 64
+    from transformers import AutoTokenizer
+    assert len(AutoTokenizer.from_pretrained(out / "tokenizer")) == 64
+    counts = np.load(out / "token_counts.npy")
+    assert counts.sum() == train["tokens"]
+
+    shard = out / "train" / "text" / "shard-00001"
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert prepare(config, str(out), progress=False) == manifest  # a second run does nothing
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    # An interrupted run: no manifest, one shard half written (no .json). Only it is redone.
+    before = shard.with_suffix(".array_record").read_bytes()
+    os.remove(out / "manifest.json")
+    os.remove(str(shard) + ".json")
+    shard.with_suffix(".array_record").write_bytes(b"partial")
+    again = prepare(config, str(out), progress=False)
+    assert again == manifest and shard.with_suffix(".array_record").read_bytes() == before
+    other = out / "train" / "text" / "shard-00002.array_record"
+    assert other.stat().st_mtime_ns == stamp[other]
+
+    # Other inputs into the same directory are refused; nothing is touched.
+    with pytest.raises(DataError, match="prepared from other inputs"):
+        prepare(_config([corpus], seq_len=48), str(out), progress=False)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_prepare_bad_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no file matches"):
+        prepare(_config([tmp_path / "nope.txt"]), str(tmp_path / "a"), progress=False)
+    with pytest.raises(DataError, match="the corpus is empty"):
+        prepare(_config([empty]), str(tmp_path / "e"), progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(WORDS * 5))  # one-word documents: [CLS] w [SEP] is too short
+    with pytest.raises(DataError, match="every training document was filtered out"):
+        prepare(_config([short]), str(tmp_path / "b"), progress=False)
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus, 50)
+    with pytest.raises(DataError, match="tokenizer has 64 tokens, the teacher's vocabulary 100"):
+        prepare(_config([corpus]), str(tmp_path / "c"), teacher_vocab_size=100, progress=False)
+
+
+# --- the loader ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loader")
+    corpus = tmp / "corpus.txt"
+    _write_corpus(corpus, 600, min_words=3, max_words=40)
+    prepare(_config([corpus], seq_len=48), str(tmp / "data"), progress=False)
+    return str(tmp / "data")
+
+
+def _loader(data_dir, **kw):
+    args = dict(micro_batch_size=16, seed=3, num_threads=1, prefetch=2)
+    args.update(kw)
+    split = loader_lib.PreparedSplit(data_dir, "train")
+    return loader_lib.BatchLoader(split, **args), split
+
+
+def test_every_sequence_once_per_epoch_and_grouping_lowers_padding(prepared):
+    grouped, split = _loader(prepared, group_by_length=True, pad_multiple=1)
+    plain, _ = _loader(prepared, group_by_length=False, pad_multiple=1)
+    for loader in (grouped, plain):
+        rows = np.concatenate([loader.global_rows(b) for b in range(loader.batches_per_epoch)])
+        assert len(rows) == len(set(rows.tolist())) == loader.sequences_per_epoch
+        assert len(split) - len(rows) < 16  # only the last incomplete batch is left out
+
+    def padding(loader):
+        real = total = 0
+        for _ in range(loader.batches_per_epoch):
+            mask = next(loader)["attention_mask"]
+            real, total = real + mask.sum(), total + mask.size
+        return 1 - real / total
+    p_grouped, p_plain = padding(grouped), padding(plain)
+    assert p_grouped < 0.5 * p_plain, (p_grouped, p_plain)
+    second_epoch = np.concatenate([grouped.global_rows(grouped.batches_per_epoch + b)
+                                   for b in range(grouped.batches_per_epoch)])
+    assert not np.array_equal(second_epoch, np.concatenate(
+        [grouped.global_rows(b) for b in range(grouped.batches_per_epoch)]))
+
+
+def test_batches_are_padded_to_a_multiple_or_a_bucket(prepared):
+    loader, split = _loader(prepared, pad_multiple=8)
+    for _ in range(5):
+        batch = next(loader)
+        assert batch["input_ids"].dtype == np.int32 and batch["input_ids"].shape[1] % 8 == 0
+        assert batch["attention_mask"].sum(1).max() > batch["input_ids"].shape[1] - 8
+    buckets, _ = _loader(prepared, length_buckets=(16, 48))
+    assert {next(buckets)["input_ids"].shape[1] for _ in range(10)} <= {16, 48}
+
+
+def test_process_slices_are_disjoint_and_make_the_global_batch(prepared):
+    single, split = _loader(prepared)
+    parts = [_loader(prepared, process_index=p, process_count=2)[0] for p in range(2)]
+    for _ in range(4):
+        full = next(single)
+        halves = [next(p) for p in parts]
+        for key in ("input_ids", "attention_mask"):
+            np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
+    rows = single.global_rows(7)
+    assert set(rows[:8].tolist()).isdisjoint(rows[8:].tolist())
+
+
+def test_mixture_weights():
+    rng = np.random.default_rng(0)
+    ranges = {"a": (0, 100), "b": (100, 140)}
+    idx = loader_lib.epoch_indices(ranges, {"a": 0.5, "b": 2.0}, rng, shuffle=True)
+    from_a, from_b = idx[idx < 100], idx[idx >= 100]
+    assert len(from_a) == 50 and len(set(from_a.tolist())) == 50
+    assert len(from_b) == 80 and np.all(np.bincount(from_b - 100) == 2)
+
+
+def test_restored_state_gives_the_next_batches_in_a_fresh_process(prepared, tmp_path):
+    loader, _ = _loader(prepared)
+    for _ in range(loader.batches_per_epoch + 3):  # into the second epoch
+        next(loader)
+    state = loader.get_state()
+    expected = [next(loader) for _ in range(3)]
+    code = f"""
+import json, sys, numpy as np
+sys.path.insert(0, {ROOT!r})
+from distil_jax.data import loader as L
+loader = L.BatchLoader(L.PreparedSplit({prepared!r}, "train"), micro_batch_size=16, seed=3,
+                       num_threads=1, prefetch=2)
+loader.set_state(json.loads({json.dumps(state)!r}))
+batches = [next(loader) for _ in range(3)]
+np.savez({str(tmp_path / "next.npz")!r}, **{{f"{{k}}{{i}}": b[k] for i, b in enumerate(batches) for k in b}})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, XLA_FLAGS=""))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "next.npz")
+    for i, batch in enumerate(expected):
+        for k in batch:
+            np.testing.assert_array_equal(got[f"{k}{i}"], batch[k])
+
+
+def test_training_on_a_prepared_corpus_resumes_exactly(tmp_path):
+    """The loader's state travels in the checkpoint: cut-and-resumed equals straight."""
+    import chex
+    import jax
+    import shutil
+    from distil_jax import train
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus, 200)
+    c = _config([corpus], seq_len=32, vocab=96)
+    c.teacher.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                           max_position_embeddings=32)
+    c.data.dir = str(tmp_path / "data")
+    c.train.update(steps=6, epochs=0, batch_size=16, micro_batch_size=8, seed=0, log_every=1)
+    c.checkpoint.every_steps = 3
+    c.mesh.shape = (-1, 1, 1)
+    straight = train.train_and_evaluate(c, str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "12")
+    resumed = train.train_and_evaluate(c, str(tmp_path / "b"))
+    host = lambda s: jax.device_get(s.params)  # noqa: E731
+    chex.assert_trees_all_close(host(resumed["state"]), host(straight["state"]), atol=1e-6)
