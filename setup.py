@@ -26,6 +26,7 @@ setup(
         "tokenizers>=0.23,<0.24",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # the ablation's loss-curve plot
         "numpy>=2.0",
     ],
     extras_require={

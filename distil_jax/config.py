@@ -16,7 +16,7 @@ import ml_collections
 
 from distil_jax.models import BertConfig, EncoderConfig
 
-MODES = ("distill", "pretrain", "eval", "export")
+MODES = ("distill", "pretrain", "eval", "export", "demo")
 DTYPES = ("float32", "bfloat16")
 # The rules flax's lm1b example uses, with the batch over both data-parallel axes.
 DEFAULT_RULES = (
@@ -79,7 +79,12 @@ def defaults() -> ml_collections.ConfigDict:
         weight_decay=0.0, grad_clip=5.0, dtype="float32", log_every=10, peak_tflops=0.0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
-    c.eval = ml_collections.ConfigDict(dict(batches=8, seed=0))
+    c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, hf_dirs=()))
+    # The embedded demo's stages (mode "demo", distil_jax/demo.py).
+    c.demo = ml_collections.ConfigDict(dict(
+        teacher_steps=1000, teacher_learning_rate=1e-3, student_steps=500,
+        student_learning_rate=5e-4, mlm_only_baseline=True, finetune_epochs=3,
+        finetune_learning_rate=2e-4, finetune_classes=6, finetune_max_len=64, inference_batches=8))
     c.export = ml_collections.ConfigDict(dict(dir=""))
     return c
 
@@ -129,7 +134,10 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
         problems.append(f"student.init {c.student.init!r} is not 'teacher' or 'random'")
 
     t = c.train
-    if t.steps <= 0 and t.epochs <= 0:
+    if c.mode == "demo":
+        if c.demo.teacher_steps <= 0 or c.demo.student_steps <= 0:
+            problems.append("demo.teacher_steps and demo.student_steps must be positive")
+    elif t.steps <= 0 and t.epochs <= 0:
         problems.append("train.steps and train.epochs are both <= 0: set one of them")
     if t.micro_batch_size <= 0 or t.batch_size <= 0:
         problems.append(f"train.batch_size ({t.batch_size}) and train.micro_batch_size "

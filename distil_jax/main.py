@@ -26,10 +26,14 @@ def run(config, workdir: str) -> dict:
         result.pop("state")
         return result
     if config.mode == "eval":
-        return train.evaluate_checkpoint(config, workdir)
+        from distil_jax import evaluate
+        return evaluate.run_eval(config, workdir)
+    if config.mode == "demo":
+        from distil_jax import demo
+        return demo.run_demo(config, workdir)
     if config.mode == "export":
         return {"export_dir": train.export_checkpoint(config, workdir)}
-    raise app.UsageError(f"config.mode {config.mode!r} is not one of distill, pretrain, eval, export")
+    raise app.UsageError(f"config.mode {config.mode!r} is not one of distill, pretrain, eval, export, demo")
 
 
 def main(argv):

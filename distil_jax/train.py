@@ -160,36 +160,6 @@ def train_step(state: TrainState, teacher_params, batch, *, model, teacher, tx, 
     return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
 
 
-def eval_step(params, teacher_params, batch, rng, *, model, teacher, obj: Objective):
-    """Sums (not means) of held-out metrics, so that batches add up exactly."""
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    masked, labels, targets = obj.mask(rng, ids, am)
-    out = model.apply({"params": params}, masked, am, deterministic=True)
-    n_targets, n_real = jnp.sum(targets).astype(jnp.float32), jnp.sum(am).astype(jnp.float32)
-    sums = {"targets": n_targets, "real_tokens": n_real,
-            "mlm_loss": losses.mlm_loss(out.logits, labels, targets) * n_targets,
-            "mlm_correct": losses.accuracy(out.logits, labels, targets) * n_targets}
-    if teacher is not None:
-        t_out = teacher.apply({"params": teacher_params}, masked, am, deterministic=True)
-        sums.update(
-            teacher_mlm_loss=losses.mlm_loss(t_out.logits, labels, targets) * n_targets,
-            teacher_mlm_correct=losses.accuracy(t_out.logits, labels, targets) * n_targets,
-            kl_t1=losses.kd_loss(out.logits, t_out.logits, am, 1.0) * n_real,
-            agreement=losses.accuracy(out.logits, jnp.argmax(t_out.logits, -1), am) * n_real)
-    return sums
-
-
-def summarize_eval(sums: Dict[str, float]) -> Dict[str, float]:
-    t, r = max(sums["targets"], 1.0), max(sums["real_tokens"], 1.0)
-    out = {"mlm_accuracy": sums["mlm_correct"] / t, "mlm_loss": sums["mlm_loss"] / t,
-           "perplexity": math.exp(min(sums["mlm_loss"] / t, 50.0)), "targets": sums["targets"]}
-    if "kl_t1" in sums:
-        out.update(teacher_mlm_accuracy=sums["teacher_mlm_correct"] / t,
-                   teacher_perplexity=math.exp(min(sums["teacher_mlm_loss"] / t, 50.0)),
-                   kl_t1=sums["kl_t1"] / r, agreement=sums["agreement"] / r)
-    return out
-
-
 # --- metrics over a logging window ----------------------------------------------------
 _PER_UPDATE = ("grad_norm", "lr")
 _COUNTS = ("updates", "micro_steps", "real_tokens", "targets")
@@ -361,7 +331,7 @@ def restore_params(run: Run):
     return restored[0].params, restored[2]
 
 
-def _as_trained(config, workdir: str):
+def as_trained(config, workdir: str):
     """The config with the mode of the run whose checkpoints are in workdir (for eval/export)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     steps = Checkpointer(ckpt_dir, keep=1, async_save=False).all_steps() if os.path.isdir(ckpt_dir) else []
@@ -374,29 +344,9 @@ def _as_trained(config, workdir: str):
     return config
 
 
-def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
-    """Held-out metrics of the newest checkpoint (and of the teacher, on the same masks)."""
-    run = make_run(_as_trained(config, workdir), workdir, split="eval")
-    params, step = restore_params(run)
-    exp = run.exp
-    fn = jax.jit(functools.partial(eval_step, model=exp.model, teacher=exp.teacher, obj=run.objective))
-    sums: Dict[str, float] = {}
-    base = jax.random.PRNGKey(config.eval.seed)
-    for i in range(config.eval.batches):
-        batch = parallel.global_batch(next(exp.train_data), exp.mesh)
-        out = jax.device_get(fn(params, exp.teacher_params, batch, jax.random.fold_in(base, i)))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    result = {"checkpoint_step": step, **summarize_eval(sums)}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
-    return result
-
-
 def export_checkpoint(config, workdir: str) -> str:
     """The newest checkpoint as a Hugging Face directory (DistilBERT student, or BERT in pretrain)."""
-    run = make_run(_as_trained(config, workdir), workdir)
+    run = make_run(as_trained(config, workdir), workdir)
     params, _ = restore_params(run)
     params = host_params(params)
     out_dir = config.export.dir or os.path.join(workdir, "hf")

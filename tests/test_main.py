@@ -30,14 +30,16 @@ def test_every_mode(tmp_path):
     assert [r["step"] for r in records] == [2, 4]
     # A second run finds the work done and stops at once.
     assert _main(tmp_path)["update"] == 4
-    ev = _main(tmp_path, "--config.mode=eval")
-    for key in ("mlm_accuracy", "perplexity", "teacher_mlm_accuracy", "kl_t1", "agreement"):
-        assert key in ev
-    assert json.loads((tmp_path / "eval.json").read_text()) == ev
     export = _main(tmp_path, "--config.mode=export")["export_dir"]
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForMaskedLM.from_pretrained(export)
     assert type(model).__name__ == "DistilBertForMaskedLM" and model.config.n_layers == 2
+    # The checkpoint and its export are the same model: same metrics on the same masks.
+    ev = _main(tmp_path, "--config.mode=eval", f"--config.eval.hf_dirs=('{export}',)")
+    assert json.loads((tmp_path / "eval.json").read_text()) == ev
+    for key in ("mlm_accuracy", "perplexity", "targets"):
+        assert ev["checkpoint"][key] == pytest.approx(ev["hf"][key], rel=1e-5), key
+    assert 0 < ev["most_frequent_token"]["mlm_accuracy"] < 1
 
     pre = _main(tmp_path / "pretrain", "--config.mode=pretrain")
     assert pre["update"] == 4 and "loss_ce" not in pre["metrics"]
