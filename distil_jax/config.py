@@ -89,6 +89,18 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def with_changes(config, **changes):
+    """A copy of `config` with dotted-key changes: with_changes(c, **{"train.steps": 10})."""
+    c = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
 def _unknown_keys(config, schema, prefix="") -> List[str]:
     problems = []
     for key in config.keys():

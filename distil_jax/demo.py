@@ -27,19 +27,16 @@ from typing import Any, Dict
 
 import jax
 
+from distil_jax.config import with_changes
+
 STAGES = ("prepare", "teacher", "student", "student_mlm_only", "export", "evaluate", "finetune")
 
 
-def stage_config(config, **changes):
-    """A copy of `config` with dotted-key changes (`train.steps=...`)."""
-    c = config.copy_and_resolve_references()
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+def stage_config(config, mode: str = None, **changes):
+    """The demo's config for one stage: `mode` and dotted-key changes."""
+    if mode is not None:
+        changes["mode"] = mode
+    return with_changes(config, **changes)
 
 
 class StageClock:

@@ -49,6 +49,17 @@ def device_peak_tflops(override: float = 0.0) -> Optional[float]:
     return None
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricWriter:
     """metrics.jsonl, TensorBoard event files and a progress bar; silent off process 0."""
 
@@ -58,7 +69,9 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_records_after(path, initial_step)  # a resume repeats what came after its checkpoint
+        self._jsonl = open(path, "a")
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -10,8 +10,6 @@ micro-batches (the reference's gradient accumulation). The step is pure:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import time

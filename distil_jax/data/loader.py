@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import threading
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import grain
 import numpy as np
