@@ -47,10 +47,7 @@ def run_ablation(config, workdir: str) -> Dict:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f]
 
-    c = plan.student
-    batches, vocab = evaluate.held_out_batches(c, workdir, models["teacher"][0].config.vocab_size, c.eval.batches)
-    masked = evaluate.fixed_masked_batches(batches, vocab, c.eval.seed)
-    results = evaluate.evaluate_models(models, masked, reference="teacher")
+    results, _ = evaluate.compare_on_held_out(plan.student, workdir, models)
     base = results["triple loss"]["mlm_accuracy"]
     rows = [{"variant": name, "mlm_accuracy": results[name]["mlm_accuracy"],
              "perplexity": results[name]["perplexity"],

@@ -119,12 +119,9 @@ def teacher_config_of(config) -> EncoderConfig:
     """The teacher's architecture: its config.json when a directory is given, else teacher.model."""
     path = config.teacher.path
     if path:
-        if os.path.isdir(path):
-            from distil_jax.hf import config_from_hf
-            with open(os.path.join(path, "config.json")) as f:
-                return config_from_hf(json.load(f))
-        from distil_jax.hf import load_hf_model  # a hub name: resolve it (needs a network)
-        return load_hf_model(path)[0].config
+        from distil_jax.hf import config_from_hf, resolve_model_dir
+        with open(os.path.join(resolve_model_dir(path), "config.json")) as f:  # a hub name needs a network
+            return config_from_hf(json.load(f))
     return BertConfig(**config.teacher.model.to_dict())
 
 

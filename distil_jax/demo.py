@@ -184,16 +184,12 @@ def _evaluate(student_config, workdir, teacher_hf, student_hf, mlm_only_dir) -> 
     if mlm_only_dir:
         run = train.make_run(stage_config(student_config, **MLM_ONLY), mlm_only_dir, split="eval")
         models["student_mlm_only"] = (run.exp.model, train.restore_params(run)[0])
-    vocab_size = models["teacher"][0].config.vocab_size
-    c = student_config
-    batches, vocab = evaluate.held_out_batches(c, workdir, vocab_size, c.eval.batches)
-    masked = evaluate.fixed_masked_batches(batches, vocab, c.eval.seed)
-    results = evaluate.evaluate_models(models, masked, reference="teacher")
-    token, acc = evaluate.most_frequent_accuracy(masked, vocab.token_counts, vocab.special_ids)
-    timing_batches = batches[: c.demo.inference_batches]
+    results, batches = evaluate.compare_on_held_out(student_config, workdir, models)
+    baseline = results.pop("most_frequent_token")
+    timing_batches = batches[: student_config.demo.inference_batches]
     seconds = {name: evaluate.inference_seconds(models[name][0], models[name][1], timing_batches)
                for name in ("teacher", "student")}
-    return {"models": results, "most_frequent_token": {"token": token, "mlm_accuracy": acc},
+    return {"models": results, "most_frequent_token": baseline,
             "parameters": {n: _count(p) for n, (_, p) in models.items()},
             "inference_seconds": seconds, "inference_sequences": int(sum(len(b["input_ids"]) for b in timing_batches))}
 

@@ -106,6 +106,19 @@ def held_out_batches(config, workdir: str, vocab_size: int, num_batches: int) ->
     return [next(it) for _ in range(num_batches)], vocab
 
 
+def compare_on_held_out(config, workdir: str, models: Dict[str, Tuple[object, object]],
+                        reference: Optional[str] = "teacher"):
+    """Every model on the same fixed masks of `eval.batches` held-out batches, with the
+    most-frequent-token baseline; returns (results, the unmasked batches)."""
+    vocab_size = next(iter(models.values()))[0].config.vocab_size
+    batches, vocab = held_out_batches(config, workdir, vocab_size, config.eval.batches)
+    masked = fixed_masked_batches(batches, vocab, config.eval.seed)
+    results = evaluate_models(models, masked, reference=reference if reference in models else None)
+    token, acc = most_frequent_accuracy(masked, vocab.token_counts, vocab.special_ids)
+    results["most_frequent_token"] = {"token": token, "mlm_accuracy": acc}
+    return results, batches
+
+
 def run_eval(config, workdir: str) -> Dict:
     """Mode `eval`: the newest checkpoint in workdir (if any), the teacher and `eval.hf_dirs`."""
     from distil_jax import hf, train
@@ -123,12 +136,7 @@ def run_eval(config, workdir: str) -> Dict:
     if not models:
         raise FileNotFoundError(f"nothing to evaluate: no checkpoint in {workdir}, no teacher.path, "
                                 "no eval.hf_dirs")
-    vocab_size = next(iter(models.values()))[0].config.vocab_size
-    batches, vocab = held_out_batches(config, workdir, vocab_size, config.eval.batches)
-    masked = fixed_masked_batches(batches, vocab, config.eval.seed)
-    results = evaluate_models(models, masked, reference="teacher" if "teacher" in models else None)
-    token, acc = most_frequent_accuracy(masked, vocab.token_counts, vocab.special_ids)
-    results["most_frequent_token"] = {"token": token, "mlm_accuracy": acc}
+    results, _ = compare_on_held_out(config, workdir, models)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -24,6 +24,7 @@ def run(config, workdir: str) -> dict:
     if config.mode in ("distill", "pretrain"):
         result = train.train_and_evaluate(config, workdir)
         result.pop("state")
+        result.pop("teacher_params")
         return result
     if config.mode == "eval":
         from distil_jax import evaluate

@@ -309,7 +309,8 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     ckpt.wait()
     writer.close()
     return {"update": micro // accum, "micro_step": micro, "last_checkpoint": last_ckpt,
-            "stopped_by": stopped_by, "metrics": last, "state": state}
+            "stopped_by": stopped_by, "metrics": last, "state": state,
+            "teacher_params": exp.teacher_params}
 
 
 def host_params(params):
@@ -332,11 +333,12 @@ def restore_params(run: Run):
 def as_trained(config, workdir: str):
     """The config with the mode of the run whose checkpoints are in workdir (for eval/export)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = Checkpointer(ckpt_dir, keep=1, async_save=False).all_steps() if os.path.isdir(ckpt_dir) else []
+    ckpt = Checkpointer(ckpt_dir, keep=1, async_save=False) if os.path.isdir(ckpt_dir) else None
+    steps = ckpt.all_steps() if ckpt else []
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first (mode distill or "
                                 "pretrain) with the same --workdir")
-    trained = Checkpointer(ckpt_dir, keep=1, async_save=False).read_meta(steps[-1])["mode"]
+    trained = ckpt.read_meta(steps[-1])["mode"]
     config = config.copy_and_resolve_references()
     config.mode = trained
     return config
