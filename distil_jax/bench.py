@@ -1,11 +1,27 @@
 """Benchmarks, one JSON object per line on stdout.
 
+    python -m distil_jax.bench train [--teacher_layers 12 --student_layers 6 --hidden 768
+        --heads 12 --ffn 3072 --vocab 30522 --batch 8 --seq 128 --steps 5 --dtype float32]
+        [--config configs/base.py] [--loss_chunk N] [--restrict_ce_to_mask] [--remat dots]
+        [--accumulation K --accumulate scan|multisteps] [--matmul] [--peak_tflops X]
+    python -m distil_jax.bench infer [shape flags] [--latency_seq 128 --throughput_batch 64]
+    python -m distil_jax.bench matmul [--size 4096 --dtype float32]
+    python -m distil_jax.bench compare [shape flags]      (needs torch: the reference step)
     python -m distil_jax.bench data [--seq_len 512] [--vocab_size 30522] [--micro_batch 32]
 
-`data`: tokenizer throughput (the multi-threaded Rust tokenizer on all cores),
-preparation throughput, loader throughput (tokens delivered per second by the grain
-loader, real and padded) and the padding fraction with and without length grouping,
-all on the embedded corpus.
+`train`: the real jitted train step (masking, teacher forward, student forward and
+backward, the triple loss, clip + AdamW) on random tokens of the given shape: compile
+time, median step time, tokens/s, sequences/s, model TFLOP/s (student fwd+bwd +
+teacher fwd, metrics.py), MFU where the device's peak is known (or --peak_tflops), and
+with --matmul the fraction of this machine's measured matmul rate; peak memory
+(device peak bytes on GPU/TPU, XLA's compiled estimate and the process's peak RSS).
+`infer`: forward latency (batch 1) and throughput of teacher and student on the same
+inputs. `matmul`: a large jitted matrix product, the machine's practical FLOP/s.
+`compare`: our step against the PyTorch reference step (transformers' BertForMaskedLM
+teacher without grad + DistilBertForMaskedLM student, the reference's triple loss with
+KL over all non-pad rows, AdamW, clipping) on the same shapes, in the same process.
+`data`: tokenizer, preparation and loader throughput and the padding fraction with and
+without length grouping, on the embedded corpus.
 """
 
 from __future__ import annotations
@@ -24,7 +40,192 @@ def _emit(record: dict) -> None:
 
 
 def _machine() -> dict:
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    out = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    if "jax" in sys.modules:
+        import jax
+        out.update(device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+                   jax=jax.__version__)
+    return out
+
+
+def _peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _device_peak_gb():
+    import jax
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def _median_seconds(fn, steps: int, warmup: int = 1):
+    """Median wall time of `fn()` (which must block until its work is done)."""
+    import numpy as np
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), times
+
+
+# --- shapes -> config ---------------------------------------------------------------
+def shape_config(args):
+    """A distillation config of the benchmark's shape (a random teacher, synthetic data),
+    or --config's file with the shape flags that were given applied on top."""
+    from distil_jax.config import defaults, with_changes
+    if args.config:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("bench_config", args.config)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+    else:
+        c = defaults()
+        c.teacher.model.update(num_layers=args.teacher_layers, hidden_size=args.hidden,
+                               num_heads=args.heads, intermediate_size=args.ffn, vocab_size=args.vocab,
+                               max_position_embeddings=max(512, args.seq))
+        c.student.num_layers = args.student_layers
+    c.teacher.path = ""  # a random teacher of the shape: nothing to download
+    c.data.source = "synthetic"
+    accumulation = args.accumulation
+    changes = {"data.seq_len": args.seq, "train.micro_batch_size": args.batch,
+               "train.batch_size": args.batch * accumulation, "train.steps": 10 ** 6,
+               "train.dtype": args.dtype, "teacher.dtype": args.teacher_dtype or args.dtype,
+               "train.remat": args.remat, "train.attention": args.attention,
+               "train.accumulate": args.accumulate,
+               "distill.restrict_ce_to_mask": args.restrict_ce_to_mask, "mesh.shape": (-1, 1, 1)}
+    if args.loss_chunk is not None:
+        changes["train.loss_chunk"] = args.loss_chunk
+    return with_changes(c, **changes)
+
+
+def _random_batch(config, vocab_size: int, rows: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab_size, size=(rows, config.data.seq_len)).astype(np.int32)
+    ids[:, 0] = 2  # a [CLS]-like first token; every position is real (no padding)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def matmul_tflops(size: int = 4096, dtype: str = "float32", steps: int = 5) -> dict:
+    """The machine's practical matmul rate: a jitted [size, size] @ [size, size]."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (size, size), getattr(jnp, dtype))
+    b = jax.random.normal(jax.random.key(1), (size, size), getattr(jnp, dtype))
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    seconds, _ = _median_seconds(lambda: f(a, b).block_until_ready(), steps)
+    return {"bench": "matmul", "size": size, "dtype": dtype, "seconds": seconds,
+            "tflops": 2 * size ** 3 / seconds / 1e12}
+
+
+def bench_matmul(args) -> None:
+    _emit({**matmul_tflops(args.size, args.dtype, args.steps), **_machine()})
+
+
+def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str = "train") -> dict:
+    """Compile and time the real train step of `config` on random tokens."""
+    import jax
+    import numpy as np
+
+    from distil_jax import parallel, train
+    from distil_jax.metrics import device_peak_tflops, step_flops_per_token
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = train.make_run(config, tmp)
+        exp = run.exp
+        state, _ = train.restore_or_init(run)
+        per_call = train.micro_batches_per_call(config)
+        micro = config.train.micro_batch_size
+        batches = [_random_batch(config, exp.model_config.vocab_size, micro, seed=i) for i in range(per_call)]
+        local = batches[0] if per_call == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        batch = parallel.global_batch(local, exp.mesh, stacked=per_call > 1)
+        jitted = train.compiled_step(run)
+        start = time.perf_counter()
+        compiled = jitted.lower(state, exp.teacher_params, batch).compile()
+        compile_s = time.perf_counter() - start
+        memory = compiled.memory_analysis()
+        holder = {"state": state}
+
+        def one():
+            holder["state"], metrics = compiled(holder["state"], exp.teacher_params, batch)
+            jax.block_until_ready(metrics)
+        seconds, _ = _median_seconds(one, steps)
+    seq = config.data.seq_len
+    tokens = per_call * micro * seq
+    teacher_cfg = None if exp.teacher is None else exp.teacher.config
+    flops = step_flops_per_token(exp.model_config, teacher_cfg, seq, run.objective.head_rows) * tokens
+    tflops = flops / seconds / 1e12 / jax.device_count()
+    peak = device_peak_tflops(peak_tflops)
+    t = config.train
+    return {"bench": label, "teacher_layers": None if teacher_cfg is None else teacher_cfg.num_layers,
+            "student_layers": exp.model_config.num_layers, "hidden": exp.model_config.hidden_size,
+            "vocab": exp.model_config.vocab_size, "batch": micro, "seq": seq,
+            "micro_batches_per_call": per_call, "accumulate": t.accumulate, "dtype": t.dtype,
+            "loss_chunk": t.loss_chunk, "restrict_ce_to_mask": config.distill.restrict_ce_to_mask,
+            "remat": t.remat, "attention": t.attention or "xla",
+            "compile_s": compile_s, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "sequences_per_s": per_call * micro / seconds, "model_tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None, "peak_tflops": peak,
+            "xla_temp_gb": memory.temp_size_in_bytes / 2**30 if memory else None,
+            "xla_argument_gb": memory.argument_size_in_bytes / 2**30 if memory else None,
+            "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(), **_machine()}
+
+
+def bench_train(args) -> None:
+    config = shape_config(args)
+    record = train_step_record(config, args.steps, args.peak_tflops)
+    if args.matmul:
+        mm = matmul_tflops(args.matmul_size)
+        record.update(matmul_tflops=mm["tflops"],
+                      fraction_of_matmul=record["model_tflops_per_device"] / mm["tflops"])
+    _emit(record)
+
+
+def bench_infer(args) -> None:
+    """Teacher vs student forward (encoder + MLM features, no vocabulary projection)."""
+    import jax
+    import numpy as np
+
+    from distil_jax import experiment
+
+    config = shape_config(args)
+    exp = experiment.build(config)
+    models = {"teacher": (exp.teacher, exp.teacher_params),
+              "student": (exp.model, exp.initial_params())}
+    out = {"bench": "infer", "dtype": args.dtype, **_machine()}
+    for name, (module, params) in models.items():
+        forward = jax.jit(lambda p, ids, am, m=module: m.apply(
+            {"params": p}, ids, am, deterministic=True, compute_logits=False).last_hidden_state)
+        for setting, rows, seq in (("latency", 1, args.latency_seq),
+                                   ("throughput", args.throughput_batch, args.latency_seq)):
+            ids = np.random.default_rng(0).integers(5, exp.model_config.vocab_size, (rows, seq)).astype(np.int32)
+            am = np.ones_like(ids)
+            forward(params, ids, am).block_until_ready()
+            seconds, _ = _median_seconds(lambda: forward(params, ids, am).block_until_ready(), args.steps)
+            out[f"{name}_{setting}_ms"] = seconds * 1e3
+            out[f"{name}_{setting}_sequences_per_s"] = rows / seconds
+        out[f"{name}_params"] = int(sum(x.size for x in jax.tree.leaves(params)))
+    out["latency_speedup"] = out["teacher_latency_ms"] / out["student_latency_ms"]
+    out["throughput_speedup"] = out["student_throughput_sequences_per_s"] / out["teacher_throughput_sequences_per_s"]
+    out.update(latency_batch=1, throughput_batch=args.throughput_batch, seq=args.latency_seq)
+    _emit(out)
+
+
+def bench_compare(args) -> None:
+    from distil_jax import torch_reference
+    config = shape_config(args)
+    ours = train_step_record(config, args.steps, args.peak_tflops, label="compare/ours")
+    ref = torch_reference.step_record(args, args.steps)
+    ours["speedup_vs_torch"] = ours["tokens_per_s"] / ref["tokens_per_s"]
+    _emit(ref)
+    _emit(ours)
 
 
 def bench_data(args) -> None:
@@ -85,10 +286,46 @@ def bench_data(args) -> None:
                "sequences_per_s": args.batches * args.micro_batch / seconds, "threads": args.threads})
 
 
+def _shape_flags(p) -> None:
+    p.add_argument("--config", default="", help="a config file; the shape flags given apply on top")
+    p.add_argument("--teacher_layers", type=int, default=12)
+    p.add_argument("--student_layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--ffn", type=int, default=3072)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--teacher_dtype", default="", help="default: --dtype")
+    p.add_argument("--loss_chunk", type=int, default=None, help="rows per loss block; 0: whole logits")
+    p.add_argument("--restrict_ce_to_mask", action="store_true")
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    p.add_argument("--attention", default="", choices=("", "xla", "cudnn"))
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per update")
+    p.add_argument("--accumulate", default="multisteps", choices=("multisteps", "scan"))
+    p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--latency_seq", type=int, default=128)
+    p.add_argument("--throughput_batch", type=int, default=64)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distil_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "the jitted train step: time, tokens/s, TFLOP/s, MFU, memory"),
+                        ("infer", "teacher vs student forward latency and throughput"),
+                        ("compare", "our train step vs the PyTorch reference step (needs torch)")):
+        p = sub.add_parser(name, help=help_)
+        _shape_flags(p)
+        if name == "train":
+            p.add_argument("--matmul", action="store_true", help="also measure the matmul rate")
+            p.add_argument("--matmul_size", type=int, default=4096)
+    mm = sub.add_parser("matmul", help="a large jitted matmul: the machine's practical FLOP/s")
+    mm.add_argument("--size", type=int, default=4096)
+    mm.add_argument("--dtype", default="float32")
+    mm.add_argument("--steps", type=int, default=5)
     data = sub.add_parser("data", help="tokenizer, preparation and loader throughput; padding")
     data.add_argument("--seq_len", type=int, default=512)
     data.add_argument("--vocab_size", type=int, default=30522)
@@ -97,7 +334,8 @@ def main(argv=None) -> None:
     data.add_argument("--threads", type=int, default=2)
     data.add_argument("--prefetch", type=int, default=8)
     args = parser.parse_args(argv)
-    {"data": bench_data}[args.command](args)
+    {"data": bench_data, "train": bench_train, "infer": bench_infer, "matmul": bench_matmul,
+     "compare": bench_compare}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=0, epochs=3, batch_size=4096, micro_batch_size=32, seed=56,
         learning_rate=5e-4, warmup_fraction=0.05, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-6,
-        weight_decay=0.0, grad_clip=5.0, dtype="float32", log_every=10, peak_tflops=0.0))
+        weight_decay=0.0, grad_clip=5.0, dtype="float32", log_every=10, peak_tflops=0.0,
+        # Performance (BENCHMARKS.md). loss_chunk: rows per block of the fused vocabulary
+        # projection + losses, so no [tokens, vocab] logits are ever live (0: the plain,
+        # whole-batch logits). remat: none | full | dots (what the student's backward
+        # keeps). attention: "" (XLA) or "cudnn" (flash attention on GPU, bf16).
+        # accumulate: "scan" (all micro-batches of an update in one jitted call, one
+        # optimizer step) or "multisteps" (one call per micro-batch, optax.MultiSteps).
+        loss_chunk=1024, remat="none", attention="", accumulate="multisteps"))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
     c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, hf_dirs=()))
@@ -156,6 +163,12 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
                         f"train.micro_batch_size {t.micro_batch_size}")
     if t.learning_rate <= 0:
         problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
+    if t.loss_chunk < 0:
+        problems.append(f"train.loss_chunk must be >= 0 (0: no chunking), got {t.loss_chunk}")
+    for key, allowed in (("remat", ("none", "full", "dots")), ("attention", ("", "xla", "cudnn")),
+                         ("accumulate", ("scan", "multisteps"))):
+        if t[key] not in allowed:
+            problems.append(f"train.{key} {t[key]!r} is not one of {allowed}")
     if not 0 <= t.warmup_fraction < 1:
         problems.append(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
 

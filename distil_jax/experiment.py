@@ -69,7 +69,8 @@ def load_teacher(config):
                         "useful for tests only")
         module = Bert(BertConfig(**config.teacher.model.to_dict()))
         params = init_params(module, jax.random.key(config.train.seed + 1))
-    return type(module)(module.config, dtype=dtype, param_dtype=dtype), params, module.config
+    return (type(module)(module.config, dtype=dtype, param_dtype=dtype,
+                         attention_impl=config.train.attention or None), params, module.config)
 
 
 def build(config, workdir: str = "", process_index: Optional[int] = None,
@@ -80,10 +81,12 @@ def build(config, workdir: str = "", process_index: Optional[int] = None,
     mesh = parallel.make_mesh(config.mesh.shape)
     rules = [tuple(r) for r in config.mesh.rules]
     compute = DTYPES[config.train.dtype]
+    # Compute in train.dtype over float32 master params; the attention and remat choices.
+    kw = dict(dtype=compute, attention_impl=config.train.attention or None, remat=config.train.remat)
 
     if config.mode == "pretrain":
         model_config = config_lib.teacher_config_of(config)
-        model = Bert(model_config, dtype=compute)
+        model = Bert(model_config, **kw)
         teacher = teacher_params32 = teacher_sh = None
         teacher_ref = {"path": "", "fingerprint": ""}
         teacher_config = model_config
@@ -92,7 +95,7 @@ def build(config, workdir: str = "", process_index: Optional[int] = None,
         sizes = config_lib.student_sizes(config, teacher_config)
         s_config = student_config_from_teacher(
             teacher_config, num_layers=config.student.num_layers, **sizes)
-        model = DistilBert(s_config, dtype=compute)
+        model = DistilBert(s_config, **kw)
         teacher_ref = _teacher_ref(config.teacher.path, teacher_params32)
 
     train_data, vocab = make_data(config, split, config.train.micro_batch_size, process_index,

@@ -8,6 +8,8 @@ no selected row gives 0, not NaN.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -65,3 +67,74 @@ def accuracy(logits, labels, weights) -> jax.Array:
     """Fraction of selected rows whose argmax equals the label."""
     hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     return _mean_over_rows(hit, weights)
+
+
+# --- the vocabulary-sized losses, fused with the projection and chunked over rows ------
+def project(features, embedding, bias) -> jax.Array:
+    """Logits of `features` [N, D] under a tied head: features @ embedding.T + bias, in float32."""
+    logits = jnp.einsum("nd,vd->nv", features, embedding.astype(features.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + bias.astype(jnp.float32)
+
+
+def _block_sums(s_feat, t_feat, labels, kd_w, mlm_w, s_head, t_head, temperature, with_mse):
+    """Weighted sums over one block of rows of every term that needs [rows, vocab] logits."""
+    s = project(s_feat, *s_head)
+    log_p = jax.nn.log_softmax(s, axis=-1)
+    safe = jnp.clip(labels, 0, s.shape[-1] - 1)
+    ce = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]
+    s_top = jnp.argmax(s, axis=-1)
+    sums = {"loss_mlm": jnp.sum(ce * mlm_w), "mlm_accuracy": jnp.sum((s_top == labels) * mlm_w)}
+    if t_feat is None:
+        return sums
+    t = jax.lax.stop_gradient(project(t_feat, *t_head))
+    log_q_t = jax.nn.log_softmax(t / temperature, axis=-1)
+    log_p_t = log_p if temperature == 1.0 else jax.nn.log_softmax(s / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_q_t) * (log_q_t - log_p_t), axis=-1)
+    log_q = log_q_t if temperature == 1.0 else jax.nn.log_softmax(t, axis=-1)
+    kl1 = jnp.sum(jnp.exp(log_q) * (log_q - jax.lax.stop_gradient(log_p)), axis=-1)
+    sums.update(loss_ce=jnp.sum(kl * kd_w) * temperature**2, kl_t1=jnp.sum(kl1 * kd_w),
+                agreement=jnp.sum((s_top == jnp.argmax(t, axis=-1)) * kd_w))
+    if with_mse:
+        sums["loss_mse"] = jnp.sum(jnp.sum(jnp.square(s - t), axis=-1) * kd_w)
+    return sums
+
+
+def vocab_terms(s_feat, s_head, labels, mlm_weights, t_feat=None, t_head=None, kd_weights=None,
+                temperature: float = 1.0, chunk: int = 0, with_mse: bool = False):
+    """The losses that need logits, from head features, never holding more than chunk x V of them.
+
+    s_feat / t_feat: [N, D] student / teacher features before the tied projection
+    (`MaskedLM.head_inputs`); s_head / t_head: (embedding [V, D], bias [V]). Row
+    weights are 0/1: `mlm_weights` select the MLM targets (loss_mlm, mlm_accuracy),
+    `kd_weights` the rows of the KL (loss_ce, times T^2), loss_mse, kl_t1 (KL at T=1,
+    a metric) and agreement (teacher-student top-1). Each term is the mean over its
+    rows, exactly as `kd_loss`, `mlm_loss`, `mse_loss` and `accuracy` compute it on
+    whole logits. With `chunk` > 0 the rows go through a scan in blocks of `chunk` and
+    each block is rematerialised in the backward pass, so peak memory grows with the
+    chunk, not with N x V; 0 projects all rows at once.
+    """
+    n = s_feat.shape[0]
+    f32 = lambda w: w.astype(jnp.float32)  # noqa: E731
+    mlm_w = f32(mlm_weights)
+    kd_w = f32(kd_weights) if t_feat is not None else None
+    block = functools.partial(_block_sums, s_head=s_head, t_head=t_head, temperature=temperature,
+                              with_mse=with_mse)
+    if chunk <= 0 or chunk >= n:
+        sums = block(s_feat, t_feat, labels, kd_w, mlm_w)
+    else:
+        pad = -n % chunk
+        rows = lambda x: None if x is None else jnp.pad(  # noqa: E731
+            x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+        xs = tuple(rows(x) for x in (s_feat, t_feat, labels, kd_w, mlm_w))
+
+        def body(acc, x):
+            out = jax.checkpoint(block, prevent_cse=False)(*x)
+            return jax.tree.map(jnp.add, acc, out), None
+
+        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                            jax.eval_shape(block, *(None if x is None else x[0] for x in xs)))
+        sums, _ = jax.lax.scan(body, zero, xs)
+    counts = {"mlm": jnp.maximum(jnp.sum(mlm_w), 1.0),
+              "kd": None if kd_w is None else jnp.maximum(jnp.sum(kd_w), 1.0)}
+    return {k: v / counts["mlm" if k in ("loss_mlm", "mlm_accuracy") else "kd"] for k, v in sums.items()}

@@ -30,11 +30,13 @@ def forward_flops_per_token(config: EncoderConfig, seq_len: int, head_rows: floa
     return config.num_layers * layer + head_rows * 2 * (d * d + d * v)
 
 
-def step_flops_per_token(student: EncoderConfig, teacher: Optional[EncoderConfig], seq_len: int) -> float:
-    """Model FLOPs per token of one train step: student fwd + bwd, teacher fwd."""
-    flops = 3 * forward_flops_per_token(student, seq_len)
+def step_flops_per_token(student: EncoderConfig, teacher: Optional[EncoderConfig], seq_len: int,
+                         head_rows: float = 1.0) -> float:
+    """Model FLOPs per token of one train step: student fwd + bwd, teacher fwd; `head_rows`
+    is the fraction of positions projected onto the vocabulary (1: all rows' KL)."""
+    flops = 3 * forward_flops_per_token(student, seq_len, head_rows)
     if teacher is not None:
-        flops += forward_flops_per_token(teacher, seq_len)
+        flops += forward_flops_per_token(teacher, seq_len, head_rows)
     return flops
 
 

@@ -67,17 +67,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over data x fsdp, the sequence dimension whole."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+    """Rows over data x fsdp, the sequence dimension whole; `stacked` batches carry a
+    leading micro-batch axis [accumulation, rows, seq] that is not sharded."""
+    return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
-def global_batch(local: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+def global_batch(local: Dict[str, np.ndarray], mesh: Mesh, stacked: bool = False) -> Dict[str, jax.Array]:
     """Global arrays from this process's rows of every global batch.
 
     With one process the local batch is the global batch; with several, each
     contributes its own slice and jax assembles the global array.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, stacked)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}

@@ -10,6 +10,7 @@ micro-batches (the reference's gradient accumulation). The step is pure:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from distil_jax.metrics import MetricWriter, device_peak_tflops, step_flops_per_
 class TrainState:
     step: jax.Array  # micro-batches consumed
     params: Any
-    opt_state: optax.MultiStepsState
+    opt_state: Any  # optax.MultiStepsState (accumulate="multisteps") or the inner optimizer's
     rng: jax.Array  # raw uint32[2] key: every micro-step's rng is fold_in(rng, step)
 
 
@@ -55,13 +56,21 @@ def decay_mask(params):
 
 
 def make_optimizer(train_config, total_updates: int):
-    """(MultiSteps(clip -> AdamW), schedule) accumulating to train.batch_size sequences."""
+    """(optimizer, schedule): clip -> AdamW, accumulating to train.batch_size sequences.
+
+    accumulate="multisteps": `optax.MultiSteps` sees one micro-batch per call and
+    applies the mean gradient every `batch_size / micro_batch_size` calls.
+    accumulate="scan": the bare clip -> AdamW; `accumulated_train_step` averages the
+    micro-batch gradients itself in one call and applies them once.
+    """
     t = train_config
     schedule = learning_rate_schedule(t.learning_rate, total_updates, t.warmup_fraction)
     inner = optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                     weight_decay=t.weight_decay, mask=decay_mask))
+    if t.get("accumulate", "multisteps") == "scan":
+        return inner, schedule
     return optax.MultiSteps(inner, every_k_schedule=t.batch_size // t.micro_batch_size), schedule
 
 
@@ -78,6 +87,7 @@ class Objective:
     mask_id: int
     special_ids: tuple
     token_probs: np.ndarray = dataclasses.field(hash=False, compare=False)
+    loss_chunk: int = 0  # 0: whole logits (objective_terms); else fused_objective_terms' block
 
     @classmethod
     def from_config(cls, config, vocab) -> "Objective":
@@ -89,11 +99,22 @@ class Objective:
                    masking=dict(mask_prop=m.mask_prop, word_mask=m.word_mask, word_keep=m.word_keep,
                                 word_rand=m.word_rand),
                    vocab_size=vocab.vocab_size, mask_id=vocab.mask_id, special_ids=tuple(vocab.special_ids),
-                   token_probs=token_probs_from_counts(vocab.token_counts, m.smoothing, vocab.special_ids))
+                   token_probs=token_probs_from_counts(vocab.token_counts, m.smoothing, vocab.special_ids),
+                   loss_chunk=config.train.loss_chunk)
 
     def mask(self, rng, input_ids, attention_mask):
         return mask_tokens(rng, input_ids, attention_mask, self.token_probs, self.special_ids,
                            self.mask_id, self.vocab_size, **self.masking)
+
+    @property
+    def head_rows(self) -> float:
+        """The fraction of positions given logits (for model FLOPs): all, or the targets'."""
+        fused_restricted = self.loss_chunk > 0 and (self.restrict_ce_to_mask or "loss_ce" not in self.alphas)
+        return self.masking["mask_prop"] if fused_restricted else 1.0
+
+    def max_targets(self, rows: int) -> int:
+        """A static bound on the MLM targets among `rows` tokens (masking draws ceil(p x real))."""
+        return min(rows, math.ceil(self.masking["mask_prop"] * rows) + 1)
 
 
 def objective_terms(obj: Objective, out, teacher_out, labels, targets, attention_mask):
@@ -111,8 +132,42 @@ def objective_terms(obj: Objective, out, teacher_out, labels, targets, attention
         if obj.alphas.get("loss_mse", 0.0):
             terms["loss_mse"] = losses.mse_loss(logits, t_logits, ce_rows)
         s_const = jax.lax.stop_gradient(logits)
-        metrics["kl_t1"] = losses.kd_loss(s_const, t_logits, attention_mask, 1.0)
-        metrics["agreement"] = losses.accuracy(s_const, jnp.argmax(t_logits, -1), attention_mask)
+        metrics["kl_t1"] = losses.kd_loss(s_const, t_logits, ce_rows, 1.0)
+        metrics["agreement"] = losses.accuracy(s_const, jnp.argmax(t_logits, -1), ce_rows)
+    loss = sum(obj.alphas.get(k, 0.0) * v for k, v in terms.items())
+    return loss, {**terms, **metrics, "loss": loss}
+
+
+def fused_objective_terms(obj: Objective, s_hidden, s_head, t_hidden, t_head, labels, targets,
+                          attention_mask):
+    """`objective_terms` without whole [B, S, V] logits: the vocabulary projection only where
+    a loss needs it, in blocks of `obj.loss_chunk` rows (`losses.vocab_terms`).
+
+    s_head / t_head map last hidden rows [N, D] to `MaskedLM.head_inputs` (features,
+    embedding, bias). The MLM loss needs only the targets' rows; with
+    `restrict_ce_to_mask` (or no teacher) those rows are gathered first and nothing else
+    is projected. Otherwise the KL covers every real token and all rows are projected.
+    """
+    b, s, _ = s_hidden.shape
+    flat = lambda x: x.reshape(b * s, *x.shape[2:])  # noqa: E731
+    hs, labels_f, mlm_w, kd_w = flat(s_hidden), flat(labels), flat(targets), flat(attention_mask)
+    ht = None if t_hidden is None else flat(jax.lax.stop_gradient(t_hidden))
+    if obj.restrict_ce_to_mask or t_hidden is None:
+        k = obj.max_targets(b * s)
+        idx = jnp.nonzero(mlm_w, size=k, fill_value=0)[0]
+        mlm_w = kd_w = (jnp.arange(k) < jnp.sum(mlm_w)).astype(jnp.float32)
+        hs, labels_f = hs[idx], labels_f[idx]
+        ht = None if ht is None else ht[idx]
+    feat, *s_proj = s_head(hs)
+    t_feat, t_proj = None, None
+    if ht is not None:
+        t_feat, *t_proj = jax.lax.stop_gradient(t_head(ht))
+    terms = losses.vocab_terms(feat, tuple(s_proj), labels_f, mlm_w, t_feat, t_proj, kd_w,
+                               obj.temperature, obj.loss_chunk,
+                               with_mse=bool(obj.alphas.get("loss_mse", 0.0)))
+    if t_hidden is not None:
+        terms["loss_cos"] = losses.cosine_loss(s_hidden, jax.lax.stop_gradient(t_hidden), attention_mask)
+    metrics = {k: terms.pop(k) for k in ("mlm_accuracy", "kl_t1", "agreement") if k in terms}
     loss = sum(obj.alphas.get(k, 0.0) * v for k, v in terms.items())
     return loss, {**terms, **metrics, "loss": loss}
 
@@ -120,29 +175,47 @@ def objective_terms(obj: Objective, out, teacher_out, labels, targets, attention
 def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, targets,
                    dropout_rng, *, model, teacher, obj: Objective):
     """(metrics, gradients) of one masked micro-batch; the teacher runs outside the gradient."""
-    teacher_out = None
+    fused = obj.loss_chunk > 0
+    teacher_out = t_head = None
     if teacher is not None:
         teacher_out = teacher.apply({"params": teacher_params}, masked_ids, attention_mask,
-                                    deterministic=True)
+                                    deterministic=True, compute_logits=not fused)
+        t_head = lambda h: teacher.apply({"params": teacher_params}, h,  # noqa: E731
+                                         method=type(teacher).head_inputs)
 
     def loss_fn(p):
         out = model.apply({"params": p}, masked_ids, attention_mask, deterministic=False,
-                          rngs={"dropout": dropout_rng})
-        return objective_terms(obj, out, teacher_out, labels, targets, attention_mask)
+                          rngs={"dropout": dropout_rng}, compute_logits=not fused)
+        if not fused:
+            return objective_terms(obj, out, teacher_out, labels, targets, attention_mask)
+        s_head = lambda h: model.apply({"params": p}, h, method=type(model).head_inputs)  # noqa: E731
+        t_hidden = None if teacher_out is None else teacher_out.last_hidden_state
+        return fused_objective_terms(obj, out.last_hidden_state, s_head, t_hidden, t_head, labels,
+                                     targets, attention_mask)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return metrics, grads
+
+
+def _micro_step_metrics(state_rng, step, batch, params, teacher_params, *, model, teacher,
+                        obj: Objective):
+    """Mask with fold_in(rng, step), then loss and gradients of one micro-batch."""
+    rng = jax.random.fold_in(state_rng, step)
+    mask_rng, dropout_rng = jax.random.split(rng)
+    am = batch["attention_mask"]
+    masked, labels, targets = obj.mask(mask_rng, batch["input_ids"], am)
+    metrics, grads = loss_and_grads(params, teacher_params, masked, am, labels, targets,
+                                    dropout_rng, model=model, teacher=teacher, obj=obj)
+    metrics.update(micro_steps=1.0, real_tokens=jnp.sum(am).astype(jnp.float32),
+                   targets=jnp.sum(targets).astype(jnp.float32))
     return metrics, grads
 
 
 def train_step(state: TrainState, teacher_params, batch, *, model, teacher, tx, schedule,
                obj: Objective, accumulation: int):
     """One micro-batch: mask, teacher forward, student forward/backward, MultiSteps update."""
-    rng = jax.random.fold_in(state.rng, state.step)
-    mask_rng, dropout_rng = jax.random.split(rng)
-    am = batch["attention_mask"]
-    masked, labels, targets = obj.mask(mask_rng, batch["input_ids"], am)
-    metrics, grads = loss_and_grads(state.params, teacher_params, masked, am, labels, targets,
-                                    dropout_rng, model=model, teacher=teacher, obj=obj)
+    metrics, grads = _micro_step_metrics(state.rng, state.step, batch, state.params, teacher_params,
+                                         model=model, teacher=teacher, obj=obj)
     opt = state.opt_state
     emit = (opt.mini_step == accumulation - 1).astype(jnp.float32)  # this call applies an update
     # MultiSteps keeps the running mean of the micro-batch gradients; its value at the
@@ -150,12 +223,36 @@ def train_step(state: TrainState, teacher_params, batch, *, model, teacher, tx, 
     mean_grads = jax.tree.map(lambda a, g: a + (g.astype(a.dtype) - a) / (opt.mini_step + 1),
                               opt.acc_grads, grads)
     metrics.update(grad_norm=emit * optax.tree.norm(mean_grads),
-                   lr=emit * schedule(opt.gradient_step), updates=emit, micro_steps=1.0,
-                   real_tokens=jnp.sum(am).astype(jnp.float32),
-                   targets=jnp.sum(targets).astype(jnp.float32))
+                   lr=emit * schedule(opt.gradient_step), updates=emit)
     updates, new_opt = tx.update(grads, opt, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
+
+
+def accumulated_train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx,
+                           schedule, obj: Objective, accumulation: int):
+    """One whole update in one call: `batches` holds the update's micro-batches stacked
+    [accumulation, micro_batch, seq]; a scan sums their gradients, then clip -> AdamW
+    runs once on the mean. The same masks, dropout and update as `accumulation` calls of
+    `train_step` with MultiSteps (equal to float tolerance), without running the
+    optimizer and touching every parameter at each micro-batch.
+    """
+    def micro(grad_sum, xs):
+        i, batch = xs
+        metrics, grads = _micro_step_metrics(state.rng, state.step + i, batch, state.params,
+                                             teacher_params, model=model, teacher=teacher, obj=obj)
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, per_micro = jax.lax.scan(micro, zeros, (jnp.arange(accumulation), batches))
+    grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
+    update_index = state.step // accumulation
+    metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), per_micro)
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(update_index),
+                   updates=jnp.ones((), jnp.float32))
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + accumulation, params=params, opt_state=new_opt), metrics
 
 
 # --- metrics over a logging window ----------------------------------------------------
@@ -187,10 +284,37 @@ def add_metrics(acc, metrics):
     return metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
 
 
-def jit_train_step(step_fn: Callable, state_shardings, teacher_shardings, batch_shardings,
-                   out_metrics_sharding):
-    return jax.jit(step_fn, in_shardings=(state_shardings, teacher_shardings, batch_shardings),
-                   out_shardings=(state_shardings, out_metrics_sharding), donate_argnums=0)
+def micro_batches_per_call(config) -> int:
+    """Micro-batches one call of the compiled step consumes (all of an update's with scan)."""
+    t = config.train
+    return t.batch_size // t.micro_batch_size if t.accumulate == "scan" else 1
+
+
+def compiled_step(run: "Run", step_wrapper: Callable = lambda f: f):
+    """The jitted step of `run` (train_step, or accumulated_train_step with accumulate="scan"):
+    (state, teacher_params, batch) -> (state, metrics), state buffers donated."""
+    exp = run.exp
+    per_call = micro_batches_per_call(exp.config)
+    step = accumulated_train_step if per_call > 1 else train_step
+    step_fn = functools.partial(step, model=exp.model, teacher=exp.teacher, tx=run.tx,
+                                schedule=run.schedule, obj=run.objective, accumulation=exp.accumulation)
+    rows = parallel.batch_sharding(exp.mesh, stacked=per_call > 1)
+    batch_sh = {"input_ids": rows, "attention_mask": rows}
+    return jax.jit(step_wrapper(step_fn), in_shardings=(run.state_shardings, exp.teacher_shardings, batch_sh),
+                   out_shardings=(run.state_shardings, parallel.replicated(exp.mesh)), donate_argnums=0)
+
+
+def next_local_batch(data, per_call: int, pad_id: int = 0):
+    """The next micro-batch, or the next `per_call` stacked [per_call, rows, seq], each padded
+    (pad id, attention mask 0) to the longest of them."""
+    if per_call == 1:
+        return next(data)
+    micro = [next(data) for _ in range(per_call)]
+    seq = max(m["input_ids"].shape[1] for m in micro)
+
+    def pad(x, value):
+        return np.pad(x, [(0, 0), (0, seq - x.shape[1])], constant_values=value)
+    return {k: np.stack([pad(m[k], pad_id if k == "input_ids" else 0) for m in micro]) for k in micro[0]}
 
 
 
@@ -251,15 +375,8 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     exp, ckpt = run.exp, run.checkpointer
     state, last_ckpt = restore_or_init(run)
     mesh, accum, total_updates = exp.mesh, exp.accumulation, exp.total_updates
-    replicated = parallel.replicated(mesh)
-
-    def step_fn(state, teacher_params, batch):
-        return train_step(state, teacher_params, batch, model=exp.model, teacher=exp.teacher,
-                          tx=run.tx, schedule=run.schedule, obj=run.objective, accumulation=accum)
-
-    batch_sh = {"input_ids": parallel.batch_sharding(mesh), "attention_mask": parallel.batch_sharding(mesh)}
-    jitted = jit_train_step(step_wrapper(step_fn), run.state_shardings, exp.teacher_shardings,
-                            batch_sh, replicated)
+    jitted = compiled_step(run, step_wrapper)
+    per_call = micro_batches_per_call(config)
 
     is_main = jax.process_index() == 0
     micro = int(jax.device_get(state.step))
@@ -277,14 +394,16 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
 
     with PreemptionFlag() as stop:
         while micro < total_updates * accum:
-            local = next(exp.train_data)
-            batch = parallel.global_batch(local, mesh)
+            local = next_local_batch(exp.train_data, per_call, exp.vocab.pad_id)
+            batch = parallel.global_batch(local, mesh, stacked=per_call > 1)
             state, metrics = jitted(state, exp.teacher_params, batch)
             window = add_metrics(window, metrics)
-            seq = local["input_ids"].shape[1]
-            flops += step_flops_per_token(exp.model_config, teacher_config, seq) * config.train.micro_batch_size * seq
-            sequences += config.train.micro_batch_size
-            micro += 1
+            seq = local["input_ids"].shape[-1]
+            rows = per_call * config.train.micro_batch_size
+            flops += step_flops_per_token(exp.model_config, teacher_config, seq,
+                                          run.objective.head_rows) * rows * seq
+            sequences += rows
+            micro += per_call
             if micro % accum == 0:
                 update = micro // accum
                 writer.advance()

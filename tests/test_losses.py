@@ -134,3 +134,74 @@ def test_accuracy():
     logits = np.eye(4, dtype=np.float32)[None]  # argmax of row i is i
     labels = np.array([[0, 1, 3, 0]])
     np.testing.assert_allclose(losses.accuracy(logits, labels, np.array([[1, 1, 1, 0]])), 2 / 3, rtol=1e-6)
+
+
+# --- chunked, fused vocabulary losses ------------------------------------------------
+def _vocab_case(seed, n=37, d=16, v=50, no_rows=False):
+    r = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)  # noqa: E731
+    s_head, t_head = (f(v, d), f(v)), (f(v, d), f(v))
+    labels = jnp.asarray(r.integers(0, v, n))
+    real = r.random(n) < 0.8  # the rest is padding
+    mlm_w = jnp.asarray(real & (r.random(n) < 0.3) & (not no_rows), jnp.float32)
+    kd_w = jnp.asarray(real & (not no_rows), jnp.float32)
+    return f(n, d), s_head, f(n, d), t_head, labels, mlm_w, kd_w
+
+
+def _plain_terms(s_feat, s_head, t_feat, t_head, labels, mlm_w, kd_w, temperature):
+    s, t = losses.project(s_feat, *s_head), losses.project(t_feat, *t_head)
+    return {"loss_mlm": losses.mlm_loss(s, labels, mlm_w), "mlm_accuracy": losses.accuracy(s, labels, mlm_w),
+            "loss_ce": losses.kd_loss(s, t, kd_w, temperature), "kl_t1": losses.kd_loss(s, t, kd_w, 1.0),
+            "agreement": losses.accuracy(s, jnp.argmax(t, -1), kd_w), "loss_mse": losses.mse_loss(s, t, kd_w)}
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 8, 16, 64])
+@pytest.mark.parametrize("no_rows", [False, True])
+def test_chunked_vocab_terms_and_gradients_equal_whole_logits(chunk, no_rows):
+    s_feat, s_head, t_feat, t_head, labels, mlm_w, kd_w = _vocab_case(chunk, no_rows=no_rows)
+    temperature = 2.0
+    weights = {"loss_mlm": 2.0, "loss_ce": 5.0, "loss_mse": 0.1}
+
+    def total(fn, feat, head):
+        terms = fn(feat, head)
+        return sum(w * terms[k] for k, w in weights.items()), terms
+
+    chunked = lambda feat, head: losses.vocab_terms(  # noqa: E731
+        feat, head, labels, mlm_w, t_feat, t_head, kd_w, temperature, chunk=chunk, with_mse=True)
+    plain = lambda feat, head: _plain_terms(feat, head, t_feat, t_head, labels, mlm_w, kd_w,  # noqa: E731
+                                            temperature)
+    grad = lambda fn: jax.grad(lambda a, h: total(fn, a, h), argnums=(0, 1), has_aux=True)(s_feat, s_head)  # noqa: E731
+    (g_c, terms_c), (g_p, terms_p) = grad(chunked), grad(plain)
+    chex.assert_trees_all_close(terms_c, terms_p, rtol=2e-5, atol=1e-6)
+    chex.assert_trees_all_close(g_c, g_p, rtol=2e-5, atol=1e-6)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(g_c))
+    if no_rows:
+        assert all(float(v) == 0.0 for v in terms_c.values())
+    else:
+        assert float(terms_c["loss_ce"]) > 0 and float(terms_c["loss_mlm"]) > 0
+
+
+def test_chunked_memory_grows_with_the_chunk_not_with_rows_times_vocab():
+    """Compiled temp memory of the backward: doubling the rows doubles it for whole logits,
+    barely moves it for chunks, and doubling the chunk doubles it."""
+    d, v = 32, 4096
+    r = np.random.default_rng(0)
+
+    def temp_bytes(n, chunk):
+        args = (jnp.asarray(r.normal(size=(n, d)), jnp.float32),
+                (jnp.asarray(r.normal(size=(v, d)), jnp.float32), jnp.zeros(v)),
+                jnp.asarray(r.integers(0, v, n)), jnp.ones(n))
+
+        def loss(feat, head, labels, w):
+            t = losses.vocab_terms(feat, head, labels, w, feat * 0.5, head, w, 2.0, chunk=chunk)
+            return t["loss_ce"] + t["loss_mlm"]
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    plain_small, plain_big = temp_bytes(1024, 0), temp_bytes(8192, 0)
+    small, big, wide = temp_bytes(1024, 128), temp_bytes(8192, 128), temp_bytes(1024, 256)
+    big_logits_bytes = 8192 * v * 4
+    assert plain_big >= big_logits_bytes and plain_big >= 2 * plain_small, (plain_small, plain_big)
+    assert big <= 1.2 * small, (small, big)
+    assert 1.6 * small <= wide <= 2.4 * small, (small, wide)
+    assert big < big_logits_bytes / 8, (big, big_logits_bytes)

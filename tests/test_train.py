@@ -83,6 +83,34 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     chex.assert_trees_all_close(host(p_acc), host(p_big), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("changes", [
+    {"distill.restrict_ce_to_mask": False, "distill.alpha_mse": 0.5},
+    {"distill.restrict_ce_to_mask": True},
+    {"mode": "pretrain"},
+    {"train.remat": "full"},
+    {"train.remat": "dots", "distill.restrict_ce_to_mask": True},
+])
+def test_fused_chunked_objective_equals_whole_logits(changes):
+    """Chunked projection (and remat) give the plain step's metrics and gradients."""
+    def metrics_and_grads(**more):
+        config = tiny(**{**changes, **more})
+        exp = experiment.build(config)
+        obj = train.Objective.from_config(config, exp.vocab)
+        ids = jnp.asarray(np.random.default_rng(0).integers(5, 128, size=(4, 16)), jnp.int32)
+        am = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [11], [7], [16]]), jnp.int32)
+        masked, labels, targets = obj.mask(jax.random.key(3), ids, am)
+        fn = jax.jit(functools.partial(train.loss_and_grads, model=exp.model, teacher=exp.teacher, obj=obj))
+        return host(fn(exp.initial_params(), exp.teacher_params, masked, am, labels, targets,
+                       jax.random.key(4)))
+
+    (m_plain, g_plain), (m_fused, g_fused) = (metrics_and_grads(**{"train.loss_chunk": 0, "train.remat": "none"}),
+                                              metrics_and_grads(**{"train.loss_chunk": 7}))
+    assert set(m_plain) == set(m_fused)
+    chex.assert_trees_all_close(m_fused, m_plain, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+    assert float(m_plain["loss"]) > 0
+
+
 def test_train_step_updates_every_k_micro_batches(tmp_path):
     config = tiny(**{"train.steps": 1, "train.batch_size": 48, "train.micro_batch_size": 16,
                      "train.warmup_fraction": 0.0})
@@ -101,6 +129,37 @@ def test_train_step_updates_every_k_micro_batches(tmp_path):
         assert changed == (i == 2)
     assert seen == [0.0, 0.0, 1.0]
     assert float(metrics["grad_norm"]) > 0 and float(metrics["lr"]) > 0
+
+
+def test_scan_accumulation_equals_multisteps(tmp_path):
+    """accumulate="scan" (one call per update) = MultiSteps over the same micro-batches."""
+    k = 3
+    changes = {"train.steps": 2, "train.batch_size": 16 * k, "train.micro_batch_size": 16,
+               "train.warmup_fraction": 0.0}
+    runs = {mode: train.make_run(tiny(**changes, **{"train.accumulate": mode}), str(tmp_path / mode))
+            for mode in ("multisteps", "scan")}
+    states = {mode: train.restore_or_init(run)[0] for mode, run in runs.items()}
+    steps = {mode: train.compiled_step(run) for mode, run in runs.items()}
+    data = runs["scan"].exp.train_data
+    micro = [{k: v[:, :12] for k, v in next(data).items()} for _ in range(2 * k)]  # one length
+    for u in range(2):
+        group = micro[u * k:(u + 1) * k]
+        windows = None
+        for m in group:
+            states["multisteps"], metrics = steps["multisteps"](states["multisteps"], runs["multisteps"].exp.teacher_params, m)
+            windows = train.add_metrics(windows, metrics)
+        stacked = {key: np.stack([m[key] for m in group]) for key in group[0]}
+        states["scan"], scan_metrics = steps["scan"](states["scan"], runs["scan"].exp.teacher_params, stacked)
+        chex.assert_trees_all_close(host(scan_metrics), host(windows), rtol=1e-4, atol=1e-6)
+    assert int(states["scan"].step) == int(states["multisteps"].step) == 2 * k
+    chex.assert_trees_all_close(host(states["scan"].params), host(states["multisteps"].params),
+                                rtol=1e-4, atol=1e-6)
+    assert not np.allclose(host(states["scan"].params)["mlm_head"]["bias"], 0.0)
+    # The loop runs with it (stacked, padded micro-batches of several lengths) and checkpoints.
+    config = tiny(**{**changes, "train.accumulate": "scan", "train.steps": 3, "checkpoint.every_steps": 2})
+    result = train.train_and_evaluate(config, str(tmp_path / "loop"))
+    assert result["update"] == 3 and result["micro_step"] == 3 * k and np.isfinite(result["metrics"]["loss"])
+    assert result["last_checkpoint"] == 3 * k
 
 
 # --- sharding --------------------------------------------------------------------------

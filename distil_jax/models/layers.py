@@ -29,6 +29,9 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
+# train.remat -> what the backward pass may keep of each encoder layer's activations.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
@@ -112,11 +115,17 @@ def layer_norm(eps: float, name: Optional[str] = None, *, dtype: Dtype,
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention over a key padding mask."""
+    """Bidirectional multi-head self-attention over a key padding mask.
+
+    `attention_impl` is `jax.nn.dot_product_attention`'s implementation (None = XLA,
+    "cudnn" = cuDNN flash attention on GPU), used wherever no dropout is applied to the
+    probabilities and none are returned; otherwise the explicit softmax runs.
+    """
 
     config: EncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
@@ -127,13 +136,20 @@ class SelfAttention(nn.Module):
             kernel_init=_init(cfg, ("embed", "heads", "kv")),
             bias_init=_zeros(("heads", "kv")))
         query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
-        query = query / jnp.sqrt(cfg.head_dim).astype(self.dtype)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
         keep = attention_mask[:, None, None, :].astype(bool)
-        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
+        if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
+            # No dropout on the probabilities and no probabilities to return: the fused
+            # attention (cuDNN flash attention on GPU where it applies, XLA elsewhere).
+            context = jax.nn.dot_product_attention(
+                query, key, value, mask=keep, implementation=self.attention_impl)
+            probs = None
+        else:
+            query = query / jnp.sqrt(cfg.head_dim).astype(self.dtype)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+            scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1)
+            dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+            context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
         out = nn.DenseGeneral(
             features=cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
             param_dtype=self.param_dtype, name="out",
@@ -153,12 +169,13 @@ class EncoderLayer(nn.Module):
     dropout_after_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn, probs = SelfAttention(cfg, name="attention", **kw)(
+        attn, probs = SelfAttention(cfg, name="attention", attention_impl=self.attention_impl, **kw)(
             x, attention_mask, deterministic, output_attentions)
         if self.dropout_after_attention:
             attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
@@ -174,21 +191,31 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """A stack of `num_layers` EncoderLayers named layer_0 ... layer_{N-1}."""
+    """A stack of `num_layers` EncoderLayers named layer_0 ... layer_{N-1}.
+
+    `remat`: "none" keeps every activation for the backward pass; "full" recomputes each
+    layer in the backward pass; "dots" saves only matmul outputs (no batch dims) and
+    recomputes the rest (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+    """
 
     config: EncoderConfig
     dropout_after_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
+        layer_cls = EncoderLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(EncoderLayer, static_argnums=(3, 4), policy=REMAT_POLICIES[self.remat])
         hidden_states, attentions = [x], []
         for i in range(self.config.num_layers):
-            x, probs = EncoderLayer(
+            x, probs = layer_cls(
                 self.config, self.dropout_after_attention, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"layer_{i}")(
-                    x, attention_mask, deterministic, output_attentions)
+                param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                name=f"layer_{i}")(x, attention_mask, deterministic, output_attentions)
             hidden_states.append(x)
             attentions.append(probs)
         return tuple(hidden_states), (tuple(attentions) if output_attentions else None)
@@ -220,23 +247,27 @@ class MLMHead(nn.Module):
     """dense -> activation -> LayerNorm -> decoder tied to the word embeddings + bias.
 
     The same math as HF BertLMPredictionHead and DistilBERT's vocab_transform /
-    vocab_layer_norm / vocab_projector.
+    vocab_layer_norm / vocab_projector. `features` stops before the vocabulary
+    projection, which the chunked losses (`losses.vocab_terms`) do themselves.
     """
 
     config: EncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, hidden, word_embeddings: Embed):
+    def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Dense(cfg.hidden_size, name="transform", kernel_init=_init(cfg, ("embed_in", "embed")),
-                     bias_init=_zeros(("embed",)), **kw)(hidden)
-        h = ACTIVATIONS[cfg.hidden_act](h)
-        h = layer_norm(cfg.layer_norm_eps, "layer_norm", **kw)(h)
-        bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), self.param_dtype)
-        return word_embeddings.attend(h) + jnp.asarray(bias, self.dtype)
+        self.transform = nn.Dense(cfg.hidden_size, kernel_init=_init(cfg, ("embed_in", "embed")),
+                                  bias_init=_zeros(("embed",)), **kw)
+        self.layer_norm = layer_norm(cfg.layer_norm_eps, **kw)
+        self.bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), self.param_dtype)
+
+    def features(self, hidden):
+        return self.layer_norm(ACTIVATIONS[self.config.hidden_act](self.transform(hidden)))
+
+    def __call__(self, hidden, word_embeddings: Embed):
+        return word_embeddings.attend(self.features(hidden)) + jnp.asarray(self.bias, self.dtype)
 
 
 class MaskedLM(nn.Module):
@@ -250,6 +281,8 @@ class MaskedLM(nn.Module):
     config: EncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None  # see SelfAttention
+    remat: str = "none"  # see Encoder
 
     dropout_after_attention = True  # class constant, not a dataclass field
 
@@ -260,7 +293,8 @@ class MaskedLM(nn.Module):
             cfg.max_position_embeddings, cfg.hidden_size, cfg, (None, "embed"), **kw)
         self.embeddings_norm = layer_norm(cfg.layer_norm_eps, **kw)
         self.embeddings_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.encoder = Encoder(cfg, self.dropout_after_attention, **kw)
+        self.encoder = Encoder(cfg, self.dropout_after_attention, attention_impl=self.attention_impl,
+                               remat=self.remat, **kw)
         self.mlm_head = MLMHead(cfg, **kw)
 
     def position_ids(self, input_ids):
@@ -291,6 +325,10 @@ class MaskedLM(nn.Module):
 
     def mlm_logits(self, hidden):
         return self.mlm_head(hidden, self.word_embeddings)
+
+    def head_inputs(self, hidden):
+        """(features, word embeddings [V, D], bias [V]): logits = features @ embeddings.T + bias."""
+        return self.mlm_head.features(hidden), self.word_embeddings.embedding, self.mlm_head.bias
 
 
 def init_params(model: MaskedLM, rng: jax.Array, seq_len: int = 8):
