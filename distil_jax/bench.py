@@ -156,12 +156,12 @@ def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str =
         def one():
             holder["state"], metrics = compiled(holder["state"], exp.teacher_params, batch)
             jax.block_until_ready(metrics)
-        seconds, _ = _median_seconds(one, steps)
+        seconds = _median_seconds(one, steps)[0] if steps > 0 else None  # 0: compile only
     seq = config.data.seq_len
     tokens = per_call * micro * seq
     teacher_cfg = None if exp.teacher is None else exp.teacher.config
     flops = step_flops_per_token(exp.model_config, teacher_cfg, seq, run.objective.head_rows) * tokens
-    tflops = flops / seconds / 1e12 / jax.device_count()
+    tflops = flops / seconds / 1e12 / jax.device_count() if seconds else None
     peak = device_peak_tflops(peak_tflops)
     t = config.train
     return {"bench": label, "teacher_layers": None if teacher_cfg is None else teacher_cfg.num_layers,
@@ -170,9 +170,10 @@ def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str =
             "micro_batches_per_call": per_call, "accumulate": t.accumulate, "dtype": t.dtype,
             "loss_chunk": t.loss_chunk, "restrict_ce_to_mask": config.distill.restrict_ce_to_mask,
             "remat": t.remat, "attention": t.attention or "xla",
-            "compile_s": compile_s, "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "sequences_per_s": per_call * micro / seconds, "model_tflops_per_device": tflops,
-            "mfu": tflops / peak if peak else None, "peak_tflops": peak,
+            "compile_s": compile_s, "step_s": seconds, "tokens_per_s": tokens / seconds if seconds else None,
+            "sequences_per_s": per_call * micro / seconds if seconds else None,
+            "model_tflops_per_device": tflops, "mfu": tflops / peak if peak and tflops else None,
+            "peak_tflops": peak, "model_gflop_per_step": flops / 1e9,
             "xla_temp_gb": memory.temp_size_in_bytes / 2**30 if memory else None,
             "xla_argument_gb": memory.argument_size_in_bytes / 2**30 if memory else None,
             "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(), **_machine()}
@@ -181,7 +182,7 @@ def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str =
 def bench_train(args) -> None:
     config = shape_config(args)
     record = train_step_record(config, args.steps, args.peak_tflops)
-    if args.matmul:
+    if args.matmul and record["step_s"]:
         mm = matmul_tflops(args.matmul_size)
         record.update(matmul_tflops=mm["tflops"],
                       fraction_of_matmul=record["model_tflops_per_device"] / mm["tflops"])
@@ -296,7 +297,8 @@ def _shape_flags(p) -> None:
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported); "
+                   "train: 0 compiles only (memory)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--teacher_dtype", default="", help="default: --dtype")
     p.add_argument("--loss_chunk", type=int, default=None, help="rows per loss block; 0: whole logits")

@@ -83,7 +83,7 @@ def defaults() -> ml_collections.ConfigDict:
         # keeps). attention: "" (XLA) or "cudnn" (flash attention on GPU, bf16).
         # accumulate: "scan" (all micro-batches of an update in one jitted call, one
         # optimizer step) or "multisteps" (one call per micro-batch, optax.MultiSteps).
-        loss_chunk=1024, remat="none", attention="", accumulate="multisteps"))
+        loss_chunk=4096, remat="none", attention="", accumulate="multisteps"))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
     c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, hf_dirs=()))

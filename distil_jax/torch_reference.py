@@ -112,7 +112,7 @@ def step_record(args, steps: int) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad()
-        return float(loss)
+        return float(loss.detach())
 
     one()  # warm-up
     times = []

@@ -1,0 +1,71 @@
+"""`python -m distil_jax.bench`: every subcommand runs on a tiny shape and prints valid JSON
+with every field, and its numbers are consistent with each other."""
+
+import json
+import math
+
+import pytest
+
+from distil_jax import bench
+
+TINY = ["--teacher_layers", "2", "--student_layers", "1", "--hidden", "32", "--heads", "4", "--ffn", "64",
+        "--vocab", "256", "--batch", "8", "--seq", "16", "--steps", "2"]
+
+
+def _records(capsys, argv):
+    bench.main(argv)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]
+
+
+def _finite_positive(record, *keys):
+    for key in keys:
+        value = record[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+
+
+@pytest.mark.parametrize("extra", [[], ["--accumulation", "2", "--accumulate", "scan", "--loss_chunk", "8",
+                                        "--restrict_ce_to_mask", "--remat", "dots"]])
+def test_bench_train_reports_every_field(capsys, extra):
+    (r,) = _records(capsys, ["train", *TINY, "--matmul", "--matmul_size", "256", "--peak_tflops", "1.0", *extra])
+    assert r["bench"] == "train" and r["batch"] == 8 and r["seq"] == 16
+    _finite_positive(r, "compile_s", "step_s", "tokens_per_s", "sequences_per_s", "model_tflops_per_device",
+                     "mfu", "matmul_tflops", "fraction_of_matmul", "xla_temp_gb", "process_peak_rss_gb")
+    per_call = 2 if extra else 1
+    assert r["micro_batches_per_call"] == per_call
+    assert r["tokens_per_s"] == pytest.approx(per_call * 8 * 16 / r["step_s"])
+    assert r["sequences_per_s"] == pytest.approx(r["tokens_per_s"] / 16)
+    assert r["mfu"] == pytest.approx(r["model_tflops_per_device"] / 1.0)
+    assert r["fraction_of_matmul"] == pytest.approx(r["model_tflops_per_device"] / r["matmul_tflops"])
+    assert "device_peak_gb" in r  # None on CPU, bytes on GPU/TPU
+
+
+def test_bench_infer_student_is_smaller_and_reports_speedups(capsys):
+    (r,) = _records(capsys, ["infer", *TINY, "--latency_seq", "16", "--throughput_batch", "8"])
+    _finite_positive(r, "teacher_latency_ms", "student_latency_ms", "teacher_throughput_sequences_per_s",
+                     "student_throughput_sequences_per_s", "latency_speedup", "throughput_speedup")
+    assert r["student_params"] < r["teacher_params"]
+    assert r["latency_speedup"] == pytest.approx(r["teacher_latency_ms"] / r["student_latency_ms"])
+
+
+def test_bench_matmul(capsys):
+    (r,) = _records(capsys, ["matmul", "--size", "256", "--steps", "2"])
+    _finite_positive(r, "seconds", "tflops")
+    assert r["tflops"] == pytest.approx(2 * 256 ** 3 / r["seconds"] / 1e12)
+
+
+def test_bench_compare_runs_the_torch_reference_on_the_same_shape(capsys):
+    ref, ours = _records(capsys, ["compare", *TINY])
+    assert ref["bench"] == "compare/torch" and ours["bench"] == "compare/ours"
+    for key in ("teacher_layers", "student_layers", "hidden", "vocab", "batch", "seq"):
+        assert ref[key] == ours[key], key
+    _finite_positive(ref, "step_s", "tokens_per_s")
+    assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"] / ref["tokens_per_s"])
+
+
+def test_bench_data(capsys):
+    records = {r["bench"]: r for r in _records(
+        capsys, ["data", "--seq_len", "128", "--vocab_size", "2000", "--micro_batch", "8", "--batches", "5"])}
+    assert set(records) == {"data/tokenize", "data/prepare", "data/padding", "data/loader"}
+    _finite_positive(records["data/tokenize"], "tokens_per_s", "documents_per_s")
+    _finite_positive(records["data/loader"], "tokens_per_s", "sequences_per_s")
