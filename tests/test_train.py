@@ -111,6 +111,29 @@ def test_fused_chunked_objective_equals_whole_logits(changes):
     assert float(m_plain["loss"]) > 0
 
 
+def test_bfloat16_compute_keeps_float32_master_params_and_loss():
+    """train.dtype=bfloat16: params and gradients stay float32, the teacher is stored in
+    bf16, the loss is float32 and close to the float32 step's."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny(**{"train.dtype": dtype, "teacher.dtype": dtype})
+        exp = experiment.build(config)
+        obj = train.Objective.from_config(config, exp.vocab)
+        ids = jnp.asarray(np.random.default_rng(0).integers(5, 128, size=(4, 16)), jnp.int32)
+        am = jnp.ones_like(ids)
+        masked, labels, targets = obj.mask(jax.random.key(3), ids, am)
+        params = exp.initial_params()
+        fn = jax.jit(functools.partial(train.loss_and_grads, model=exp.model, teacher=exp.teacher, obj=obj))
+        metrics, grads = fn(params, exp.teacher_params, masked, am, labels, targets, jax.random.key(4))
+        results[dtype] = host(metrics), grads, params, exp.teacher_params
+    m16, g16, p16, t16 = results["bfloat16"]
+    assert {x.dtype for x in jax.tree.leaves(p16)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(g16)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(t16)} == {np.dtype(jnp.bfloat16)}
+    assert m16["loss"].dtype == np.float32 and np.isfinite(m16["loss"])
+    np.testing.assert_allclose(m16["loss"], results["float32"][0]["loss"], rtol=3e-2)
+
+
 def test_train_step_updates_every_k_micro_batches(tmp_path):
     config = tiny(**{"train.steps": 1, "train.batch_size": 48, "train.micro_batch_size": 16,
                      "train.warmup_fraction": 0.0})
