@@ -77,31 +77,46 @@ def project(features, embedding, bias) -> jax.Array:
     return logits + bias.astype(jnp.float32)
 
 
-def _block_sums(s_feat, t_feat, labels, kd_w, mlm_w, s_head, t_head, temperature, with_mse):
-    """Weighted sums over one block of rows of every term that needs [rows, vocab] logits."""
-    s = project(s_feat, *s_head)
+def _block(s_feat, t_feat, labels, kd_w, mlm_w, s_head, t_head, *, temperature, scale):
+    """One block of rows: the weighted sums of every term that needs [rows, V] logits, and the
+    gradient of the weighted loss with respect to the student's features and head.
+
+    `scale` holds each loss's weight divided by its row count (alpha / rows), so the block's
+    gradient is already that of the mean over all blocks. The gradient with respect to
+    the logits is closed-form (softmax minus target): (p - onehot) for the cross-entropy,
+    T (p_T - q_T) for the T^2-scaled KL, 2 (s - t) for the squared error.
+    """
+    emb, bias = s_head
+    s = project(s_feat, emb, bias)
     log_p = jax.nn.log_softmax(s, axis=-1)
+    p = jnp.exp(log_p)
     safe = jnp.clip(labels, 0, s.shape[-1] - 1)
-    ce = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]
+    onehot = jax.nn.one_hot(safe, s.shape[-1], dtype=jnp.float32)
+    ce = -jnp.sum(log_p * onehot, axis=-1)
     s_top = jnp.argmax(s, axis=-1)
     sums = {"loss_mlm": jnp.sum(ce * mlm_w), "mlm_accuracy": jnp.sum((s_top == labels) * mlm_w)}
-    if t_feat is None:
-        return sums
-    t = jax.lax.stop_gradient(project(t_feat, *t_head))
-    log_q_t = jax.nn.log_softmax(t / temperature, axis=-1)
-    log_p_t = log_p if temperature == 1.0 else jax.nn.log_softmax(s / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(log_q_t) * (log_q_t - log_p_t), axis=-1)
-    log_q = log_q_t if temperature == 1.0 else jax.nn.log_softmax(t, axis=-1)
-    kl1 = jnp.sum(jnp.exp(log_q) * (log_q - jax.lax.stop_gradient(log_p)), axis=-1)
-    sums.update(loss_ce=jnp.sum(kl * kd_w) * temperature**2, kl_t1=jnp.sum(kl1 * kd_w),
-                agreement=jnp.sum((s_top == jnp.argmax(t, axis=-1)) * kd_w))
-    if with_mse:
-        sums["loss_mse"] = jnp.sum(jnp.sum(jnp.square(s - t), axis=-1) * kd_w)
-    return sums
+    d_logits = (p - onehot) * (scale["loss_mlm"] * mlm_w)[:, None]
+    if t_feat is not None:
+        t = project(t_feat, *t_head)
+        log_q_t = jax.nn.log_softmax(t / temperature, axis=-1)
+        q_t = jnp.exp(log_q_t)
+        log_p_t = log_p if temperature == 1.0 else jax.nn.log_softmax(s / temperature, axis=-1)
+        kl = jnp.sum(q_t * (log_q_t - log_p_t), axis=-1)
+        log_q = log_q_t if temperature == 1.0 else jax.nn.log_softmax(t, axis=-1)
+        kl1 = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+        sums.update(loss_ce=jnp.sum(kl * kd_w) * temperature**2, kl_t1=jnp.sum(kl1 * kd_w),
+                    agreement=jnp.sum((s_top == jnp.argmax(t, axis=-1)) * kd_w))
+        d_logits += temperature * (jnp.exp(log_p_t) - q_t) * (scale["loss_ce"] * kd_w)[:, None]
+        if "loss_mse" in scale:
+            sums["loss_mse"] = jnp.sum(jnp.sum(jnp.square(s - t), axis=-1) * kd_w)
+            d_logits += 2.0 * (s - t) * (scale["loss_mse"] * kd_w)[:, None]
+    d_feat = jnp.einsum("nv,vd->nd", d_logits, emb.astype(jnp.float32)).astype(s_feat.dtype)
+    d_emb = jnp.einsum("nv,nd->vd", d_logits, s_feat.astype(jnp.float32))
+    return sums, (d_feat, d_emb, jnp.sum(d_logits, axis=0))
 
 
 def vocab_terms(s_feat, s_head, labels, mlm_weights, t_feat=None, t_head=None, kd_weights=None,
-                temperature: float = 1.0, chunk: int = 0, with_mse: bool = False):
+                temperature: float = 1.0, chunk: int = 0, alphas=None):
     """The losses that need logits, from head features, never holding more than chunk x V of them.
 
     s_feat / t_feat: [N, D] student / teacher features before the tied projection
@@ -110,31 +125,65 @@ def vocab_terms(s_feat, s_head, labels, mlm_weights, t_feat=None, t_head=None, k
     `kd_weights` the rows of the KL (loss_ce, times T^2), loss_mse, kl_t1 (KL at T=1,
     a metric) and agreement (teacher-student top-1). Each term is the mean over its
     rows, exactly as `kd_loss`, `mlm_loss`, `mse_loss` and `accuracy` compute it on
-    whole logits. With `chunk` > 0 the rows go through a scan in blocks of `chunk` and
-    each block is rematerialised in the backward pass, so peak memory grows with the
-    chunk, not with N x V; 0 projects all rows at once.
+    whole logits.
+
+    Returns (loss, terms): loss = sum of alphas[k] * terms[k] (alphas default to 1 for
+    loss_mlm and loss_ce) carries the gradient with respect to s_feat and s_head; terms
+    are constants (metrics). The rows go through a scan in blocks of `chunk` (0: one
+    block) that computes each block's logits once, the terms, and the gradient at the
+    same time (`_block`), so no [N, V] array exists in the forward or the backward pass
+    and nothing is recomputed: peak memory grows with the chunk, not with N x V.
     """
     n = s_feat.shape[0]
-    f32 = lambda w: w.astype(jnp.float32)  # noqa: E731
-    mlm_w = f32(mlm_weights)
-    kd_w = f32(kd_weights) if t_feat is not None else None
-    block = functools.partial(_block_sums, s_head=s_head, t_head=t_head, temperature=temperature,
-                              with_mse=with_mse)
-    if chunk <= 0 or chunk >= n:
-        sums = block(s_feat, t_feat, labels, kd_w, mlm_w)
-    else:
-        pad = -n % chunk
-        rows = lambda x: None if x is None else jnp.pad(  # noqa: E731
-            x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
-        xs = tuple(rows(x) for x in (s_feat, t_feat, labels, kd_w, mlm_w))
+    has_teacher = t_feat is not None
+    alphas = dict(alphas or {"loss_mlm": 1.0, **({"loss_ce": 1.0} if has_teacher else {})})
+    mlm_w = mlm_weights.astype(jnp.float32)
+    kd_w = kd_weights.astype(jnp.float32) if has_teacher else jnp.zeros_like(mlm_w)
+    counts = {"mlm": jnp.maximum(jnp.sum(mlm_w), 1.0), "kd": jnp.maximum(jnp.sum(kd_w), 1.0)}
+    per = lambda k: counts["mlm" if k in ("loss_mlm", "mlm_accuracy") else "kd"]  # noqa: E731
+    scale = {k: a / per(k) for k, a in alphas.items() if k in ("loss_mlm", "loss_ce", "loss_mse")}
+    scale.setdefault("loss_mlm", 0.0)
+    if has_teacher:
+        scale.setdefault("loss_ce", 0.0)
+    block = functools.partial(_block, temperature=temperature, scale=scale)
 
-        def body(acc, x):
-            out = jax.checkpoint(block, prevent_cse=False)(*x)
-            return jax.tree.map(jnp.add, acc, out), None
+    @jax.custom_vjp
+    def loss_fn(feat, head):
+        return forward(feat, head)[0]
 
-        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                            jax.eval_shape(block, *(None if x is None else x[0] for x in xs)))
-        sums, _ = jax.lax.scan(body, zero, xs)
-    counts = {"mlm": jnp.maximum(jnp.sum(mlm_w), 1.0),
-              "kd": None if kd_w is None else jnp.maximum(jnp.sum(kd_w), 1.0)}
-    return {k: v / counts["mlm" if k in ("loss_mlm", "mlm_accuracy") else "kd"] for k, v in sums.items()}
+    def forward(feat, head):
+        if chunk <= 0 or chunk >= n:
+            sums, grads = block(feat, t_feat, labels, kd_w, mlm_w, head, t_head)
+        else:
+            pad = -n % chunk
+            rows = lambda x: None if x is None else jnp.pad(  # noqa: E731
+                x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+            xs = tuple(rows(x) for x in (feat, t_feat, labels, kd_w, mlm_w))
+
+            def body(acc, x):
+                sums, (d_feat, d_emb, d_bias) = block(*x, head, t_head)
+                acc_sums, acc_emb, acc_bias = acc
+                return (jax.tree.map(jnp.add, acc_sums, sums), acc_emb + d_emb, acc_bias + d_bias), d_feat
+
+            zero_sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+                lambda *x: block(*x, head, t_head)[0], *(None if x is None else x[0] for x in xs)))
+            init = (zero_sums, jnp.zeros(head[0].shape, jnp.float32), jnp.zeros(head[1].shape, jnp.float32))
+            (sums, d_emb, d_bias), d_feat = jax.lax.scan(body, init, xs)
+            grads = (d_feat.reshape(-1, feat.shape[-1])[:n], d_emb, d_bias)
+        terms = {k: v / per(k) for k, v in sums.items()}
+        loss = sum(alphas.get(k, 0.0) * v for k, v in terms.items())
+        return (loss, terms), grads
+
+    def fwd(feat, head):
+        out, grads = forward(feat, head)
+        return out, (grads, head)
+
+    def bwd(res, cotangents):
+        (d_feat, d_emb, d_bias), head = res
+        g = cotangents[0]  # the terms are metrics: their cotangents are ignored
+        return ((g * d_feat).astype(d_feat.dtype),
+                ((g * d_emb).astype(head[0].dtype), (g * d_bias).astype(head[1].dtype)))
+
+    loss_fn.defvjp(fwd, bwd)
+    loss, terms = loss_fn(s_feat, tuple(s_head))
+    return loss, jax.lax.stop_gradient(terms)

@@ -162,14 +162,16 @@ def fused_objective_terms(obj: Objective, s_hidden, s_head, t_hidden, t_head, la
     t_feat, t_proj = None, None
     if ht is not None:
         t_feat, *t_proj = jax.lax.stop_gradient(t_head(ht))
-    terms = losses.vocab_terms(feat, tuple(s_proj), labels_f, mlm_w, t_feat, t_proj, kd_w,
-                               obj.temperature, obj.loss_chunk,
-                               with_mse=bool(obj.alphas.get("loss_mse", 0.0)))
+    vocab_alphas = {k: obj.alphas.get(k, 0.0) for k in ("loss_mlm", "loss_ce", "loss_mse")
+                    if k in obj.alphas and (k == "loss_mlm" or t_feat is not None)}
+    if not obj.alphas.get("loss_mse", 0.0):
+        vocab_alphas.pop("loss_mse", None)
+    loss, terms = losses.vocab_terms(feat, tuple(s_proj), labels_f, mlm_w, t_feat, t_proj, kd_w,
+                                     obj.temperature, obj.loss_chunk, alphas=vocab_alphas)
     if t_hidden is not None:
         terms["loss_cos"] = losses.cosine_loss(s_hidden, jax.lax.stop_gradient(t_hidden), attention_mask)
-    metrics = {k: terms.pop(k) for k in ("mlm_accuracy", "kl_t1", "agreement") if k in terms}
-    loss = sum(obj.alphas.get(k, 0.0) * v for k, v in terms.items())
-    return loss, {**terms, **metrics, "loss": loss}
+        loss = loss + obj.alphas.get("loss_cos", 0.0) * terms["loss_cos"]
+    return loss, {**terms, "loss": loss}
 
 
 def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, targets,
