@@ -179,14 +179,17 @@ def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str =
             "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(), **_machine()}
 
 
-def bench_train(args) -> None:
-    config = shape_config(args)
-    record = train_step_record(config, args.steps, args.peak_tflops)
+def _with_matmul(args, record: dict) -> dict:
+    """--matmul: the matmul rate measured now, and the step's fraction of it."""
     if args.matmul and record["step_s"]:
         mm = matmul_tflops(args.matmul_size)
         record.update(matmul_tflops=mm["tflops"],
                       fraction_of_matmul=record["model_tflops_per_device"] / mm["tflops"])
-    _emit(record)
+    return record
+
+
+def bench_train(args) -> None:
+    _emit(_with_matmul(args, train_step_record(shape_config(args), args.steps, args.peak_tflops)))
 
 
 def bench_infer(args) -> None:
@@ -226,7 +229,7 @@ def bench_compare(args) -> None:
     ref = torch_reference.step_record(args, args.steps)
     ours["speedup_vs_torch"] = ours["tokens_per_s"] / ref["tokens_per_s"]
     _emit(ref)
-    _emit(ours)
+    _emit(_with_matmul(args, ours))
 
 
 def bench_data(args) -> None:
@@ -321,7 +324,7 @@ def main(argv=None) -> None:
                         ("compare", "our train step vs the PyTorch reference step (needs torch)")):
         p = sub.add_parser(name, help=help_)
         _shape_flags(p)
-        if name == "train":
+        if name in ("train", "compare"):
             p.add_argument("--matmul", action="store_true", help="also measure the matmul rate")
             p.add_argument("--matmul_size", type=int, default=4096)
     mm = sub.add_parser("matmul", help="a large jitted matmul: the machine's practical FLOP/s")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every CPU measurement in BENCHMARKS.md, one JSON line each, into OUT (default
+# benchmarks/results/cpu.jsonl). Run on an otherwise idle machine; about 15 minutes on 2 cores.
+#   bash benchmarks/cpu.sh [OUT]
+set -euo pipefail
+out=${1:-benchmarks/results/cpu.jsonl}
+mkdir -p "$(dirname "$out")"
+: > "$out"
+bench() { echo "+ python -m distil_jax.bench $*" >&2; python -m distil_jax.bench "$@" 2>/dev/null | grep '^{' >> "$out"; }
+
+small=(--teacher_layers 4 --student_layers 2 --hidden 256 --heads 4 --ffn 1024 --vocab 8192)
+base=(--teacher_layers 12 --student_layers 6 --hidden 768 --heads 12 --ffn 3072 --vocab 30522)
+
+# The peer: the PyTorch reference step on the same shapes, same process (and the matmul rate).
+bench compare "${small[@]}" --batch 16 --seq 128 --steps 5 --matmul
+bench compare "${base[@]}" --batch 8 --seq 128 --steps 3 --matmul
+# Whole logits vs fused blocks; the plain, unfused objective for reference.
+bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 0
+bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 256
+bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --restrict_ce_to_mask
+bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --remat dots
+# Accumulation: MultiSteps one micro-batch per call vs a scan over the update's micro-batches.
+for mode in multisteps scan; do
+  bench train "${small[@]}" --batch 16 --seq 128 --steps 3 --accumulation 4 --accumulate "$mode"
+done
+# Memory (XLA's compiled temp bytes) against the micro-batch, whole logits vs 512-row blocks.
+for b in 4 8 16 32; do
+  for chunk in 0 512; do
+    bench train "${base[@]}" --batch "$b" --seq 128 --steps 0 --loss_chunk "$chunk"
+  done
+done
+# Inference: the paper's batch-1 latency and a large-batch throughput.
+bench infer "${base[@]}" --latency_seq 128 --throughput_batch 64 --steps 5
+bench matmul --size 4096
