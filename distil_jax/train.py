@@ -55,14 +55,57 @@ def decay_mask(params):
 
 
 def make_optimizer(train_config, total_updates: int):
-    """(MultiSteps(clip -> AdamW), schedule) accumulating to train.batch_size sequences."""
+    """(MultiSteps(skip non-finite(clip -> AdamW)), schedule) accumulating to train.batch_size sequences."""
     t = train_config
     schedule = learning_rate_schedule(t.learning_rate, total_updates, t.warmup_fraction)
     inner = optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                     weight_decay=t.weight_decay, mask=decay_mask))
-    return optax.MultiSteps(inner, every_k_schedule=t.batch_size // t.micro_batch_size), schedule
+    return optax.MultiSteps(skip_non_finite(inner), every_k_schedule=t.batch_size // t.micro_batch_size), schedule
+
+
+# --- non-finite updates ----------------------------------------------------------------
+# The skip acts on whole updates: the accumulated gradient of an update is NaN or inf as
+# soon as one of its micro-batches is, and then neither params nor AdamW's moments move.
+# MultiSteps still counts the update (the schedule goes on) and starts a new accumulation.
+# The loop stops the run after train.max_consecutive_skips skipped updates in a row.
+def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner`, whose non-finite updates are dropped and counted, however many in a row.
+
+    optax.apply_if_finite with an unreachable limit: past its limit it would apply them."""
+    return optax.apply_if_finite(inner, max_consecutive_errors=np.iinfo(np.int32).max)
+
+
+def skip_counts(opt_state: optax.MultiStepsState):
+    """(skipped updates in all, skipped in a row up to now) from the optimizer state."""
+    guard = opt_state.inner_opt_state
+    return guard.total_notfinite, guard.notfinite_count
+
+
+def clear_accumulator(opt_state: optax.MultiStepsState) -> optax.MultiStepsState:
+    """Zero the accumulator after an update: MultiSteps resets it as 0 * acc, which keeps a NaN."""
+    fresh = opt_state.mini_step == 0
+    acc = jax.tree.map(lambda a: jnp.where(fresh, jnp.zeros_like(a), a), opt_state.acc_grads)
+    return opt_state._replace(acc_grads=acc)
+
+
+def inject_nan(grads, metrics, poison):
+    """Test hook (debug.nan_at_updates): NaN loss and gradients where `poison` is true."""
+    factor = jnp.where(poison, jnp.nan, 1.0)
+    grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+    return grads, {**metrics, "loss": metrics["loss"] * factor}
+
+
+def finite_metrics(metrics):
+    """(metrics with a non-finite micro-batch's values zeroed, 1.0 if they were all finite)."""
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+    return jax.tree.map(lambda v: jnp.where(ok, v, jnp.zeros_like(v)), metrics), ok.astype(jnp.float32)
+
+
+def tree_all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
 # --- the objective ------------------------------------------------------------------
@@ -135,7 +178,7 @@ def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, t
 
 
 def train_step(state: TrainState, teacher_params, batch, *, model, teacher, tx, schedule,
-               obj: Objective, accumulation: int):
+               obj: Objective, accumulation: int, nan_at_updates: tuple = ()):
     """One micro-batch: mask, teacher forward, student forward/backward, MultiSteps update."""
     rng = jax.random.fold_in(state.rng, state.step)
     mask_rng, dropout_rng = jax.random.split(rng)
@@ -144,31 +187,40 @@ def train_step(state: TrainState, teacher_params, batch, *, model, teacher, tx, 
     metrics, grads = loss_and_grads(state.params, teacher_params, masked, am, labels, targets,
                                     dropout_rng, model=model, teacher=teacher, obj=obj)
     opt = state.opt_state
-    emit = (opt.mini_step == accumulation - 1).astype(jnp.float32)  # this call applies an update
+    if nan_at_updates:
+        poison = jnp.isin(opt.gradient_step + 1, jnp.asarray(nan_at_updates))
+        grads, metrics = inject_nan(grads, metrics, poison)
+    metrics, finite = finite_metrics(metrics)
+    emit = (opt.mini_step == accumulation - 1).astype(jnp.float32)  # this call ends an update
     # MultiSteps keeps the running mean of the micro-batch gradients; its value at the
     # last micro-batch is the gradient of the update, whose norm is worth watching.
     mean_grads = jax.tree.map(lambda a, g: a + (g.astype(a.dtype) - a) / (opt.mini_step + 1),
                               opt.acc_grads, grads)
-    metrics.update(grad_norm=emit * optax.tree.norm(mean_grads),
-                   lr=emit * schedule(opt.gradient_step), updates=emit, micro_steps=1.0,
-                   real_tokens=jnp.sum(am).astype(jnp.float32),
-                   targets=jnp.sum(targets).astype(jnp.float32))
     updates, new_opt = tx.update(grads, opt, state.params)
+    new_opt = clear_accumulator(new_opt)
+    skipped = (skip_counts(new_opt)[0] - skip_counts(opt)[0]).astype(jnp.float32)
+    applied = emit * (1.0 - skipped)
+    metrics.update(grad_norm=jnp.where(applied > 0, optax.tree.norm(mean_grads), 0.0),
+                   lr=applied * schedule(opt.gradient_step), updates=applied, skipped_updates=skipped,
+                   micro_steps=finite, real_tokens=jnp.sum(am).astype(jnp.float32),
+                   targets=jnp.sum(targets).astype(jnp.float32))
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
 
 
 # --- metrics over a logging window ----------------------------------------------------
 _PER_UPDATE = ("grad_norm", "lr")
-_COUNTS = ("updates", "micro_steps", "real_tokens", "targets")
+_COUNTS = ("updates", "skipped_updates", "micro_steps", "real_tokens", "targets")
 
 
 def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequences: int,
                    num_devices: int, peak_tflops: Optional[float]) -> Dict[str, float]:
     """Means of a window's summed step metrics, plus throughput (model FLOPs per device)."""
-    micro, updates = sums["micro_steps"], max(sums["updates"], 1.0)
-    out = {k: v / micro for k, v in sums.items() if k not in _PER_UPDATE + _COUNTS}
+    micro, updates = sums["micro_steps"], max(sums["updates"], 1.0)  # finite ones, applied ones
+    out = {k: v / micro if micro else None for k, v in sums.items() if k not in _PER_UPDATE + _COUNTS}
     out.update({k: sums[k] / updates for k in _PER_UPDATE})
+    out["skipped_updates"] = sums["skipped_updates"]
+    updates = max(sums["updates"] + sums["skipped_updates"], 1.0)
     tflops = flops / seconds / 1e12 / num_devices
     out.update(tokens_per_s=sums["real_tokens"] / seconds, sequences_per_s=sequences / seconds,
                step_time_s=seconds / updates, tflops_per_device=tflops,
@@ -176,11 +228,22 @@ def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequenc
     return out
 
 
-def check_finite(metrics: Dict[str, float], step: int, last_checkpoint: Optional[int]) -> None:
-    if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"non-finite loss ({metrics['loss']}) at update {step}; nothing after the last "
-            f"checkpoint ({last_checkpoint}) is kept. Lower train.learning_rate or check the data")
+class NonFiniteError(FloatingPointError):
+    """Too many non-finite updates in a row, or a non-finite state about to be saved."""
+
+
+def check_skips(consecutive: int, limit: int, update: int, last_checkpoint: Optional[int],
+                directory: str) -> None:
+    if consecutive >= limit:
+        raise NonFiniteError(
+            f"{consecutive} updates in a row (the last at update {update}) had a non-finite loss "
+            f"or gradients and were skipped (train.max_consecutive_skips={limit}); stopping. "
+            f"Last checkpoint: {_describe_checkpoint(last_checkpoint, directory)}. Lower "
+            "train.learning_rate or check the data, then run the same command to resume")
+
+
+def _describe_checkpoint(step: Optional[int], directory: str) -> str:
+    return "none" if step is None else f"micro-step {step} in {directory}"
 
 
 def add_metrics(acc, metrics):
@@ -226,7 +289,7 @@ def make_run(config, workdir: str, split: str = "train") -> Run:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, state_sh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
-                        config.checkpoint.async_save)
+                        config.checkpoint.async_save, config.checkpoint.on_save_error)
     return Run(exp, tx, schedule, Objective.from_config(config, exp.vocab), state_sh, abstract, ckpt,
                create)
 
@@ -249,13 +312,14 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     """
     run = make_run(config, workdir)
     exp, ckpt = run.exp, run.checkpointer
-    state, last_ckpt = restore_or_init(run)
+    state, _ = restore_or_init(run)
     mesh, accum, total_updates = exp.mesh, exp.accumulation, exp.total_updates
     replicated = parallel.replicated(mesh)
 
     def step_fn(state, teacher_params, batch):
         return train_step(state, teacher_params, batch, model=exp.model, teacher=exp.teacher,
-                          tx=run.tx, schedule=run.schedule, obj=run.objective, accumulation=accum)
+                          tx=run.tx, schedule=run.schedule, obj=run.objective, accumulation=accum,
+                          nan_at_updates=tuple(config.debug.nan_at_updates))
 
     batch_sh = {"input_ids": parallel.batch_sharding(mesh), "attention_mask": parallel.batch_sharding(mesh)}
     jitted = jit_train_step(step_wrapper(step_fn), run.state_shardings, exp.teacher_shardings,
@@ -269,11 +333,22 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     window, flops, sequences, last = None, 0.0, 0, {}
     window_start = time.perf_counter()
     stopped_by = None
+    all_finite = jax.jit(tree_all_finite)
 
     def save(force=False):
-        nonlocal last_ckpt
-        if ckpt.save(micro, state, exp.train_data.get_state(), exp.meta(), force=force):
-            last_ckpt = micro
+        if not bool(all_finite(state)):  # never a non-finite state in a checkpoint
+            ckpt.wait()
+            raise NonFiniteError(
+                f"the train state at micro-step {micro} is not finite; it was not saved. Last "
+                f"checkpoint: {_describe_checkpoint(ckpt.last_saved(), ckpt.directory)}")
+        ckpt.save(micro, state, exp.train_data.get_state(), exp.meta(), force=force)
+
+    def stop_after_skips(consecutive, update):
+        if consecutive >= config.train.max_consecutive_skips:
+            ckpt.wait()  # the last checkpoint is complete before the run stops
+            writer.close()
+            check_skips(consecutive, config.train.max_consecutive_skips, update, ckpt.last_saved(),
+                        ckpt.directory)
 
     with PreemptionFlag() as stop:
         while micro < total_updates * accum:
@@ -289,13 +364,18 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
                 update = micro // accum
                 writer.advance()
                 is_last = update == total_updates
-                if update % config.train.log_every == 0 or is_last or update % config.checkpoint.every_steps == 0:
+                # One host sync per update, so that a run of NaNs stops where it happens.
+                skipped_total, consecutive = (int(x) for x in jax.device_get(skip_counts(state.opt_state)))
+                too_many = consecutive >= config.train.max_consecutive_skips
+                if (update % config.train.log_every == 0 or is_last or too_many
+                        or update % config.checkpoint.every_steps == 0):
                     sums = {k: float(v) for k, v in jax.device_get(window).items()}
                     last = window_summary(sums, time.perf_counter() - window_start, flops, sequences,
                                           jax.device_count(), peak)
-                    check_finite(last, update, last_ckpt)
+                    last.update(skipped_updates_total=skipped_total, consecutive_skips=consecutive)
                     writer.write(update, last)
                     window, flops, sequences, window_start = None, 0.0, 0, time.perf_counter()
+                stop_after_skips(consecutive, update)
                 if update % config.checkpoint.every_steps == 0 or is_last:
                     save()
             if stop:
@@ -308,7 +388,7 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
                 break
     ckpt.wait()
     writer.close()
-    return {"update": micro // accum, "micro_step": micro, "last_checkpoint": last_ckpt,
+    return {"update": micro // accum, "micro_step": micro, "last_checkpoint": ckpt.last_saved(),
             "stopped_by": stopped_by, "metrics": last, "state": state,
             "teacher_params": exp.teacher_params}
 
