@@ -173,6 +173,10 @@ def test_distillation_never_changes_the_teacher(tmp_path):
     assert params_fingerprint(used) == params_fingerprint(experiment.build(config).teacher_params)
     meta = json.loads((tmp_path / "checkpoints" / "8" / "meta" / "metadata").read_text())
     assert meta["teacher"]["fingerprint"] == params_fingerprint(used)  # recorded, never saved
+    from distil_jax.checkpoint import Checkpointer
+    saved, _ = Checkpointer(str(tmp_path / "checkpoints"), keep=3).restore(8)
+    shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
+    assert shapes(saved["params"]) == shapes(host(result["state"].params))  # the student's tensors only
     assert result["metrics"]["loss_ce"] >= 0 and np.isfinite(result["metrics"]["loss"])
     for name in ("metrics.jsonl",):
         assert (tmp_path / name).exists()
