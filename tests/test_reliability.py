@@ -27,12 +27,20 @@ KILL_FLAGS = [f"--config.train.steps={UPDATES}", "--config.train.log_every=1",
               "--config.data.synthetic.num_sequences=128"]
 
 
-def _start(workdir, cache_dir, log):
+def _env(cache_dir):
     # One device and a persistent compilation cache shared by every start: a restart
     # loads the step instead of compiling it again.
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _start(workdir, cache_dir, log):
+    env = _env(cache_dir)
     return subprocess.Popen(
         [sys.executable, "-m", "distil_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
          *KILL_FLAGS], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -73,8 +81,8 @@ def _records(workdir):
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().split("\n")[:-1]]
 
 
-def test_sigkill_at_random_moments_loses_nothing(tmp_path):
-    cache = tmp_path / "jax_cache"
+def test_sigkill_at_random_moments_loses_nothing(tmp_path, jax_cache):
+    cache = jax_cache
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight_log = open(tmp_path / "straight.log", "w")
     straight = _start(straight_dir, cache, straight_log)  # runs beside the killed ones
@@ -170,12 +178,12 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.parametrize("policy", ["stop", "retry"])
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, policy):
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, policy, jax_cache):
     # 2 micro-batches per update, a checkpoint every 2 updates: micro-steps 4, 8, 12.
     code = FAILING_SAVE.format(tests=os.path.dirname(__file__), fail_at=8, policy=policy,
                                keep=1 if policy == "stop" else 3, workdir=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT))
+                          timeout=600, env=_env(jax_cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6:])
     assert not [n for n in out["left"] if TMP_SUFFIX in n], out["left"]  # nothing half-written stays
