@@ -3,15 +3,24 @@
 One composite item per step: `state` (student params, optimizer state with the
 MultiSteps accumulator, step, rng), `data` (the iterator's state, JSON) and `meta`
 (mode, model shapes, the teacher's path and fingerprint, the config). The teacher's
-params are never saved. Orbax writes into a temporary directory and renames it when
-complete, so a half-written checkpoint is never listed; one that is listed but cannot
-be read is skipped for the next older one.
+params are never saved.
+
+Nothing half-written is taken for a checkpoint: orbax (0.12) writes step N into
+`N.orbax-checkpoint-tmp`, writes `commit_success.txt` and then renames the directory
+to `N`, and lists only directories named by a bare step number. A directory left over
+by a killed process is removed when the next run opens the manager
+(`cleanup_tmp_directories`); one that is listed but cannot be read is skipped for the
+next older one. A save that fails (disk full, permissions) leaves the older checkpoints
+as they were, removes its own temporary directory and either stops the run or, with
+`checkpoint.on_save_error="retry"`, is tried again at the next checkpoint step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import signal
 import threading
 from typing import Any, Dict, Optional, Tuple
@@ -24,6 +33,10 @@ from absl import logging
 
 class CheckpointMismatch(ValueError):
     """The workdir holds a checkpoint of another run or another model shape."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission, ...)."""
 
 
 def params_fingerprint(params) -> str:
@@ -43,27 +56,75 @@ def _shapes(tree) -> Dict[str, Tuple[int, ...]]:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int, async_save: bool = True):
+    """Saves and restores; `on_save_error` is "stop" (raise CheckpointSaveError) or "retry"."""
+
+    def __init__(self, directory: str, keep: int, async_save: bool = True, on_save_error: str = "stop"):
         self.directory = os.path.abspath(directory)
+        self.on_save_error = on_save_error
+        self.failed_saves = 0
+        self._pending: Optional[int] = None  # step of the save that may still be running
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": ocp.JsonCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
 
     def all_steps(self):
-        return sorted(self._manager.all_steps())
+        """Steps of the complete (renamed) checkpoints on disk.
+
+        Read from the directory: the manager's own list may name a save that failed."""
+        return sorted(ocp.path.step.checkpoint_steps(self.directory))
 
     def save(self, step: int, state, data_state: Dict[str, Any], meta: Dict[str, Any],
              force: bool = False) -> bool:
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        """Start saving `step` (async); False when it was not started or a save failed under "retry".
+
+        A failure of the previous async save surfaces here, before this one starts."""
+        self._finish_pending(fatal=False)
+        try:
+            started = self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:  # noqa: BLE001 - any write failure; the cause is in the message
+            self._failed(step, e, fatal=False)
+            return False
+        if started:
+            self._pending = step
+        return started
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Wait for the running save; its failure stops the run whatever `on_save_error` says."""
+        self._finish_pending(fatal=True)
+
+    def last_saved(self) -> Optional[int]:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _finish_pending(self, fatal: bool) -> None:
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._failed(self._pending, e, fatal)
+        finally:
+            self._pending = None
+
+    def _failed(self, step: Optional[int], error: Exception, fatal: bool) -> None:
+        """Remove what the failed save left, then stop (raise) or log and go on ("retry")."""
+        self.failed_saves += 1
+        for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+            if step is not None and name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        previous = [s for s in self.all_steps() if s != step]
+        kept = (f"checkpoint {previous[-1]} is intact and the same command resumes from it"
+                if previous else "there is no earlier checkpoint")
+        message = (f"could not write checkpoint {step} in {self.directory} ({_describe(error)}); "
+                   f"{kept}. Free disk space or make the directory writable")
+        if fatal or self.on_save_error != "retry":
+            raise CheckpointSaveError(message) from error
+        logging.warning("%s; training goes on and saves again at the next checkpoint step", message)
 
     def close(self) -> None:
         self._manager.close()
@@ -95,6 +156,12 @@ class Checkpointer:
                 f"{where} holds a model of another shape; tensors that differ: "
                 + "; ".join(diffs[:10]) + more + ". Use the config it was trained with, or another --workdir")
 
+    def restore(self, step: int, abstract_state=None):
+        """(state, data_state) of checkpoint `step`; without `abstract_state`, as saved."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+
     def restore_latest(self, abstract_state, expected_meta: Dict[str, Any]):
         """(state, data_state, step) of the newest readable checkpoint, or None if there is none."""
         steps = self.all_steps()
@@ -104,8 +171,7 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 self.check_compatible(step, abstract_state, expected_meta)
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                state, data = self.restore(step, abstract_state)
             except CheckpointMismatch:
                 raise
             except Exception as e:  # noqa: BLE001 - corrupt or truncated files
@@ -113,10 +179,20 @@ class Checkpointer:
                                 step, self.directory, type(e).__name__, e)
                 errors.append(f"{step}: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            return restored["state"], restored["data"], step
+            return state, data, step
         raise CheckpointMismatch(
             f"no checkpoint in {self.directory} can be read ({'; '.join(errors)}). "
             "Nothing was deleted; move the directory away to start afresh")
+
+
+def _describe(error: Exception) -> str:
+    """The operating system's reason first (tensorstore puts it at the end of a long message)."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    code = getattr(error, "errno", None)
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    code = code or (int(found.group(1)) if found else None)
+    brief = f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+    return f"{os.strerror(code)}, errno {code}; {brief}" if code else brief
 
 
 class PreemptionFlag:

@@ -83,8 +83,15 @@ def defaults() -> ml_collections.ConfigDict:
         # keeps). attention: "" (XLA) or "cudnn" (flash attention on GPU, bf16).
         # accumulate: "scan" (all micro-batches of an update in one jitted call, one
         # optimizer step) or "multisteps" (one call per micro-batch, optax.MultiSteps).
-        loss_chunk=4096, remat="none", attention="", accumulate="multisteps"))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+        loss_chunk=4096, remat="none", attention="", accumulate="multisteps",
+        # An update whose loss or gradients are not finite is skipped (and counted in
+        # metrics.jsonl); this many in a row stop the run.
+        max_consecutive_skips=10))
+    # on_save_error: "stop" (the previous checkpoint stays; the same command resumes from
+    # it) or "retry" (keep training, try again at the next checkpoint step; a failed
+    # final save still stops the run).
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True,
+                                                  on_save_error="stop"))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
     c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, hf_dirs=()))
     # The embedded demo's stages (mode "demo", distil_jax/demo.py).
@@ -93,6 +100,9 @@ def defaults() -> ml_collections.ConfigDict:
         student_learning_rate=5e-4, mlm_only_baseline=True, finetune_epochs=3,
         finetune_learning_rate=2e-4, finetune_classes=6, finetune_max_len=64, inference_batches=8))
     c.export = ml_collections.ConfigDict(dict(dir=""))
+    # Test hooks, never set in a real run: the micro-batches of these updates (1-based)
+    # get a NaN loss and NaN gradients.
+    c.debug = ml_collections.ConfigDict(dict(nan_at_updates=()))
     return c
 
 
@@ -122,6 +132,30 @@ def _unknown_keys(config, schema, prefix="") -> List[str]:
     return problems
 
 
+_OPEN = ("model", "sources")  # free-form groups, checked where they are used
+
+
+def _type_problems(config, schema, prefix="") -> List[str]:
+    """Values whose type is not the schema's (an int is a float too; lists pass as tuples)."""
+    problems = []
+    for key in config.keys():
+        if key not in schema or key in _OPEN:
+            continue
+        value, default, name = config[key], schema[key], prefix + key
+        if isinstance(default, ml_collections.ConfigDict):
+            if isinstance(value, ml_collections.ConfigDict):
+                problems += _type_problems(value, default, name + ".")
+            continue
+        want = type(default)
+        ok = (isinstance(value, (list, tuple)) if want is tuple else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+              isinstance(value, want) and (want is bool or not isinstance(value, bool)))
+        if not ok:
+            problems.append(f"{name} must be {want.__name__} (like its default {default!r}), "
+                            f"got {type(value).__name__} {value!r}")
+    return problems
+
+
 def teacher_config_of(config) -> EncoderConfig:
     """The teacher's architecture: its config.json when a directory is given, else teacher.model."""
     path = config.teacher.path
@@ -134,8 +168,9 @@ def teacher_config_of(config) -> EncoderConfig:
 
 def validate(config, num_devices: Optional[int] = None, teacher: Optional[EncoderConfig] = None) -> None:
     """Raise ConfigError listing every problem of `config` (nothing is loaded or compiled)."""
-    problems = _unknown_keys(config, defaults())
-    if problems:  # the rest would only trip over the same keys
+    schema = defaults()
+    problems = _unknown_keys(config, schema) + _type_problems(config, schema)
+    if problems:  # the rest would only trip over the same keys or values
         raise ConfigError(_message(problems))
     c = config
     if c.mode not in MODES:
@@ -196,6 +231,12 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
             problems.append(f"data.sources.{name}.weight must be >= 0")
     if c.checkpoint.every_steps <= 0 or c.checkpoint.keep <= 0:
         problems.append("checkpoint.every_steps and checkpoint.keep must be positive")
+    if c.checkpoint.on_save_error not in ("stop", "retry"):
+        problems.append(f"checkpoint.on_save_error {c.checkpoint.on_save_error!r} is not 'stop' or 'retry'")
+    if t.max_consecutive_skips < 1:
+        problems.append(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+    if any(not isinstance(u, int) or u < 1 for u in c.debug.nan_at_updates):
+        problems.append(f"debug.nan_at_updates {tuple(c.debug.nan_at_updates)} must be update numbers >= 1")
 
     problems += _mesh_problems(c, num_devices)
     if teacher is None:

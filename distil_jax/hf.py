@@ -236,7 +236,14 @@ def resolve_model_dir(name_or_path: str) -> str:
 
 def read_state_dict(model_dir: str) -> Dict[str, np.ndarray]:
     """All tensors of a HF checkpoint: model.safetensors (single or sharded) or pytorch_model.bin."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file as _load_file
+
+    def load_file(path):
+        try:
+            return _load_file(path)
+        except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
+                             "by an interrupted download: download it again") from None
     single = os.path.join(model_dir, "model.safetensors")
     index = os.path.join(model_dir, "model.safetensors.index.json")
     legacy = os.path.join(model_dir, "pytorch_model.bin")

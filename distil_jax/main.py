@@ -40,12 +40,13 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from distil_jax.checkpoint import CheckpointMismatch
+    from distil_jax.checkpoint import CheckpointMismatch, CheckpointSaveError
     from distil_jax.config import ConfigError
     from distil_jax.data.sources import DataError
+    from distil_jax.train import NonFiniteError
     try:
         result = run(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DataError, CheckpointMismatch) as e:
+    except (ConfigError, DataError, CheckpointMismatch, CheckpointSaveError, NonFiniteError) as e:
         raise SystemExit(f"error: {e}") from None
     logging.info("%s: %s", FLAGS.config.mode, result)
     print(json.dumps(result, indent=2, default=str))

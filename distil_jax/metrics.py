@@ -51,11 +51,19 @@ def device_peak_tflops(override: float = 0.0) -> Optional[float]:
     return None
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of a complete record; None for a blank line or one torn by a kill."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else None
+    except ValueError:
+        return None
+
+
 def _drop_records_after(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)

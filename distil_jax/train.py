@@ -56,12 +56,13 @@ def decay_mask(params):
 
 
 def make_optimizer(train_config, total_updates: int):
-    """(optimizer, schedule): clip -> AdamW, accumulating to train.batch_size sequences.
+    """(optimizer, schedule): clip -> AdamW, accumulating to train.batch_size sequences, with
+    non-finite updates skipped and counted (`skip_non_finite`).
 
     accumulate="multisteps": `optax.MultiSteps` sees one micro-batch per call and
     applies the mean gradient every `batch_size / micro_batch_size` calls.
-    accumulate="scan": the bare clip -> AdamW; `accumulated_train_step` averages the
-    micro-batch gradients itself in one call and applies them once.
+    accumulate="scan": no MultiSteps; `accumulated_train_step` averages the micro-batch
+    gradients itself in one call and applies them once.
     """
     t = train_config
     schedule = learning_rate_schedule(t.learning_rate, total_updates, t.warmup_fraction)
@@ -69,9 +70,53 @@ def make_optimizer(train_config, total_updates: int):
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                     weight_decay=t.weight_decay, mask=decay_mask))
+    guarded = skip_non_finite(inner)
     if t.get("accumulate", "multisteps") == "scan":
-        return inner, schedule
-    return optax.MultiSteps(inner, every_k_schedule=t.batch_size // t.micro_batch_size), schedule
+        return guarded, schedule
+    return optax.MultiSteps(guarded, every_k_schedule=t.batch_size // t.micro_batch_size), schedule
+
+
+# --- non-finite updates ----------------------------------------------------------------
+# The skip acts on whole updates: the accumulated gradient of an update is NaN or inf as
+# soon as one of its micro-batches is, and then neither params nor AdamW's moments move.
+# MultiSteps still counts the update (the schedule goes on) and starts a new accumulation.
+# The loop stops the run after train.max_consecutive_skips skipped updates in a row.
+def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner`, whose non-finite updates are dropped and counted, however many in a row.
+
+    optax.apply_if_finite with an unreachable limit: past its limit it would apply them."""
+    return optax.apply_if_finite(inner, max_consecutive_errors=np.iinfo(np.int32).max)
+
+
+def skip_counts(opt_state):
+    """(skipped updates in all, skipped in a row up to now) from the optimizer state."""
+    guard = opt_state.inner_opt_state if isinstance(opt_state, optax.MultiStepsState) else opt_state
+    return guard.total_notfinite, guard.notfinite_count
+
+
+def clear_accumulator(opt_state: optax.MultiStepsState) -> optax.MultiStepsState:
+    """Zero the accumulator after an update: MultiSteps resets it as 0 * acc, which keeps a NaN."""
+    fresh = opt_state.mini_step == 0
+    acc = jax.tree.map(lambda a: jnp.where(fresh, jnp.zeros_like(a), a), opt_state.acc_grads)
+    return opt_state._replace(acc_grads=acc)
+
+
+def inject_nan(grads, metrics, poison):
+    """Test hook (debug.nan_at_updates): NaN loss and gradients where `poison` is true."""
+    factor = jnp.where(poison, jnp.nan, 1.0)
+    grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+    return grads, {**metrics, "loss": metrics["loss"] * factor}
+
+
+def finite_metrics(metrics):
+    """(metrics with a non-finite micro-batch's values zeroed, 1.0 if they were all finite)."""
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+    return jax.tree.map(lambda v: jnp.where(ok, v, jnp.zeros_like(v)), metrics), ok.astype(jnp.float32)
+
+
+def tree_all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
 # --- the objective ------------------------------------------------------------------
@@ -199,75 +244,100 @@ def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, t
     return metrics, grads
 
 
-def _micro_step_metrics(state_rng, step, batch, params, teacher_params, *, model, teacher,
-                        obj: Objective):
-    """Mask with fold_in(rng, step), then loss and gradients of one micro-batch."""
+def _micro_step(state_rng, step, batch, params, teacher_params, *, model, teacher, obj: Objective,
+                poison=None):
+    """Mask with fold_in(rng, step), then loss and gradients of one micro-batch.
+
+    Returns (metrics, grads, counts): a non-finite micro-batch's metrics are zeroed and
+    `micro_steps` (0 or 1) says which were finite; `poison` is the NaN test hook.
+    """
     rng = jax.random.fold_in(state_rng, step)
     mask_rng, dropout_rng = jax.random.split(rng)
     am = batch["attention_mask"]
     masked, labels, targets = obj.mask(mask_rng, batch["input_ids"], am)
     metrics, grads = loss_and_grads(params, teacher_params, masked, am, labels, targets,
                                     dropout_rng, model=model, teacher=teacher, obj=obj)
-    metrics.update(micro_steps=1.0, real_tokens=jnp.sum(am).astype(jnp.float32),
-                   targets=jnp.sum(targets).astype(jnp.float32))
-    return metrics, grads
+    if poison is not None:
+        grads, metrics = inject_nan(grads, metrics, poison)
+    metrics, finite = finite_metrics(metrics)
+    counts = {"micro_steps": finite, "real_tokens": jnp.sum(am).astype(jnp.float32),
+              "targets": jnp.sum(targets).astype(jnp.float32)}
+    return metrics, grads, counts
+
+
+def _poison(update_index, nan_at_updates: tuple):
+    """The test hook: is the update numbered update_index + 1 in debug.nan_at_updates?"""
+    return jnp.isin(update_index + 1, jnp.asarray(nan_at_updates)) if nan_at_updates else None
 
 
 def train_step(state: TrainState, teacher_params, batch, *, model, teacher, tx, schedule,
-               obj: Objective, accumulation: int):
+               obj: Objective, accumulation: int, nan_at_updates: tuple = ()):
     """One micro-batch: mask, teacher forward, student forward/backward, MultiSteps update."""
-    metrics, grads = _micro_step_metrics(state.rng, state.step, batch, state.params, teacher_params,
-                                         model=model, teacher=teacher, obj=obj)
     opt = state.opt_state
-    emit = (opt.mini_step == accumulation - 1).astype(jnp.float32)  # this call applies an update
+    metrics, grads, counts = _micro_step(state.rng, state.step, batch, state.params, teacher_params,
+                                         model=model, teacher=teacher, obj=obj,
+                                         poison=_poison(opt.gradient_step, nan_at_updates))
+    emit = (opt.mini_step == accumulation - 1).astype(jnp.float32)  # this call ends an update
     # MultiSteps keeps the running mean of the micro-batch gradients; its value at the
     # last micro-batch is the gradient of the update, whose norm is worth watching.
     mean_grads = jax.tree.map(lambda a, g: a + (g.astype(a.dtype) - a) / (opt.mini_step + 1),
                               opt.acc_grads, grads)
-    metrics.update(grad_norm=emit * optax.tree.norm(mean_grads),
-                   lr=emit * schedule(opt.gradient_step), updates=emit)
     updates, new_opt = tx.update(grads, opt, state.params)
+    new_opt = clear_accumulator(new_opt)
+    skipped = (skip_counts(new_opt)[0] - skip_counts(opt)[0]).astype(jnp.float32)
+    applied = emit * (1.0 - skipped)
+    metrics.update(grad_norm=jnp.where(applied > 0, optax.tree.norm(mean_grads), 0.0),
+                   lr=applied * schedule(opt.gradient_step), updates=applied, skipped_updates=skipped,
+                   **counts)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
 
 
 def accumulated_train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx,
-                           schedule, obj: Objective, accumulation: int):
+                           schedule, obj: Objective, accumulation: int, nan_at_updates: tuple = ()):
     """One whole update in one call: `batches` holds the update's micro-batches stacked
     [accumulation, micro_batch, seq]; a scan sums their gradients, then clip -> AdamW
-    runs once on the mean. The same masks, dropout and update as `accumulation` calls of
-    `train_step` with MultiSteps (equal to float tolerance), without running the
-    optimizer and touching every parameter at each micro-batch.
+    runs once on the mean (skipped and counted when it is not finite). The same masks,
+    dropout and update as `accumulation` calls of `train_step` with MultiSteps (equal to
+    float tolerance), without running the optimizer and touching every parameter at
+    each micro-batch.
     """
+    update_index = state.step // accumulation
+    poison = _poison(update_index, nan_at_updates)
+
     def micro(grad_sum, xs):
         i, batch = xs
-        metrics, grads = _micro_step_metrics(state.rng, state.step + i, batch, state.params,
-                                             teacher_params, model=model, teacher=teacher, obj=obj)
-        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+        metrics, grads, counts = _micro_step(state.rng, state.step + i, batch, state.params,
+                                             teacher_params, model=model, teacher=teacher, obj=obj,
+                                             poison=poison)
+        return jax.tree.map(jnp.add, grad_sum, grads), {**metrics, **counts}
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grad_sum, per_micro = jax.lax.scan(micro, zeros, (jnp.arange(accumulation), batches))
     grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
-    update_index = state.step // accumulation
-    metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), per_micro)
-    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(update_index),
-                   updates=jnp.ones((), jnp.float32))
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    skipped = (skip_counts(new_opt)[0] - skip_counts(state.opt_state)[0]).astype(jnp.float32)
+    applied = 1.0 - skipped
+    metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), per_micro)
+    metrics.update(grad_norm=jnp.where(applied > 0, optax.tree.norm(grads), 0.0),
+                   lr=applied * schedule(update_index), updates=applied, skipped_updates=skipped)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + accumulation, params=params, opt_state=new_opt), metrics
 
 
 # --- metrics over a logging window ----------------------------------------------------
 _PER_UPDATE = ("grad_norm", "lr")
-_COUNTS = ("updates", "micro_steps", "real_tokens", "targets")
+_COUNTS = ("updates", "skipped_updates", "micro_steps", "real_tokens", "targets")
 
 
 def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequences: int,
                    num_devices: int, peak_tflops: Optional[float]) -> Dict[str, float]:
     """Means of a window's summed step metrics, plus throughput (model FLOPs per device)."""
-    micro, updates = sums["micro_steps"], max(sums["updates"], 1.0)
-    out = {k: v / micro for k, v in sums.items() if k not in _PER_UPDATE + _COUNTS}
+    micro, updates = sums["micro_steps"], max(sums["updates"], 1.0)  # finite ones, applied ones
+    out = {k: v / micro if micro else None for k, v in sums.items() if k not in _PER_UPDATE + _COUNTS}
     out.update({k: sums[k] / updates for k in _PER_UPDATE})
+    out["skipped_updates"] = sums["skipped_updates"]
+    updates = max(sums["updates"] + sums["skipped_updates"], 1.0)
     tflops = flops / seconds / 1e12 / num_devices
     out.update(tokens_per_s=sums["real_tokens"] / seconds, sequences_per_s=sequences / seconds,
                step_time_s=seconds / updates, tflops_per_device=tflops,
@@ -275,11 +345,22 @@ def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequenc
     return out
 
 
-def check_finite(metrics: Dict[str, float], step: int, last_checkpoint: Optional[int]) -> None:
-    if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"non-finite loss ({metrics['loss']}) at update {step}; nothing after the last "
-            f"checkpoint ({last_checkpoint}) is kept. Lower train.learning_rate or check the data")
+class NonFiniteError(FloatingPointError):
+    """Too many non-finite updates in a row, or a non-finite state about to be saved."""
+
+
+def check_skips(consecutive: int, limit: int, update: int, last_checkpoint: Optional[int],
+                directory: str) -> None:
+    if consecutive >= limit:
+        raise NonFiniteError(
+            f"{consecutive} updates in a row (the last at update {update}) had a non-finite loss "
+            f"or gradients and were skipped (train.max_consecutive_skips={limit}); stopping. "
+            f"Last checkpoint: {_describe_checkpoint(last_checkpoint, directory)}. Lower "
+            "train.learning_rate or check the data, then run the same command to resume")
+
+
+def _describe_checkpoint(step: Optional[int], directory: str) -> str:
+    return "none" if step is None else f"micro-step {step} in {directory}"
 
 
 def add_metrics(acc, metrics):
@@ -299,7 +380,8 @@ def compiled_step(run: "Run", step_wrapper: Callable = lambda f: f):
     per_call = micro_batches_per_call(exp.config)
     step = accumulated_train_step if per_call > 1 else train_step
     step_fn = functools.partial(step, model=exp.model, teacher=exp.teacher, tx=run.tx,
-                                schedule=run.schedule, obj=run.objective, accumulation=exp.accumulation)
+                                schedule=run.schedule, obj=run.objective, accumulation=exp.accumulation,
+                                nan_at_updates=tuple(exp.config.debug.nan_at_updates))
     rows = parallel.batch_sharding(exp.mesh, stacked=per_call > 1)
     batch_sh = {"input_ids": rows, "attention_mask": rows}
     return jax.jit(step_wrapper(step_fn), in_shardings=(run.state_shardings, exp.teacher_shardings, batch_sh),
@@ -352,7 +434,7 @@ def make_run(config, workdir: str, split: str = "train") -> Run:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, state_sh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
-                        config.checkpoint.async_save)
+                        config.checkpoint.async_save, config.checkpoint.on_save_error)
     return Run(exp, tx, schedule, Objective.from_config(config, exp.vocab), state_sh, abstract, ckpt,
                create)
 
@@ -375,7 +457,7 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     """
     run = make_run(config, workdir)
     exp, ckpt = run.exp, run.checkpointer
-    state, last_ckpt = restore_or_init(run)
+    state, _ = restore_or_init(run)
     mesh, accum, total_updates = exp.mesh, exp.accumulation, exp.total_updates
     jitted = compiled_step(run, step_wrapper)
     per_call = micro_batches_per_call(config)
@@ -388,11 +470,22 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     window, flops, sequences, last = None, 0.0, 0, {}
     window_start = time.perf_counter()
     stopped_by = None
+    all_finite = jax.jit(tree_all_finite)
 
     def save(force=False):
-        nonlocal last_ckpt
-        if ckpt.save(micro, state, exp.train_data.get_state(), exp.meta(), force=force):
-            last_ckpt = micro
+        if not bool(all_finite(state)):  # never a non-finite state in a checkpoint
+            ckpt.wait()
+            raise NonFiniteError(
+                f"the train state at micro-step {micro} is not finite; it was not saved. Last "
+                f"checkpoint: {_describe_checkpoint(ckpt.last_saved(), ckpt.directory)}")
+        ckpt.save(micro, state, exp.train_data.get_state(), exp.meta(), force=force)
+
+    def stop_after_skips(consecutive, update):
+        if consecutive >= config.train.max_consecutive_skips:
+            ckpt.wait()  # the last checkpoint is complete before the run stops
+            writer.close()
+            check_skips(consecutive, config.train.max_consecutive_skips, update, ckpt.last_saved(),
+                        ckpt.directory)
 
     with PreemptionFlag() as stop:
         while micro < total_updates * accum:
@@ -410,13 +503,18 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
                 update = micro // accum
                 writer.advance()
                 is_last = update == total_updates
-                if update % config.train.log_every == 0 or is_last or update % config.checkpoint.every_steps == 0:
+                # One host sync per update, so that a run of NaNs stops where it happens.
+                skipped_total, consecutive = (int(x) for x in jax.device_get(skip_counts(state.opt_state)))
+                too_many = consecutive >= config.train.max_consecutive_skips
+                if (update % config.train.log_every == 0 or is_last or too_many
+                        or update % config.checkpoint.every_steps == 0):
                     sums = {k: float(v) for k, v in jax.device_get(window).items()}
                     last = window_summary(sums, time.perf_counter() - window_start, flops, sequences,
                                           jax.device_count(), peak)
-                    check_finite(last, update, last_ckpt)
+                    last.update(skipped_updates_total=skipped_total, consecutive_skips=consecutive)
                     writer.write(update, last)
                     window, flops, sequences, window_start = None, 0.0, 0, time.perf_counter()
+                stop_after_skips(consecutive, update)
                 if update % config.checkpoint.every_steps == 0 or is_last:
                     save()
             if stop:
@@ -429,7 +527,7 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
                 break
     ckpt.wait()
     writer.close()
-    return {"update": micro // accum, "micro_step": micro, "last_checkpoint": last_ckpt,
+    return {"update": micro // accum, "micro_step": micro, "last_checkpoint": ckpt.last_saved(),
             "stopped_by": stopped_by, "metrics": last, "state": state,
             "teacher_params": exp.teacher_params}
 

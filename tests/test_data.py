@@ -133,23 +133,6 @@ def test_prepare_is_idempotent_resumable_and_refuses_other_inputs(tmp_path):
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
-def test_prepare_bad_inputs(tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
-    with pytest.raises(DataError, match="no file matches"):
-        prepare(_config([tmp_path / "nope.txt"]), str(tmp_path / "a"), progress=False)
-    with pytest.raises(DataError, match="the corpus is empty"):
-        prepare(_config([empty]), str(tmp_path / "e"), progress=False)
-    short = tmp_path / "short.txt"
-    short.write_text("\n".join(WORDS * 5))  # one-word documents: [CLS] w [SEP] is too short
-    with pytest.raises(DataError, match="every training document was filtered out"):
-        prepare(_config([short]), str(tmp_path / "b"), progress=False)
-    corpus = tmp_path / "corpus.txt"
-    _write_corpus(corpus, 50)
-    with pytest.raises(DataError, match="tokenizer has 64 tokens, the teacher's vocabulary 100"):
-        prepare(_config([corpus]), str(tmp_path / "c"), teacher_vocab_size=100, progress=False)
-
-
 # --- the loader ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):

@@ -60,28 +60,30 @@ def test_unknown_override_is_refused(tmp_path):
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
 
 
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])  # a preemption notice; Ctrl-C
+def test_signal_checkpoints_exits_cleanly_and_resumes(tmp_path, signame):
     import signal
     import time
     env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "distil_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-           "--config.train.steps=150", "--config.train.log_every=1", "--config.checkpoint.every_steps=1000",
+           "--config.train.steps=60", "--config.train.log_every=1", "--config.checkpoint.every_steps=1000",
            "--config.data.seq_len=16"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     stopped = json.loads(out[out.index("{"):])
-    assert stopped["stopped_by"] == "SIGTERM" and 0 < stopped["update"] < 150
+    assert stopped["stopped_by"] == signame and 0 < stopped["update"] < 60
+    assert f"{signame} received: checkpoint at step {stopped['micro_step'] / 2:g}, stopping" in out
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) \
         == [stopped["micro_step"]]
     done = json.loads((lambda p: p.stdout[p.stdout.index("{"):])(subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)))
-    assert done["update"] == 150 and done["stopped_by"] is None
+    assert done["update"] == 60 and done["stopped_by"] is None
     # Every update logged exactly once across the stop and the resume.
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 151))
+    assert steps == list(range(1, 61))

@@ -14,7 +14,7 @@ import pytest
 
 from distil_jax import config as config_lib
 from distil_jax import experiment, train
-from distil_jax.checkpoint import CheckpointMismatch, params_fingerprint
+from distil_jax.checkpoint import params_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,6 +255,10 @@ def test_distillation_never_changes_the_teacher(tmp_path):
     assert params_fingerprint(used) == params_fingerprint(experiment.build(config).teacher_params)
     meta = json.loads((tmp_path / "checkpoints" / "8" / "meta" / "metadata").read_text())
     assert meta["teacher"]["fingerprint"] == params_fingerprint(used)  # recorded, never saved
+    from distil_jax.checkpoint import Checkpointer
+    saved, _ = Checkpointer(str(tmp_path / "checkpoints"), keep=3).restore(8)
+    shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
+    assert shapes(saved["params"]) == shapes(host(result["state"].params))  # the student's tensors only
     assert result["metrics"]["loss_ce"] >= 0 and np.isfinite(result["metrics"]["loss"])
     for name in ("metrics.jsonl",):
         assert (tmp_path / name).exists()
@@ -267,16 +271,6 @@ def test_distillation_never_changes_the_teacher(tmp_path):
 
 
 # --- checkpoints -------------------------------------------------------------------------
-def test_checkpoint_of_another_shape_is_refused(tmp_path):
-    train.train_and_evaluate(tiny(), str(tmp_path))
-    other = tiny(**{"student.num_layers": 2})
-    with pytest.raises(CheckpointMismatch, match=r"encoder/layer_1/.*checkpoint absent"):
-        train.train_and_evaluate(other, str(tmp_path))
-    pretrain = tiny(mode="pretrain")
-    with pytest.raises(CheckpointMismatch, match="from a 'distill' run"):
-        train.train_and_evaluate(pretrain, str(tmp_path))
-
-
 def test_unreadable_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     config = tiny(**{"train.steps": 4, "checkpoint.every_steps": 2})
     train.train_and_evaluate(config, str(tmp_path))
@@ -309,14 +303,6 @@ def test_every_problem_is_listed_before_anything_runs():
     dp = tiny(**{"mesh.shape": (-1, 1, 1), "train.micro_batch_size": 12, "train.batch_size": 24})
     with pytest.raises(config_lib.ConfigError, match="not a multiple of the data-parallel size 8"):
         config_lib.validate(dp, num_devices=8)
-
-
-def test_unknown_key_in_a_config_file_is_named():
-    c = tiny()
-    with c.unlocked():
-        c.train.stpes = 5
-    with pytest.raises(config_lib.ConfigError, match="unknown key 'train.stpes'"):
-        config_lib.validate(c, num_devices=1)
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")))

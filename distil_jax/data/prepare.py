@@ -86,15 +86,24 @@ def sources_of(config) -> Dict[str, dict]:
 
 
 def resolve_tokenizer(config, out_dir: str, sources):
-    """The dataset's tokenizer: already saved here, `data.tokenizer`, the teacher's, or trained."""
+    """The dataset's tokenizer: `data.tokenizer`, the teacher's, already saved here, or trained.
+
+    A directory prepared with another tokenizer than the one asked for is refused."""
     saved = os.path.join(out_dir, "tokenizer")
+    asked = config.data.tokenizer
+    if not asked and config.teacher.path and config.mode != "pretrain":
+        from distil_jax.hf import resolve_model_dir
+        asked = resolve_model_dir(config.teacher.path)
+    if asked:
+        tok = load_tokenizer(asked)
+        if os.path.isdir(saved) and tokenizer_hash(load_tokenizer(saved)) != tokenizer_hash(tok):
+            raise DataError(
+                f"{out_dir} was prepared with another tokenizer (hash {tokenizer_hash(load_tokenizer(saved))}) "
+                f"than {asked} (hash {tokenizer_hash(tok)}); its token ids would mean other words. "
+                "Nothing was changed; set data.dir to another directory")
+        return tok
     if os.path.isdir(saved):
         return load_tokenizer(saved)
-    if config.data.tokenizer:
-        return load_tokenizer(config.data.tokenizer)
-    if config.teacher.path and config.mode != "pretrain":
-        from distil_jax.hf import resolve_model_dir
-        return load_tokenizer(resolve_model_dir(config.teacher.path))
     texts = (doc for source in sources.values() for doc in source.documents("train"))
     return train_wordpiece(texts, vocab_size=config.teacher.model.vocab_size,
                            lowercase=config.data.lowercase)

@@ -127,6 +127,7 @@ class TextFilesSource(Source):
         self.train_paths = self._expand(files, "files")
         self.eval_paths = self._expand(eval_files, "eval_files") if eval_files else []
         self._counter = _ReplacementCounter()
+        self._replaced: Dict[str, int] = {}  # path -> bytes replaced; a file is read once per pass
 
     @staticmethod
     def _expand(patterns: Sequence[str], what: str) -> List[str]:
@@ -144,11 +145,14 @@ class TextFilesSource(Source):
 
     @property
     def replaced_bytes(self) -> int:
-        return self._counter.count
+        """Undecodable bytes in the files read so far, each file counted once however often read."""
+        return sum(self._replaced.values())
 
     def _read(self, path: str) -> Iterator[str]:
+        before = self._counter.count
         with open(path, "rb") as f:
             text = f.read().decode("utf-8", errors=self._counter.name)
+        self._replaced[path] = self._counter.count - before
         if self.doc_per == "line":
             parts = text.splitlines()
         else:
