@@ -10,7 +10,6 @@ micro-batches (the reference's gradient accumulation). The step is pure:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -379,9 +378,13 @@ def compiled_step(run: "Run", step_wrapper: Callable = lambda f: f):
     exp = run.exp
     per_call = micro_batches_per_call(exp.config)
     step = accumulated_train_step if per_call > 1 else train_step
-    step_fn = functools.partial(step, model=exp.model, teacher=exp.teacher, tx=run.tx,
-                                schedule=run.schedule, obj=run.objective, accumulation=exp.accumulation,
-                                nan_at_updates=tuple(exp.config.debug.nan_at_updates))
+    settings = dict(model=exp.model, teacher=exp.teacher, tx=run.tx, schedule=run.schedule,
+                    obj=run.objective, accumulation=exp.accumulation,
+                    nan_at_updates=tuple(exp.config.debug.nan_at_updates))
+
+    def step_fn(state, teacher_params, batch):
+        return step(state, teacher_params, batch, **settings)
+
     rows = parallel.batch_sharding(exp.mesh, stacked=per_call > 1)
     batch_sh = {"input_ids": rows, "attention_mask": rows}
     return jax.jit(step_wrapper(step_fn), in_shardings=(run.state_shardings, exp.teacher_shardings, batch_sh),
