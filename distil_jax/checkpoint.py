@@ -145,3 +145,14 @@ class PreemptionFlag:
 
     def __bool__(self):
         return self.signal is not None
+
+    def agreed(self) -> bool:
+        """Whether any process was signalled; all processes call it at the same step.
+
+        A pod or a SLURM job signals every process, but not at the same step: they stop
+        together, or the ones still stepping would wait forever for the ones saving."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            signals = multihost_utils.process_allgather(np.int32(self.signal or 0))
+            self.signal = int(np.max(signals)) or None
+        return self.signal is not None
