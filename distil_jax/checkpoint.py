@@ -44,7 +44,7 @@ def _shapes(tree) -> Dict[str, Tuple[int, ...]]:
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs:// as is
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

@@ -23,6 +23,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "(with the two flags below) on a TPU VM or in a SLURM job: JAX detects them.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes run this command.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.")
+flags.DEFINE_list("local_device_ids", None,
+                  "Multi-host: this process's devices, e.g. 0,1,2,3 (default: JAX's choice, which "
+                  "in a SLURM job on GPUs is one GPU per process).")
 flags.DEFINE_integer("initialization_timeout", 300,
                      "Multi-host: seconds to wait for every process to join before giving up.")
 flags.DEFINE_integer("heartbeat_timeout", 100,
@@ -34,7 +37,8 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str) -> dict:
     from distil_jax import train
-    os.makedirs(workdir, exist_ok=True)
+    if "://" not in workdir:  # a bucket (gs://...) needs no directories
+        os.makedirs(workdir, exist_ok=True)
     if config.mode in ("distill", "pretrain"):
         result = train.train_and_evaluate(config, workdir)
         result.pop("state")
@@ -60,7 +64,7 @@ def main(argv):
     try:
         parallel.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-            FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
+            FLAGS.initialization_timeout, FLAGS.heartbeat_timeout, FLAGS.local_device_ids)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if jax.process_index() != 0:  # logs from process 0; the others only warn

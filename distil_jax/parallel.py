@@ -73,7 +73,8 @@ def _watchdog(seconds: int, what: str) -> threading.Event:
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                            process_id: Optional[int] = None, timeout_s: int = 300,
-                           heartbeat_timeout_s: int = 100) -> str:
+                           heartbeat_timeout_s: int = 100,
+                           local_device_ids: Optional[Sequence[str]] = None) -> str:
     """Join JAX's distributed runtime; returns how ('flags', 'auto', or 'single').
 
     With explicit flags, every process connects to process 0's coordinator. With none,
@@ -84,11 +85,12 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     running makes the others stop.
     """
     problems = distributed_problems(coordinator_address, num_processes, process_id, timeout_s)
+    if local_device_ids is not None and not all(str(i).isdigit() for i in local_device_ids):
+        problems.append(f"--local_device_ids must be device numbers like 0,1,2,3, got {list(local_device_ids)}")
     if problems:
         raise ValueError("; ".join(problems))
     if coordinator_address is None and num_processes == 1:
         return "single"
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     where = (f"process {process_id} of {num_processes} could not join the coordinator at "
              f"{coordinator_address}" if coordinator_address else "could not join the detected cluster")
     done = _watchdog(timeout_s, f"{where} within --initialization_timeout={timeout_s} s. Start every "
@@ -98,6 +100,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     try:
         # JAX's own deadline comes after ours, so that our message is the one seen.
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   local_device_ids=None if local_device_ids is None else
+                                   [int(i) for i in local_device_ids],
                                    initialization_timeout=timeout_s + 30,
                                    heartbeat_timeout_seconds=heartbeat_timeout_s)
     except ValueError as e:  # raised before connecting: no flags and no cluster detected
@@ -107,6 +111,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
         return "single"
     finally:
         done.set()
+    # Read when the CPU backend starts (after this): collectives across processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     logging.info("joined the distributed runtime in %.1f s: process %d of %d, %d local of %d devices",
                  time.monotonic() - start, jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())

@@ -10,6 +10,8 @@
 # If one process fails the others are stopped, and the script exits with its status.
 # Ctrl-C (or SIGTERM) is passed on to every process: they checkpoint and stop together.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+source "$(dirname "$0")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -26,13 +28,7 @@ MAIN_FLAGS go to every process: --config=... --workdir=... [--config.a.b=...]
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  echo "run launch/local.sh --help for the options" >&2
-  exit 2
-}
 
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
 num_processes=2
 devices=4
@@ -93,11 +89,6 @@ command_of() {  # the command line of process $1
        "--num_processes=$num_processes" "--process_id=$1" "${main_flags[@]}")
 }
 
-quote() {  # a command as a shell would read it
-  local q
-  printf -v q ' %q' "$@"
-  echo "${q# }"
-}
 
 declare -A running=()  # pid -> process index
 stop_all() {

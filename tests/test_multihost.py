@@ -195,3 +195,53 @@ def test_bad_flags_stop_main_before_training(tmp_path):
     assert proc.returncode != 0
     assert "--process_id must be in [0, --num_processes), got 5 of 2" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+JOIN_AND_WAIT = """
+import sys, time
+from distil_jax import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=60, heartbeat_timeout_s=int(sys.argv[3]))
+import jax
+print("joined", jax.process_index(), jax.device_count(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout():
+    address, heartbeat = f"127.0.0.1:{_free_port()}", 4
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT,
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", JOIN_AND_WAIT, address, str(i), str(heartbeat)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    try:
+        for i, p in enumerate(procs):
+            assert p.stdout.readline().split() == ["joined", str(i), "4"]
+        procs[1].kill()
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode != 0
+    assert "stopped sending heartbeats" in err, err[-3000:]
+    assert elapsed < heartbeat + 15, elapsed
+    print(f"process 0 stopped {elapsed:.1f} s after process 1 was killed (heartbeat timeout {heartbeat} s)")
+
+
+def test_metrics_on_object_storage_are_rewritten_whole_and_resume(tmp_path, monkeypatch):
+    """The path a gs:// workdir takes (objects cannot be appended to), on local disk."""
+    from distil_jax import metrics
+    monkeypatch.setattr(metrics, "is_remote", lambda path: True)
+    writer = metrics.MetricWriter(str(tmp_path), total_steps=4)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    resumed = metrics.MetricWriter(str(tmp_path), total_steps=4, initial_step=2)
+    for step in (3, 4):  # a resume from update 2 repeats update 3
+        resumed.write(step, {"loss": 10.0 * step})
+    resumed.close()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
