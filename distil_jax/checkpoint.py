@@ -150,9 +150,13 @@ class PreemptionFlag:
         """Whether any process was signalled; all processes call it at the same step.
 
         A pod or a SLURM job signals every process, but not at the same step: they stop
-        together, or the ones still stepping would wait forever for the ones saving."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            signals = multihost_utils.process_allgather(np.int32(self.signal or 0))
-            self.signal = int(np.max(signals)) or None
-        return self.signal is not None
+        together, or the ones still stepping would wait forever for the ones saving. The
+        answer is the gathered one: a signal that lands during the gather counts at the
+        next call (it is never overwritten)."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        from jax.experimental import multihost_utils
+        gathered = int(np.max(multihost_utils.process_allgather(np.int32(self.signal or 0))))
+        if gathered and self.signal is None:
+            self.signal = gathered  # how the run stopped, on the processes not signalled
+        return gathered != 0

@@ -245,3 +245,41 @@ def test_metrics_on_object_storage_are_rewritten_whole_and_resume(tmp_path, monk
     resumed.close()
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+STEP_UNTIL_SIGNALLED = """
+import sys
+from distil_jax import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=60)
+import jax
+from distil_jax.checkpoint import PreemptionFlag
+with PreemptionFlag() as stop:
+    print("ready", flush=True)
+    for step in range(200000):  # what the training loop does between steps, nothing else
+        if stop.agreed():
+            print("stopped", step, stop.signal, flush=True)
+            break
+"""
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step():
+    """SIGTERM to process 1 only, in the middle of the gathers that agree on stopping."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", STEP_UNTIL_SIGNALLED, address, str(i)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        procs[1].terminate()  # SIGTERM
+        outs = [next((line.split() for line in p.communicate(timeout=60)[0].splitlines()
+                      if line.startswith("stopped")), None) for p in procs]  # gloo prints too
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] and outs[1] and outs[0][1] == outs[1][1], outs
+    assert outs[0][2] == outs[1][2] == "15"
