@@ -59,7 +59,7 @@ class Checkpointer:
     """Saves and restores; `on_save_error` is "stop" (raise CheckpointSaveError) or "retry"."""
 
     def __init__(self, directory: str, keep: int, async_save: bool = True, on_save_error: str = "stop"):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs:// as is
         self.on_save_error = on_save_error
         self.failed_saves = 0
         self._pending: Optional[int] = None  # step of the save that may still be running
@@ -221,3 +221,18 @@ class PreemptionFlag:
 
     def __bool__(self):
         return self.signal is not None
+
+    def agreed(self) -> bool:
+        """Whether any process was signalled; all processes call it at the same step.
+
+        A pod or a SLURM job signals every process, but not at the same step: they stop
+        together, or the ones still stepping would wait forever for the ones saving. The
+        answer is the gathered one: a signal that lands during the gather counts at the
+        next call (it is never overwritten)."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        from jax.experimental import multihost_utils
+        gathered = int(np.max(multihost_utils.process_allgather(np.int32(self.signal or 0))))
+        if gathered and self.signal is None:
+            self.signal = gathered  # how the run stopped, on the processes not signalled
+        return gathered != 0

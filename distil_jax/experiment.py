@@ -75,10 +75,11 @@ def load_teacher(config):
 
 def build(config, workdir: str = "", process_index: Optional[int] = None,
           process_count: Optional[int] = None, split: str = "train") -> Experiment:
-    process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     config_lib.validate(config, num_devices=jax.device_count())
     mesh = parallel.make_mesh(config.mesh.shape)
+    if process_index is None:  # the block of every global batch this process's devices hold
+        process_index = parallel.batch_block(mesh, config.train.micro_batch_size)
     rules = [tuple(r) for r in config.mesh.rules]
     compute = DTYPES[config.train.dtype]
     # Compute in train.dtype over float32 master params; the attention and remat choices.

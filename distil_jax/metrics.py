@@ -70,6 +70,31 @@ def _drop_records_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def is_remote(path: str) -> bool:
+    """A URL (gs://bucket/...) rather than a local path."""
+    return "://" in path
+
+
+class _RewrittenFile:
+    """metrics.jsonl on object storage: every write replaces the whole object."""
+
+    def __init__(self, path: str, initial_step: int):
+        from etils import epath
+        self._path = epath.Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        old = self._path.read_text().splitlines() if self._path.exists() else []
+        self._lines = [x + "\n" for x in old if x.strip() and json.loads(x)["step"] <= initial_step]
+
+    def write(self, line: str) -> None:
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        self._path.write_text("".join(self._lines))
+
+    def close(self) -> None:
+        self.flush()
+
+
 class MetricWriter:
     """metrics.jsonl, TensorBoard event files and a progress bar; silent off process 0."""
 
@@ -78,10 +103,13 @@ class MetricWriter:
         self._jsonl = self._tb = self._bar = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
-        _drop_records_after(path, initial_step)  # a resume repeats what came after its checkpoint
-        self._jsonl = open(path, "a")
+        if is_remote(workdir):  # a bucket (gs://) cannot append: the file is rewritten whole
+            self._jsonl = _RewrittenFile(path, initial_step)
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            _drop_records_after(path, initial_step)  # a resume repeats what came after its checkpoint
+            self._jsonl = open(path, "a")
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

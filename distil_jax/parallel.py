@@ -1,15 +1,20 @@
-"""Device mesh, logical-axis shardings and global batches.
+"""Multi-host start-up, device mesh, logical-axis shardings and global batches.
 
-The mesh has axes ('data', 'fsdp', 'tensor'). Parameters carry logical axis names
-(models/layers.py); `config.mesh.rules` maps them to mesh axes. Batches are sharded
-over ('data', 'fsdp') and reach the devices as global arrays built from each
-process's local rows.
+`initialize_distributed` joins JAX's multi-controller runtime (one process per host or
+per GPU) before anything touches a device. The mesh has axes ('data', 'fsdp', 'tensor')
+over every process's devices. Parameters carry logical axis names (models/layers.py);
+`config.mesh.rules` maps them to mesh axes. Batches are sharded over ('data', 'fsdp')
+and reach the devices as global arrays built from each process's local rows.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Sequence, Tuple
+import os
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -21,6 +26,100 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
+# --- multi-host start-up --------------------------------------------------------------
+def distributed_problems(coordinator_address: Optional[str], num_processes: Optional[int],
+                         process_id: Optional[int], timeout_s: int) -> List[str]:
+    """What is wrong with the multi-host flags, each with its fix (empty when nothing is)."""
+    problems = []
+    explicit = coordinator_address is not None
+    if not explicit and process_id is not None:
+        problems.append("--process_id needs --coordinator_address=HOST:PORT (process 0's address) "
+                        "and --num_processes")
+    if explicit:
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"--coordinator_address {coordinator_address!r} must be HOST:PORT, "
+                            "e.g. 10.0.0.1:8476 (process 0's host and a free port)")
+        if num_processes is None or process_id is None:
+            problems.append("--coordinator_address needs --num_processes and --process_id "
+                            "(or leave all three out to let JAX detect a TPU VM or SLURM job)")
+    if num_processes is not None and num_processes < 1:
+        problems.append(f"--num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and (process_id < 0 or (num_processes or 0) >= 1 and process_id >= num_processes):
+        problems.append(f"--process_id must be in [0, --num_processes), got {process_id} "
+                        f"of {num_processes}")
+    if timeout_s <= 0:
+        problems.append(f"--initialization_timeout must be positive seconds, got {timeout_s}")
+    return problems
+
+
+def _watchdog(seconds: int, what: str) -> threading.Event:
+    """Exit with `what` if the returned event is not set within `seconds`.
+
+    jax.distributed.initialize aborts from C++ on its own deadline (about twice the
+    timeout it is given) with a message that blames a dead task; this says what happened.
+    """
+    done = threading.Event()
+
+    def wait():
+        if not done.wait(seconds):
+            sys.stderr.write(f"error: {what}\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    threading.Thread(target=wait, name="distributed-init-watchdog", daemon=True).start()
+    return done
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, timeout_s: int = 300,
+                           heartbeat_timeout_s: int = 100,
+                           local_device_ids: Optional[Sequence[str]] = None) -> str:
+    """Join JAX's distributed runtime; returns how ('flags', 'auto', or 'single').
+
+    With explicit flags, every process connects to process 0's coordinator. With none,
+    JAX detects a cluster (Cloud TPU VM, SLURM, Open MPI) or there is none and this
+    stays one process. Must run before any JAX computation. On CPU the cross-process
+    collectives are gloo's. A process that cannot join within `timeout_s` exits with an
+    error naming the coordinator; a process silent for `heartbeat_timeout_s` once
+    running makes the others stop.
+    """
+    problems = distributed_problems(coordinator_address, num_processes, process_id, timeout_s)
+    if local_device_ids is not None and not all(str(i).isdigit() for i in local_device_ids):
+        problems.append(f"--local_device_ids must be device numbers like 0,1,2,3, got {list(local_device_ids)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if coordinator_address is None and num_processes == 1:
+        return "single"
+    where = (f"process {process_id} of {num_processes} could not join the coordinator at "
+             f"{coordinator_address}" if coordinator_address else "could not join the detected cluster")
+    done = _watchdog(timeout_s, f"{where} within --initialization_timeout={timeout_s} s. Start every "
+                                "process (process 0 runs the coordinator), check that HOST:PORT is "
+                                "process 0's address and reachable, or raise the timeout")
+    start = time.monotonic()
+    try:
+        # JAX's own deadline comes after ours, so that our message is the one seen.
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   local_device_ids=None if local_device_ids is None else
+                                   [int(i) for i in local_device_ids],
+                                   initialization_timeout=timeout_s + 30,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except ValueError as e:  # raised before connecting: no flags and no cluster detected
+        if coordinator_address is not None:
+            raise
+        logging.info("no cluster environment detected (%s): one process", e)
+        return "single"
+    finally:
+        done.set()
+    # Read when the CPU backend starts (after this): collectives across processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    logging.info("joined the distributed runtime in %.1f s: process %d of %d, %d local of %d devices",
+                 time.monotonic() - start, jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+    return "flags" if coordinator_address else "auto"
+
+
+# --- mesh and shardings ---------------------------------------------------------------
 def mesh_shape(shape: Sequence[int], num_devices: int) -> Tuple[int, ...]:
     """Fill the one -1 in `shape` so the product is `num_devices`."""
     known = math.prod(s for s in shape if s != -1)
@@ -71,6 +170,26 @@ def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
     """Rows over data x fsdp, the sequence dimension whole; `stacked` batches carry a
     leading micro-batch axis [accumulation, rows, seq] that is not sharded."""
     return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
+
+
+def batch_block(mesh: Mesh, global_rows: int) -> int:
+    """Which of the process_count equal blocks of a global batch this process's devices hold.
+
+    The loader gives each process that block's rows; make_array_from_process_local_data
+    expects them where the batch sharding puts this process's devices.
+    """
+    count = jax.process_count()
+    if global_rows % count:
+        raise ValueError(f"a global batch of {global_rows} rows cannot be split over {count} processes")
+    local = global_rows // count
+    slices = batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()
+    lo = min(s[0].start or 0 for s in slices)
+    hi = max(global_rows if s[0].stop is None else s[0].stop for s in slices)
+    if hi - lo != local or lo % local:
+        raise ValueError(f"process {jax.process_index()}'s devices hold rows [{lo}, {hi}) of a "
+                         f"global batch of {global_rows}, not one block of {local}; use a mesh "
+                         "whose data x fsdp axes keep each process's devices together")
+    return lo // local
 
 
 def global_batch(local: Dict[str, np.ndarray], mesh: Mesh, stacked: bool = False) -> Dict[str, jax.Array]:

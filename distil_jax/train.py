@@ -520,7 +520,7 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
                 stop_after_skips(consecutive, update)
                 if update % config.checkpoint.every_steps == 0 or is_last:
                     save()
-            if stop:
+            if stop.agreed():
                 stopped_by = "SIGINT" if stop.signal == 2 else "SIGTERM"
                 logging.warning("%s: saving a checkpoint at micro-step %d and stopping", stopped_by, micro)
                 if is_main:

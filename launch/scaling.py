@@ -1,0 +1,57 @@
+"""The paper's recipe on paper: tokens, updates, model FLOPs and hours on a few machines.
+
+    python launch/scaling.py [--mfu=0.4] [--tokens_per_word=1.3]
+
+FLOPs per token are metrics.py's (the trainer's MFU uses the same): student forward +
+backward (3x forward) plus teacher forward, logits at every position (L_ce covers every
+real token). The corpus size is the BERT paper's word count times an assumed WordPiece
+ratio; `manifest.json` of a prepared corpus gives the real token count.
+"""
+
+import argparse
+
+from distil_jax.metrics import PEAK_TFLOPS, step_flops_per_token
+from distil_jax.models import BertConfig
+from distil_jax.student_init import student_config_from_teacher
+
+V100_FP32_TFLOPS = 15.7  # V100 SXM2 without tensor cores
+MACHINES = (("8 x V100 (paper)", 8, "V100"), ("8 x H100", 8, "H100"),
+            ("TPU v4-32 (16 chips)", 16, "TPU v4"), ("TPU v5e-64 (64 chips)", 64, "TPU v5e"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the modern machines")
+    parser.add_argument("--tokens_per_word", type=float, default=1.3)
+    parser.add_argument("--words", type=float, default=3.3e9, help="BookCorpus 0.8B + Wikipedia 2.5B")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4096, help="sequences per update")
+    parser.add_argument("--seq_len", type=int, default=512)
+    args = parser.parse_args()
+
+    teacher = BertConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
+                         intermediate_size=3072, max_position_embeddings=512)
+    student = student_config_from_teacher(teacher, num_layers=6)
+    per_token = step_flops_per_token(student, teacher, args.seq_len)
+    student_part = step_flops_per_token(student, None, args.seq_len)
+    tokens = args.epochs * args.words * args.tokens_per_word
+    per_update = args.batch * args.seq_len
+    total = tokens * per_token
+    paper_mfu = total / (90 * 3600 * 8 * PEAK_TFLOPS["V100"] * 1e12)
+    print(f"model FLOPs per token: {per_token / 1e9:.3f} G (student fwd+bwd {student_part / 1e9:.3f} G, "
+          f"teacher fwd {(per_token - student_part) / 1e9:.3f} G)")
+    print(f"tokens per update: {per_update / 1e6:.2f} M positions ({args.batch} x {args.seq_len}); "
+          f"{tokens / 1e9:.1f} B tokens in {args.epochs} epochs: {tokens / per_update:,.0f} updates "
+          f"of full sequences; {total:.2e} FLOPs in all")
+    print(f"the paper's 90 h on 8 x V100 imply an MFU of {paper_mfu:.1%} of the fp16 tensor-core "
+          f"peak ({PEAK_TFLOPS['V100']:g} TFLOP/s), {paper_mfu * PEAK_TFLOPS['V100'] / V100_FP32_TFLOPS:.0%} "
+          f"of the fp32 peak ({V100_FP32_TFLOPS} TFLOP/s)")
+    print("| machine | 16-bit peak, PFLOP/s | MFU | hours |\n| --- | ---: | ---: | ---: |")
+    for name, chips, kind in MACHINES:
+        mfu = paper_mfu if kind == "V100" else args.mfu
+        hours = total / (chips * PEAK_TFLOPS[kind] * 1e12 * mfu) / 3600
+        print(f"| {name} | {chips * PEAK_TFLOPS[kind] / 1e3:.2f} | {mfu:.1%} | {hours:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

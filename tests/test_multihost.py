@@ -1,0 +1,285 @@
+"""Several real processes on JAX's distributed runtime, started by launch/local.sh.
+
+Two processes of 4 fake CPU devices each train the tiny config together; one process
+of 8 devices (this one, conftest.py) trains it alone. Same global mesh, same global
+batches: the same losses and params, up to the order of float sums in the collectives
+(gloo across processes, XLA's in-process ones here). Checkpoints move between the
+two layouts in both directions.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from distil_jax import parallel, train
+from distil_jax.config import with_changes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 4 updates of 2 micro-batches of 16 sequences of 16 tokens; checkpoints at micro-steps 4 and 8.
+CHANGES = {"train.steps": 4, "train.log_every": 1, "checkpoint.every_steps": 2, "checkpoint.keep": 5,
+           "data.seq_len": 16, "data.synthetic.num_sequences": 128}
+FLAGS = [f"--config.{k}={v}" for k, v in CHANGES.items()]
+PARAMS_ATOL = 1e-6
+LOSS_RTOL = 1e-6
+
+
+def tiny_config():
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    try:
+        import tiny
+    finally:
+        sys.path.pop(0)
+    return with_changes(tiny.get_config(), **CHANGES)
+
+
+def launch_local(workdir, num_processes=2, devices=4, cache=None):
+    """launch/local.sh: num_processes processes of `devices` fake CPU devices each."""
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+    if cache:  # the second launch reuses the first one's compiled train step
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    proc = subprocess.run(
+        ["bash", "launch/local.sh", f"--num_processes={num_processes}",
+         f"--devices_per_process={devices}", f"--python={sys.executable}",
+         f"--log_dir={workdir}/logs", "--", "--config=configs/tiny.py", f"--workdir={workdir}", *FLAGS],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def params_at(workdir, micro_step):
+    """The params of checkpoint `micro_step` in workdir, restored in this (one) process."""
+    config = tiny_config()
+    run = train.make_run(config, str(workdir))
+    for step in run.checkpointer.all_steps():
+        if step != micro_step:  # restore_latest takes the newest: make it the one asked for
+            shutil.rmtree(os.path.join(str(workdir), "checkpoints", str(step)))
+    params, step = train.restore_params(run)
+    assert step == micro_step
+    run.checkpointer.close()
+    return jax.device_get(params)
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def resume_from(src, micro_step, dst):
+    """A new workdir holding only checkpoint `micro_step` of src."""
+    os.makedirs(dst / "checkpoints")
+    shutil.copytree(src / "checkpoints" / str(micro_step), dst / "checkpoints" / str(micro_step))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("multihost")
+    two, one = base / "two", base / "one"
+    t0 = time.perf_counter()
+    stdout = launch_local(two, cache=base / "jax_cache")
+    timings = {"two_processes_s": time.perf_counter() - t0}
+    result = json.loads(stdout[stdout.index("\n{") + 1:])
+    t0 = time.perf_counter()
+    single = train.train_and_evaluate(tiny_config(), str(one))
+    timings["one_process_s"] = time.perf_counter() - t0
+    # A restart of both processes from the single process's checkpoint at update 2.
+    t0 = time.perf_counter()
+    launch_local(resume_from(one, 4, base / "one_then_two"), cache=base / "jax_cache")
+    timings["two_resumed_s"] = time.perf_counter() - t0
+    # One process from the two processes' checkpoint at update 2.
+    one_after_two = resume_from(two, 4, base / "two_then_one")
+    train.train_and_evaluate(tiny_config(), str(one_after_two))
+    print("timings", timings)
+    return {"two": two, "one": one, "result": result, "single": single,
+            "one_then_two": base / "one_then_two", "two_then_one": one_after_two}
+
+
+def test_two_processes_equal_one(runs):
+    assert jax.device_count() == 8 and jax.process_count() == 1
+    assert runs["result"]["update"] == 4 and runs["result"]["last_checkpoint"] == 8
+    two, one = losses(runs["two"]), losses(runs["one"])
+    assert sorted(two) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=LOSS_RTOL)
+    assert len(set(two.values())) == 4  # the trajectory moves: equal values are not a constant
+    expected = jax.device_get(runs["single"]["state"].params)
+    got = params_at(runs["two"], 8)
+    chex.assert_trees_all_close(got, expected, atol=PARAMS_ATOL, rtol=0)
+    print("two vs one process: max |param diff|", _max_diff(got, expected), "max loss rel diff",
+          max(abs(two[s] / one[s] - 1) for s in two))
+    # ... and training moved the params further than the tolerance.
+    start = params_at(runs["one"], 4)
+    moved = _max_diff(start, expected)
+    assert moved > 100 * PARAMS_ATOL
+
+
+def test_only_process_zero_writes_logs_and_metrics(runs):
+    log = (runs["two"] / "logs" / "process_1.log").read_text()
+    assert '"update"' not in log  # the result JSON is printed by process 0 only
+    assert "could not" not in log
+    # metrics.jsonl has each update once (two writers would duplicate lines).
+    lines = (runs["two"] / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert len(list((runs["two"] / "tensorboard").iterdir())) == 1
+
+
+def test_checkpoint_of_one_process_resumes_in_two(runs):
+    expected = jax.device_get(runs["single"]["state"].params)
+    chex.assert_trees_all_close(params_at(runs["one_then_two"], 8), expected, atol=PARAMS_ATOL, rtol=0)
+    resumed, one = losses(runs["one_then_two"]), losses(runs["one"])
+    assert sorted(resumed) == [3, 4]
+    np.testing.assert_allclose([resumed[s] for s in (3, 4)], [one[s] for s in (3, 4)], rtol=LOSS_RTOL)
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(runs):
+    expected = jax.device_get(runs["single"]["state"].params)
+    chex.assert_trees_all_close(params_at(runs["two_then_one"], 8), expected, atol=PARAMS_ATOL, rtol=0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _main(tmp_path, *flags, timeout=120):
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "distil_jax.main", "--config=configs/tiny.py",
+                           f"--workdir={tmp_path}", *flags], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_missing_coordinator_fails_within_the_timeout(tmp_path):
+    port, timeout = _free_port(), 5
+    start = time.monotonic()
+    proc = _main(tmp_path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 "--process_id=1", f"--initialization_timeout={timeout}")
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert (f"process 1 of 2 could not join the coordinator at 127.0.0.1:{port} within "
+            f"--initialization_timeout={timeout} s") in proc.stderr, proc.stderr[-2000:]
+    # It waited for the timeout, and not much longer (start-up of python and jax: a few s).
+    assert timeout <= elapsed < timeout + 15, elapsed
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(process_id=1), "--process_id needs --coordinator_address"),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2),
+     "--process_id must be in [0, --num_processes), got 2 of 2"),
+    (dict(coordinator_address="127.0.0.1", num_processes=2, process_id=0), "must be HOST:PORT"),
+    (dict(coordinator_address="127.0.0.1:1234"), "needs --num_processes and --process_id"),
+    (dict(num_processes=0), "--num_processes must be >= 1"),
+])
+def test_bad_flags_name_the_problem(flags, message):
+    args = dict(coordinator_address=None, num_processes=None, process_id=None, timeout_s=300)
+    problems = parallel.distributed_problems(**{**args, **flags})
+    assert any(message in p for p in problems), problems
+    assert not parallel.distributed_problems(**args)  # no flags: auto-detection, or one process
+
+
+def test_bad_flags_stop_main_before_training(tmp_path):
+    proc = _main(tmp_path, "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=5")
+    assert proc.returncode != 0
+    assert "--process_id must be in [0, --num_processes), got 5 of 2" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+JOIN_AND_WAIT = """
+import sys, time
+from distil_jax import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=60, heartbeat_timeout_s=int(sys.argv[3]))
+import jax
+print("joined", jax.process_index(), jax.device_count(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout():
+    address, heartbeat = f"127.0.0.1:{_free_port()}", 4
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT,
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", JOIN_AND_WAIT, address, str(i), str(heartbeat)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    try:
+        for i, p in enumerate(procs):
+            assert p.stdout.readline().split() == ["joined", str(i), "4"]
+        procs[1].kill()
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode != 0
+    assert "stopped sending heartbeats" in err, err[-3000:]
+    assert elapsed < heartbeat + 15, elapsed
+    print(f"process 0 stopped {elapsed:.1f} s after process 1 was killed (heartbeat timeout {heartbeat} s)")
+
+
+def test_metrics_on_object_storage_are_rewritten_whole_and_resume(tmp_path, monkeypatch):
+    """The path a gs:// workdir takes (objects cannot be appended to), on local disk."""
+    from distil_jax import metrics
+    monkeypatch.setattr(metrics, "is_remote", lambda path: True)
+    writer = metrics.MetricWriter(str(tmp_path), total_steps=4)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    resumed = metrics.MetricWriter(str(tmp_path), total_steps=4, initial_step=2)
+    for step in (3, 4):  # a resume from update 2 repeats update 3
+        resumed.write(step, {"loss": 10.0 * step})
+    resumed.close()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+STEP_UNTIL_SIGNALLED = """
+import sys
+from distil_jax import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=60)
+import jax
+from distil_jax.checkpoint import PreemptionFlag
+with PreemptionFlag() as stop:
+    print("ready", flush=True)
+    for step in range(200000):  # what the training loop does between steps, nothing else
+        if stop.agreed():
+            print("stopped", step, stop.signal, flush=True)
+            break
+"""
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step():
+    """SIGTERM to process 1 only, in the middle of the gathers that agree on stopping."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", STEP_UNTIL_SIGNALLED, address, str(i)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        procs[1].terminate()  # SIGTERM
+        outs = [next((line.split() for line in p.communicate(timeout=60)[0].splitlines()
+                      if line.startswith("stopped")), None) for p in procs]  # gloo prints too
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] and outs[1] and outs[0][1] == outs[1][1], outs
+    assert outs[0][2] == outs[1][2] == "15"
