@@ -68,7 +68,7 @@ def load_teacher(config):
         logging.warning("teacher.path is empty: the teacher is random (teacher.model); "
                         "useful for tests only")
         module = Bert(BertConfig(**config.teacher.model.to_dict()))
-        params = init_params(module, jax.random.key(config.train.seed + 1))
+        params = jax.jit(lambda key: init_params(module, key))(jax.random.key(config.train.seed + 1))
     return (type(module)(module.config, dtype=dtype, param_dtype=dtype,
                          attention_impl=config.train.attention or None), params, module.config)
 

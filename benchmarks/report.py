@@ -1,0 +1,91 @@
+"""Markdown tables from `python -m distil_jax.bench` JSON lines (what BENCHMARKS.md shows).
+
+    python benchmarks/report.py benchmarks/results/cpu.jsonl
+"""
+
+import json
+import sys
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(rows, columns):
+    out = ["| " + " | ".join(title for title, _ in columns) + " |",
+           "| " + " | ".join("---" for _ in columns) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(get(r)) for _, get in columns) + " |")
+    return "\n".join(out)
+
+
+def _shape(r):
+    return f"{r['teacher_layers']}→{r['student_layers']} × {r['hidden']}, V {r['vocab']}, {r['batch']}×{r['seq']}"
+
+
+def main(path):
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    by = lambda name: [r for r in records if r["bench"] == name]  # noqa: E731
+    machine = records[0]
+    print(f"Machine: {machine.get('cpus')} CPUs ({machine.get('machine')}), device `{machine.get('device')}`, "
+          f"jax {machine.get('jax')}, Python {machine.get('python')}.\n")
+
+    torch_rows, ours_rows = by("compare/torch"), by("compare/ours")
+    if ours_rows:
+        print("### Against the PyTorch reference step\n")
+        pairs = list(zip(torch_rows, ours_rows))
+        print(_table(pairs, [
+            ("shape (teacher→student × width, vocab, batch×seq)", lambda p: _shape(p[1])),
+            ("torch step s", lambda p: p[0]["step_s"]), ("torch tokens/s", lambda p: p[0]["tokens_per_s"]),
+            ("ours step s", lambda p: p[1]["step_s"]), ("ours tokens/s", lambda p: p[1]["tokens_per_s"]),
+            ("speed-up", lambda p: p[1]["speedup_vs_torch"]),
+            ("ours TFLOP/s", lambda p: p[1]["model_tflops_per_device"]),
+            ("matmul TFLOP/s", lambda p: p[1].get("matmul_tflops")),
+            ("fraction of matmul", lambda p: p[1].get("fraction_of_matmul"))]))
+        print()
+
+    train_rows = [r for r in by("train") if r["step_s"]]
+    if train_rows:
+        print("### Train step variants\n")
+        print(_table(train_rows, [
+            ("shape", _shape), ("loss_chunk", lambda r: r["loss_chunk"]),
+            ("restrict_ce_to_mask", lambda r: r["restrict_ce_to_mask"]), ("remat", lambda r: r["remat"]),
+            ("accumulate", lambda r: f"{r['accumulate']} ×{r['micro_batches_per_call']}/call"),
+            ("compile s", lambda r: r["compile_s"]), ("step s", lambda r: r["step_s"]),
+            ("tokens/s", lambda r: r["tokens_per_s"]), ("TFLOP/s", lambda r: r["model_tflops_per_device"]),
+            ("XLA temp GiB", lambda r: r["xla_temp_gb"])]))
+        print()
+
+    memory_rows = [r for r in by("train") if not r["step_s"]]
+    if memory_rows:
+        print("### Memory against the micro-batch (XLA's compiled temp allocation)\n")
+        batches = sorted({r["batch"] for r in memory_rows})
+        chunks = sorted({r["loss_chunk"] for r in memory_rows})
+        cell = {(r["batch"], r["loss_chunk"]): r["xla_temp_gb"] for r in memory_rows}
+        print(_table(batches, [("micro-batch × seq", lambda b: f"{b}×{memory_rows[0]['seq']}")] + [
+            ("whole logits GiB" if c == 0 else f"{c}-row blocks GiB", lambda b, c=c: cell.get((b, c)))
+            for c in chunks]))
+        print()
+
+    for r in by("infer"):
+        print("### Inference (teacher vs student, same inputs)\n")
+        print(_table([r], [
+            ("seq", lambda r: r["seq"]),
+            ("teacher batch-1 ms", lambda r: r["teacher_latency_ms"]),
+            ("student batch-1 ms", lambda r: r["student_latency_ms"]),
+            ("latency speed-up", lambda r: r["latency_speedup"]),
+            (f"teacher seq/s (batch {r['throughput_batch']})", lambda r: r["teacher_throughput_sequences_per_s"]),
+            ("student seq/s", lambda r: r["student_throughput_sequences_per_s"]),
+            ("throughput speed-up", lambda r: r["throughput_speedup"]),
+            ("params teacher / student", lambda r: f"{r['teacher_params'] / 1e6:.1f}M / {r['student_params'] / 1e6:.1f}M")]))
+        print()
+    for r in by("matmul"):
+        print(f"Matmul ({r['size']}² {r['dtype']}): {r['tflops']:.3f} TFLOP/s.\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
