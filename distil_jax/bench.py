@@ -141,11 +141,11 @@ def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str =
         run = train.make_run(config, tmp)
         exp = run.exp
         state, _ = train.restore_or_init(run)
-        per_call = train.micro_batches_per_call(config)
+        per_call, stacked = train.micro_batches_per_call(config), train.stacks_micro_batches(config)
         micro = config.train.micro_batch_size
         batches = [_random_batch(config, exp.model_config.vocab_size, micro, seed=i) for i in range(per_call)]
-        local = batches[0] if per_call == 1 else {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-        batch = parallel.global_batch(local, exp.mesh, stacked=per_call > 1)
+        local = {k: np.stack([b[k] for b in batches]) for k in batches[0]} if stacked else batches[0]
+        batch = parallel.global_batch(local, exp.mesh, stacked=stacked)
         jitted = train.compiled_step(run)
         start = time.perf_counter()
         compiled = jitted.lower(state, exp.teacher_params, batch).compile()
@@ -309,7 +309,7 @@ def _shape_flags(p) -> None:
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--attention", default="", choices=("", "xla", "cudnn"))
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per update")
-    p.add_argument("--accumulate", default="multisteps", choices=("multisteps", "scan"))
+    p.add_argument("--accumulate", default="scan", choices=("multisteps", "scan"))
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--latency_seq", type=int, default=128)
     p.add_argument("--throughput_batch", type=int, default=64)

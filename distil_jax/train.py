@@ -366,18 +366,23 @@ def add_metrics(acc, metrics):
     return metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
 
 
+def stacks_micro_batches(config) -> bool:
+    """accumulate="scan": one call takes an update's micro-batches stacked [k, rows, seq]."""
+    return config.train.accumulate == "scan"
+
+
 def micro_batches_per_call(config) -> int:
     """Micro-batches one call of the compiled step consumes (all of an update's with scan)."""
     t = config.train
-    return t.batch_size // t.micro_batch_size if t.accumulate == "scan" else 1
+    return t.batch_size // t.micro_batch_size if stacks_micro_batches(config) else 1
 
 
 def compiled_step(run: "Run", step_wrapper: Callable = lambda f: f):
     """The jitted step of `run` (train_step, or accumulated_train_step with accumulate="scan"):
     (state, teacher_params, batch) -> (state, metrics), state buffers donated."""
     exp = run.exp
-    per_call = micro_batches_per_call(exp.config)
-    step = accumulated_train_step if per_call > 1 else train_step
+    stacked = stacks_micro_batches(exp.config)
+    step = accumulated_train_step if stacked else train_step
     settings = dict(model=exp.model, teacher=exp.teacher, tx=run.tx, schedule=run.schedule,
                     obj=run.objective, accumulation=exp.accumulation,
                     nan_at_updates=tuple(exp.config.debug.nan_at_updates))
@@ -385,16 +390,16 @@ def compiled_step(run: "Run", step_wrapper: Callable = lambda f: f):
     def step_fn(state, teacher_params, batch):
         return step(state, teacher_params, batch, **settings)
 
-    rows = parallel.batch_sharding(exp.mesh, stacked=per_call > 1)
+    rows = parallel.batch_sharding(exp.mesh, stacked=stacked)
     batch_sh = {"input_ids": rows, "attention_mask": rows}
     return jax.jit(step_wrapper(step_fn), in_shardings=(run.state_shardings, exp.teacher_shardings, batch_sh),
                    out_shardings=(run.state_shardings, parallel.replicated(exp.mesh)), donate_argnums=0)
 
 
-def next_local_batch(data, per_call: int, pad_id: int = 0):
-    """The next micro-batch, or the next `per_call` stacked [per_call, rows, seq], each padded
-    (pad id, attention mask 0) to the longest of them."""
-    if per_call == 1:
+def next_local_batch(data, per_call: int, pad_id: int = 0, stacked: bool = False):
+    """The next micro-batch, or (stacked) the next `per_call` as [per_call, rows, seq], each
+    padded (pad id, attention mask 0) to the longest of them."""
+    if not stacked:
         return next(data)
     micro = [next(data) for _ in range(per_call)]
     seq = max(m["input_ids"].shape[1] for m in micro)
@@ -402,7 +407,6 @@ def next_local_batch(data, per_call: int, pad_id: int = 0):
     def pad(x, value):
         return np.pad(x, [(0, 0), (0, seq - x.shape[1])], constant_values=value)
     return {k: np.stack([pad(m[k], pad_id if k == "input_ids" else 0) for m in micro]) for k in micro[0]}
-
 
 
 # --- the loop -----------------------------------------------------------------------
@@ -463,7 +467,7 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     state, _ = restore_or_init(run)
     mesh, accum, total_updates = exp.mesh, exp.accumulation, exp.total_updates
     jitted = compiled_step(run, step_wrapper)
-    per_call = micro_batches_per_call(config)
+    per_call, stacked = micro_batches_per_call(config), stacks_micro_batches(config)
 
     is_main = jax.process_index() == 0
     micro = int(jax.device_get(state.step))
@@ -492,8 +496,8 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
 
     with PreemptionFlag() as stop:
         while micro < total_updates * accum:
-            local = next_local_batch(exp.train_data, per_call, exp.vocab.pad_id)
-            batch = parallel.global_batch(local, mesh, stacked=per_call > 1)
+            local = next_local_batch(exp.train_data, per_call, exp.vocab.pad_id, stacked)
+            batch = parallel.global_batch(local, mesh, stacked=stacked)
             state, metrics = jitted(state, exp.teacher_params, batch)
             window = add_metrics(window, metrics)
             seq = local["input_ids"].shape[-1]

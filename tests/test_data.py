@@ -249,3 +249,29 @@ def test_training_on_a_prepared_corpus_resumes_exactly(tmp_path):
     resumed = train.train_and_evaluate(c, str(tmp_path / "b"))
     host = lambda s: jax.device_get(s.params)  # noqa: E731
     chex.assert_trees_all_close(host(resumed["state"]), host(straight["state"]), atol=1e-6)
+
+
+def test_plan_keeps_blocks_of_micro_batches_together_for_scan_accumulation():
+    """keep_together=k shuffles blocks of k consecutive (length-sorted) batches: the same
+    batches, and the k micro-batches one scan call stacks pad to nearly one length."""
+    from distil_jax.data.loader import plan_batches
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(12, 512, size=4096)
+    indices = rng.permutation(4096)
+
+    def plan(k):
+        return plan_batches(indices, lengths, 16, np.random.default_rng(1), True, 64, True, keep_together=k)
+
+    single, blocks = plan(1), plan(4)
+    assert sorted(map(tuple, single)) == sorted(map(tuple, blocks))
+    unshuffled = plan_batches(indices, lengths, 16, np.random.default_rng(1), True, 64, False)
+    position = {tuple(b): i for i, b in enumerate(unshuffled)}
+    starts = [position[tuple(blocks[i])] for i in range(0, len(blocks), 4)]
+    assert all(s % 4 == 0 for s in starts)
+    assert all(position[tuple(blocks[i + j])] == starts[i // 4] + j for i in range(0, len(blocks), 4) for j in range(4))
+
+    def stacked_padding(p):
+        groups = p.reshape(-1, 4, 16)
+        longest = np.array([lengths[g].max() for g in groups])
+        return 1 - lengths[p].sum() / (longest.sum() * 64)
+    assert stacked_padding(blocks) < 0.5 * stacked_padding(single)

@@ -204,20 +204,23 @@ def _saved_state(workdir, micro_step):
     return host(state)
 
 
-def test_a_nan_update_is_skipped_and_counted(tmp_path):
-    config = tiny(**{"train.steps": 3, "checkpoint.every_steps": 1, "debug.nan_at_updates": (2,)})
+@pytest.mark.parametrize("accumulate", ["scan", "multisteps"])
+def test_a_nan_update_is_skipped_and_counted(tmp_path, accumulate):
+    config = tiny(**{"train.steps": 3, "checkpoint.every_steps": 1, "debug.nan_at_updates": (2,),
+                     "train.accumulate": accumulate})
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["update"] == 3
 
     # The skipped update moved nothing: after update 2 the student and AdamW's moments are
-    # bit for bit those after update 1, as if update 2's batches had never been seen. The
-    # update was still counted: gradient_step, and with it the schedule, goes on.
+    # bit for bit those after update 1, as if update 2's batches had never been seen.
     before, skipped = _saved_state(tmp_path, 2), _saved_state(tmp_path, 4)
     chex.assert_trees_all_equal(skipped["params"], before["params"])
-    inner = lambda s: s["opt_state"]["inner_opt_state"]["inner_state"]  # noqa: E731
-    chex.assert_trees_all_equal(inner(skipped), inner(before))
-    assert int(skipped["opt_state"]["gradient_step"]) == 2 and int(before["opt_state"]["gradient_step"]) == 1
-    assert all(np.all(x == 0) for x in jax.tree.leaves(skipped["opt_state"]["acc_grads"]))
+    guard = lambda s: s["opt_state"]["inner_opt_state"] if accumulate == "multisteps" else s["opt_state"]  # noqa: E731
+    chex.assert_trees_all_equal(guard(skipped)["inner_state"], guard(before)["inner_state"])
+    assert int(guard(skipped)["total_notfinite"]) == 1 and int(guard(before)["total_notfinite"]) == 0
+    if accumulate == "multisteps":  # MultiSteps still counts the update and starts afresh
+        assert int(skipped["opt_state"]["gradient_step"]) == 2 and int(before["opt_state"]["gradient_step"]) == 1
+        assert all(np.all(x == 0) for x in jax.tree.leaves(skipped["opt_state"]["acc_grads"]))
 
     # Update 3 applies again, from finite params.
     final = host(result["state"].params)

@@ -44,7 +44,8 @@ def host(tree):
 def test_accumulated_micro_batches_equal_one_big_batch():
     k, b = 4, 8
     config = tiny(**{"teacher.model.hidden_dropout": 0.0, "teacher.model.attention_dropout": 0.0,
-                     "train.warmup_fraction": 0.0, "train.batch_size": k * b, "train.micro_batch_size": b, "mesh.shape": (-1, 1, 1)})
+                     "train.warmup_fraction": 0.0, "train.batch_size": k * b, "train.micro_batch_size": b,
+                     "mesh.shape": (-1, 1, 1), "train.accumulate": "multisteps"})
     exp = experiment.build(config)
     obj = train.Objective.from_config(config, exp.vocab)
     grads_fn = jax.jit(functools.partial(train.loss_and_grads, model=exp.model, teacher=exp.teacher, obj=obj))
@@ -136,7 +137,7 @@ def test_bfloat16_compute_keeps_float32_master_params_and_loss():
 
 def test_train_step_updates_every_k_micro_batches(tmp_path):
     config = tiny(**{"train.steps": 1, "train.batch_size": 48, "train.micro_batch_size": 16,
-                     "train.warmup_fraction": 0.0})
+                     "train.warmup_fraction": 0.0, "train.accumulate": "multisteps"})
     run = train.make_run(config, str(tmp_path))
     state, _ = train.restore_or_init(run)
     step = jax.jit(functools.partial(

@@ -81,7 +81,10 @@ def _corpus_data(config, split, micro_batch_size, process_index, process_count, 
         process_index=process_index, process_count=process_count, shuffle=split == "train",
         group_by_length=d.group_by_length and split == "train", group_window=d.group_window,
         pad_multiple=d.pad_multiple, length_buckets=tuple(d.length_buckets), pad_id=tok.pad_token_id,
-        num_threads=d.num_threads, prefetch=d.prefetch)
+        num_threads=d.num_threads, prefetch=d.prefetch,
+        # accumulate="scan" stacks an update's micro-batches: keep them in one length group.
+        keep_together=(config.train.batch_size // config.train.micro_batch_size
+                       if config.train.accumulate == "scan" and split == "train" else 1))
     counts = np.load(os.path.join(data_dir, "token_counts.npy"))
     info = VocabInfo(vocab_size=len(tok), pad_id=tok.pad_token_id, mask_id=tok.mask_token_id,
                      special_ids=special_ids(tok), token_counts=counts, tokenizer=tok)

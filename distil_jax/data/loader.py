@@ -79,8 +79,13 @@ def epoch_indices(ranges: Dict[str, tuple], weights: Dict[str, float], rng: np.r
 
 
 def plan_batches(indices: np.ndarray, lengths: np.ndarray, batch: int, rng: np.random.Generator,
-                 group_by_length: bool, window: int, shuffle: bool) -> np.ndarray:
-    """[num_batches, batch] sequence indices; the last incomplete batch is dropped."""
+                 group_by_length: bool, window: int, shuffle: bool, keep_together: int = 1) -> np.ndarray:
+    """[num_batches, batch] sequence indices; the last incomplete batch is dropped.
+
+    The shuffle moves blocks of `keep_together` consecutive batches (1: single batches),
+    so that the micro-batches one call stacks (train.accumulate="scan") come from the
+    same length group and pad to nearly the same length.
+    """
     n = (len(indices) // batch) * batch
     if group_by_length:
         span = batch * max(window, 1)
@@ -90,8 +95,9 @@ def plan_batches(indices: np.ndarray, lengths: np.ndarray, batch: int, rng: np.r
             grouped.append(chunk[np.argsort(lengths[chunk], kind="stable")])
         indices = np.concatenate(grouped)
     batches = indices[:n].reshape(-1, batch)
-    if shuffle:
-        batches = batches[rng.permutation(len(batches))]
+    if shuffle and len(batches):
+        blocks = [batches[i: i + keep_together] for i in range(0, len(batches), keep_together)]
+        batches = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
     return batches
 
 
@@ -110,13 +116,14 @@ class BatchLoader:
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                  group_by_length: bool = True, group_window: int = 64, pad_multiple: int = 8,
                  length_buckets: Sequence[int] = (), pad_id: int = 0, num_threads: int = 2,
-                 prefetch: int = 8):
+                 prefetch: int = 8, keep_together: int = 1):
         if micro_batch_size % process_count:
             raise DataError(f"micro batch {micro_batch_size} is not divisible by {process_count} processes")
         self._data, self._batch, self._seed = split_data, micro_batch_size, seed
         self._local = micro_batch_size // process_count
         self._offset = process_index * self._local
         self._shuffle, self._group, self._window = shuffle, group_by_length, group_window
+        self._keep_together = keep_together
         self._pad_multiple, self._buckets, self._pad_id = pad_multiple, tuple(length_buckets), pad_id
         self._seq_len = int(split_data.manifest["seq_len"])
         self._plan_lock = threading.Lock()
@@ -133,7 +140,7 @@ class BatchLoader:
         rng = np.random.default_rng((self._seed, epoch))
         indices = epoch_indices(self._data.ranges, self._data.weights, rng, self._shuffle)
         return plan_batches(indices, self._data.lengths, self._batch, rng, self._group,
-                            self._window, self._shuffle)
+                            self._window, self._shuffle, self._keep_together)
 
     def _plan(self, epoch: int) -> np.ndarray:
         with self._plan_lock:
