@@ -30,7 +30,7 @@ def _shape(r):
 def main(path):
     records = [json.loads(line) for line in open(path) if line.strip()]
     by = lambda name: [r for r in records if r["bench"] == name]  # noqa: E731
-    machine = records[0]
+    machine = next((r for r in records if "jax" in r), records[0])
     print(f"Machine: {machine.get('cpus')} CPUs ({machine.get('machine')}), device `{machine.get('device')}`, "
           f"jax {machine.get('jax')}, Python {machine.get('python')}.\n")
 

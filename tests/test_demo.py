@@ -50,10 +50,14 @@ def test_reduced_demo_reaches_the_targets(demo_dir):
     assert set(s["stage_seconds"]) >= {"prepare", "teacher", "student", "student_mlm_only", "export",
                                        "evaluate", "finetune"}
     assert s["student_parameters"] < s["teacher_parameters"]
-    # The demo's targets that hold at this scale (see the README on distilled vs MLM-only accuracy).
+    # The demo's targets.
     assert s["teacher_mlm_accuracy"] >= 2 * s["most_frequent_token_accuracy"], s
     assert s["retention"] >= 0.9, s
-    # Distillation transfers the teacher's behaviour: closer to it than MLM alone gets.
+    # The distilled student beats the same student trained with MLM alone for the same
+    # steps: on held-out perplexity (the margin here is ~2%; on accuracy it is ~0.1 point,
+    # within the noise of 12 batches, so accuracy is reported, not asserted; README), and
+    # it is closer to its teacher.
+    assert s["student_perplexity"] < s["student_mlm_only_perplexity"], s
     assert s["kl_teacher_student"] < s["student_mlm_only_kl_teacher"], s
     assert s["agreement"] > s["student_mlm_only_agreement"], s
     transformers = pytest.importorskip("transformers")
