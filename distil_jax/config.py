@@ -83,7 +83,7 @@ def defaults() -> ml_collections.ConfigDict:
         # keeps). attention: "" (XLA) or "cudnn" (flash attention on GPU, bf16).
         # accumulate: "scan" (all micro-batches of an update in one jitted call, one
         # optimizer step) or "multisteps" (one call per micro-batch, optax.MultiSteps).
-        loss_chunk=4096, remat="none", attention="", accumulate="scan",
+        loss_chunk=512, remat="none", attention="", accumulate="scan",
         # An update whose loss or gradients are not finite is skipped (and counted in
         # metrics.jsonl); this many in a row stop the run.
         max_consecutive_skips=10))
