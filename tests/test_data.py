@@ -275,3 +275,25 @@ def test_plan_keeps_blocks_of_micro_batches_together_for_scan_accumulation():
         longest = np.array([lengths[g].max() for g in groups])
         return 1 - lengths[p].sum() / (longest.sum() * 64)
     assert stacked_padding(blocks) < 0.5 * stacked_padding(single)
+
+
+def test_a_bucket_workdir_prepares_a_local_copy_on_every_process(tmp_path, monkeypatch):
+    """With a gs:// workdir and no data.dir, process 1 prepares its own local copy (no
+    process 0 is needed on its host) and reads its rows from it; data.dir still wins."""
+    import tempfile
+
+    from distil_jax.data import make_data, per_process_data, prepared_dir
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "local"))
+    corpus = tmp_path / "corpus.txt"
+    _write_corpus(corpus, 300, min_words=3, max_words=40)
+    config = _config([corpus], seq_len=48)
+    workdir = "gs://bucket/runs/one"
+    assert per_process_data(config, workdir) and not per_process_data(config, str(tmp_path))
+    local = prepared_dir(config, workdir, process=1)
+    assert local.startswith(str(tmp_path / "local")) and local.endswith("process_1")
+    assert prepared_dir(config, workdir, process=0) != local
+    loader, vocab = make_data(config, "train", 16, 1, 2, vocab_size=64, workdir=workdir)
+    assert os.path.exists(os.path.join(local, "manifest.json"))
+    assert next(loader)["input_ids"].shape[0] == 8  # process 1's half of the rows
+    config.data.dir = str(tmp_path / "shared")
+    assert prepared_dir(config, workdir, process=1) == str(tmp_path / "shared")

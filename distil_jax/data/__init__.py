@@ -12,7 +12,9 @@ and has `get_state()` / `set_state()` so that the checkpoint resumes it exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import tempfile
 from typing import Any, Dict, Optional, Protocol, Tuple
 
 import numpy as np
@@ -59,8 +61,24 @@ def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
     raise ValueError(f"data.source {config.data.source!r} is not one of: corpus, synthetic")
 
 
-def prepared_dir(config, workdir: str) -> str:
-    return config.data.dir or os.path.join(workdir, "data")
+def prepared_dir(config, workdir: str, process: int = 0) -> str:
+    """Where the tokenized corpus lives: data.dir, else WORKDIR/data.
+
+    A workdir on a bucket (gs://...) cannot hold it (preparation and the loader use local
+    files): then every process keeps its own copy on its host, under the temp dir and
+    named by the workdir, and prepares it itself (`per_process_data`). Set data.dir to a
+    directory every host sees (NFS, a gcsfuse mount) to prepare once.
+    """
+    if config.data.dir:
+        return config.data.dir
+    if per_process_data(config, workdir):
+        key = hashlib.sha256(workdir.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "distil_jax_data", key, f"process_{process}")
+    return os.path.join(workdir, "data")
+
+
+def per_process_data(config, workdir: str) -> bool:
+    return not config.data.dir and "://" in workdir
 
 
 def _corpus_data(config, split, micro_batch_size, process_index, process_count, vocab_size, workdir):
@@ -68,8 +86,8 @@ def _corpus_data(config, split, micro_batch_size, process_index, process_count, 
     from distil_jax.data.prepare import prepare
     from distil_jax.data.tokenizer import load_tokenizer, special_ids
 
-    data_dir = prepared_dir(config, workdir)
-    if process_index == 0:
+    data_dir = prepared_dir(config, workdir, process_index)
+    if process_index == 0 or per_process_data(config, workdir):
         prepare(config, data_dir, teacher_vocab_size=vocab_size)
     if process_count > 1:
         from jax.experimental import multihost_utils
