@@ -92,6 +92,13 @@ def shape_config(args):
         c.student.num_layers = args.student_layers
     c.teacher.path = ""  # a random teacher of the shape: nothing to download
     c.data.source = "synthetic"
+    # --batch / --seq when given, else the config file's (or 8 x 128); compare reads them back.
+    if args.config:  # the file's model sizes, for the record and for compare's torch models
+        m = c.teacher.model
+        args.teacher_layers, args.hidden, args.heads = m.num_layers, m.hidden_size, m.num_heads
+        args.ffn, args.vocab, args.student_layers = m.intermediate_size, m.vocab_size, c.student.num_layers
+    args.batch = args.batch or (c.train.micro_batch_size if args.config else 8)
+    args.seq = args.seq or (c.data.seq_len if args.config else 128)
     accumulation = args.accumulation
     changes = {"data.seq_len": args.seq, "train.micro_batch_size": args.batch,
                "train.batch_size": args.batch * accumulation, "train.steps": 10 ** 6,
@@ -298,8 +305,9 @@ def _shape_flags(p) -> None:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=0, help="sequences per micro-batch (default: "
+                   "the config's, else 8)")
+    p.add_argument("--seq", type=int, default=0, help="default: the config's, else 128")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported); "
                    "train: 0 compiles only (memory)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

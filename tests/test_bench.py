@@ -69,3 +69,12 @@ def test_bench_data(capsys):
     assert set(records) == {"data/tokenize", "data/prepare", "data/padding", "data/loader"}
     _finite_positive(records["data/tokenize"], "tokens_per_s", "documents_per_s")
     _finite_positive(records["data/loader"], "tokens_per_s", "sequences_per_s")
+
+
+def test_bench_train_on_a_config_file_takes_its_shapes(capsys):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (r,) = _records(capsys, ["train", "--config", os.path.join(root, "configs", "tiny.py"), "--steps", "1"])
+    assert (r["teacher_layers"], r["student_layers"], r["hidden"], r["vocab"]) == (4, 2, 64, 256)
+    assert (r["batch"], r["seq"]) == (16, 32)  # configs/tiny.py's micro-batch and seq_len
+    _finite_positive(r, "step_s", "tokens_per_s")
