@@ -153,8 +153,13 @@ class Objective:
     @property
     def head_rows(self) -> float:
         """The fraction of positions given logits (for model FLOPs): all, or the targets'."""
-        fused_restricted = self.loss_chunk > 0 and (self.restrict_ce_to_mask or "loss_ce" not in self.alphas)
+        fused_restricted = self.loss_chunk > 0 and (self.restrict_ce_to_mask or not self.uses_teacher)
         return self.masking["mask_prop"] if fused_restricted else 1.0
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any loss weighs the teacher's outputs (not so for an MLM-only baseline)."""
+        return any(self.alphas.get(k, 0.0) for k in ("loss_ce", "loss_cos", "loss_mse"))
 
     def max_targets(self, rows: int) -> int:
         """A static bound on the MLM targets among `rows` tokens (masking draws ceil(p x real))."""
@@ -223,7 +228,7 @@ def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, t
     """(metrics, gradients) of one masked micro-batch; the teacher runs outside the gradient."""
     fused = obj.loss_chunk > 0
     teacher_out = t_head = None
-    if teacher is not None:
+    if teacher is not None and obj.uses_teacher:  # no teacher forward when no loss reads it
         teacher_out = teacher.apply({"params": teacher_params}, masked_ids, attention_mask,
                                     deterministic=True, compute_logits=not fused)
         t_head = lambda h: teacher.apply({"params": teacher_params}, h,  # noqa: E731
@@ -472,7 +477,7 @@ def train_and_evaluate(config, workdir: str, step_wrapper: Callable = lambda f: 
     is_main = jax.process_index() == 0
     micro = int(jax.device_get(state.step))
     writer = MetricWriter(workdir, total_updates, initial_step=micro // accum, enabled=is_main)
-    teacher_config = exp.teacher.config if exp.teacher is not None else None
+    teacher_config = exp.teacher.config if exp.teacher is not None and run.objective.uses_teacher else None
     peak = device_peak_tflops(config.train.peak_tflops)
     window, flops, sequences, last = None, 0.0, 0, {}
     window_start = time.perf_counter()

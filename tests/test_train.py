@@ -317,3 +317,23 @@ def test_every_config_loads_and_validates(name):
     # A teacher dir or hub name is not at hand offline: validate against its architecture.
     teacher = None if not c.teacher.path else config_lib.BertConfig()
     config_lib.validate(c, num_devices=8, teacher=teacher)
+
+
+def test_mlm_only_distill_runs_no_teacher_and_equals_the_same_loss_with_it():
+    """All teacher losses weighed 0 (the demo's MLM-only baseline): the teacher's forward is
+    skipped, and the gradient is the one the full step gives for the MLM loss alone."""
+    config = tiny(**{"distill.alpha_ce": 0.0, "distill.alpha_cos": 0.0, "distill.alpha_mse": 0.0,
+                     "distill.alpha_mlm": 1.0})
+    exp = experiment.build(config)
+    obj = train.Objective.from_config(config, exp.vocab)
+    assert not obj.uses_teacher and train.Objective.from_config(tiny(), exp.vocab).uses_teacher
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 128, size=(4, 16)), jnp.int32)
+    am = jnp.ones_like(ids)
+    masked, labels, targets = obj.mask(jax.random.key(3), ids, am)
+    params = exp.initial_params()
+    args = (params, exp.teacher_params, masked, am, labels, targets, jax.random.key(4))
+    m_skip, g_skip = train.loss_and_grads(*args, model=exp.model, teacher=exp.teacher, obj=obj)
+    m_none, g_none = train.loss_and_grads(*args, model=exp.model, teacher=None, obj=obj)
+    assert "kl_t1" not in m_skip and "loss_cos" not in m_skip
+    chex.assert_trees_all_close(g_skip, g_none)
+    np.testing.assert_allclose(m_skip["loss"], m_skip["loss_mlm"])
