@@ -94,6 +94,9 @@ def plot_curves(curves: Dict[str, list], path: str) -> None:
 def main(argv):
     del argv
     from absl import flags
+
+    from distil_jax import hostmem
+    hostmem.keep_host_memory()
     result = run_ablation(flags.FLAGS.config, flags.FLAGS.workdir)
     print(json.dumps({k: result[k] for k in ("table", "plot")}, indent=2))
 

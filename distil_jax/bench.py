@@ -121,82 +121,137 @@ def _random_batch(config, vocab_size: int, rows: int, seed: int = 0):
 
 def matmul_tflops(size: int = 4096, dtype: str = "float32", steps: int = 5) -> dict:
     """The machine's practical matmul rate: a jitted [size, size] @ [size, size]."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (size, size), getattr(jnp, dtype))
-    b = jax.random.normal(jax.random.key(1), (size, size), getattr(jnp, dtype))
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    seconds, _ = _median_seconds(lambda: f(a, b).block_until_ready(), steps)
-    return {"bench": "matmul", "size": size, "dtype": dtype, "seconds": seconds,
-            "tflops": 2 * size ** 3 / seconds / 1e12}
+    one, tflops = _matmul_timer(size, dtype)
+    seconds, _ = _median_seconds(one, steps)
+    return {"bench": "matmul", "size": size, "dtype": dtype, "seconds": seconds, "tflops": tflops(seconds)}
 
 
 def bench_matmul(args) -> None:
     _emit({**matmul_tflops(args.size, args.dtype, args.steps), **_machine()})
 
 
-def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str = "train") -> dict:
-    """Compile and time the real train step of `config` on random tokens."""
-    import jax
-    import numpy as np
+class _StepTimer:
+    """The real jitted train step of `config`, compiled, on random tokens: `one()` runs one
+    step to completion; `record(times)` turns step times into the benchmark's JSON."""
 
-    from distil_jax import parallel, train
-    from distil_jax.metrics import device_peak_tflops, step_flops_per_token
+    def __init__(self, config, peak_tflops: float = 0.0, label: str = "train"):
+        import jax
+        import numpy as np
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run = train.make_run(config, tmp)
-        exp = run.exp
+        from distil_jax import parallel, train
+        self.config, self.peak_tflops, self.label = config, peak_tflops, label
+        self._tmp = tempfile.TemporaryDirectory()
+        run = self.run = train.make_run(config, self._tmp.name)
+        exp = self.exp = run.exp
         state, _ = train.restore_or_init(run)
-        per_call, stacked = train.micro_batches_per_call(config), train.stacks_micro_batches(config)
+        self.per_call, stacked = train.micro_batches_per_call(config), train.stacks_micro_batches(config)
         micro = config.train.micro_batch_size
-        batches = [_random_batch(config, exp.model_config.vocab_size, micro, seed=i) for i in range(per_call)]
+        batches = [_random_batch(config, exp.model_config.vocab_size, micro, seed=i) for i in range(self.per_call)]
         local = {k: np.stack([b[k] for b in batches]) for k in batches[0]} if stacked else batches[0]
         batch = parallel.global_batch(local, exp.mesh, stacked=stacked)
-        jitted = train.compiled_step(run)
         start = time.perf_counter()
-        compiled = jitted.lower(state, exp.teacher_params, batch).compile()
-        compile_s = time.perf_counter() - start
-        memory = compiled.memory_analysis()
+        compiled = train.compiled_step(run).lower(state, exp.teacher_params, batch).compile()
+        self.compile_s = time.perf_counter() - start
+        self.memory = compiled.memory_analysis()
         holder = {"state": state}
 
         def one():
             holder["state"], metrics = compiled(holder["state"], exp.teacher_params, batch)
             jax.block_until_ready(metrics)
-        seconds = _median_seconds(one, steps)[0] if steps > 0 else None  # 0: compile only
-    seq = config.data.seq_len
-    tokens = per_call * micro * seq
-    teacher_cfg = None if exp.teacher is None else exp.teacher.config
-    flops = step_flops_per_token(exp.model_config, teacher_cfg, seq, run.objective.head_rows) * tokens
-    tflops = flops / seconds / 1e12 / jax.device_count() if seconds else None
-    peak = device_peak_tflops(peak_tflops)
-    t = config.train
-    return {"bench": label, "teacher_layers": None if teacher_cfg is None else teacher_cfg.num_layers,
-            "student_layers": exp.model_config.num_layers, "hidden": exp.model_config.hidden_size,
-            "vocab": exp.model_config.vocab_size, "batch": micro, "seq": seq,
-            "micro_batches_per_call": per_call, "accumulate": t.accumulate, "dtype": t.dtype,
-            "loss_chunk": t.loss_chunk, "restrict_ce_to_mask": config.distill.restrict_ce_to_mask,
-            "remat": t.remat, "attention": t.attention or "xla",
-            "compile_s": compile_s, "step_s": seconds, "tokens_per_s": tokens / seconds if seconds else None,
-            "sequences_per_s": per_call * micro / seconds if seconds else None,
-            "model_tflops_per_device": tflops, "mfu": tflops / peak if peak and tflops else None,
-            "peak_tflops": peak, "model_gflop_per_step": flops / 1e9,
-            "xla_temp_gb": memory.temp_size_in_bytes / 2**30 if memory else None,
-            "xla_argument_gb": memory.argument_size_in_bytes / 2**30 if memory else None,
-            "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(), **_machine()}
+        self.one = one
+
+    def close(self):
+        self._tmp.cleanup()
+
+    def record(self, times) -> dict:
+        import jax
+        import numpy as np
+
+        from distil_jax.metrics import device_peak_tflops, step_flops_per_token
+        config, exp, memory = self.config, self.exp, self.memory
+        seconds = float(np.median(times)) if times else None  # no times: compile only
+        seq, micro, per_call = config.data.seq_len, config.train.micro_batch_size, self.per_call
+        tokens = per_call * micro * seq
+        teacher_cfg = None if exp.teacher is None else exp.teacher.config
+        flops = step_flops_per_token(exp.model_config, teacher_cfg, seq, self.run.objective.head_rows) * tokens
+        tflops = flops / seconds / 1e12 / jax.device_count() if seconds else None
+        peak = device_peak_tflops(self.peak_tflops)
+        t = config.train
+        return {"bench": self.label, "teacher_layers": None if teacher_cfg is None else teacher_cfg.num_layers,
+                "student_layers": exp.model_config.num_layers, "hidden": exp.model_config.hidden_size,
+                "vocab": exp.model_config.vocab_size, "batch": micro, "seq": seq,
+                "micro_batches_per_call": per_call, "accumulate": t.accumulate, "dtype": t.dtype,
+                "loss_chunk": t.loss_chunk, "restrict_ce_to_mask": config.distill.restrict_ce_to_mask,
+                "remat": t.remat, "attention": t.attention or "xla",
+                "compile_s": self.compile_s, "step_s": seconds, "step_times_s": list(times),
+                "tokens_per_s": tokens / seconds if seconds else None,
+                "sequences_per_s": per_call * micro / seconds if seconds else None,
+                "model_tflops_per_device": tflops, "mfu": tflops / peak if peak and tflops else None,
+                "peak_tflops": peak, "model_gflop_per_step": flops / 1e9,
+                "xla_temp_gb": memory.temp_size_in_bytes / 2**30 if memory else None,
+                "xla_argument_gb": memory.argument_size_in_bytes / 2**30 if memory else None,
+                "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(), **_machine()}
 
 
-def _with_matmul(args, record: dict) -> dict:
-    """--matmul: the matmul rate measured now, and the step's fraction of it."""
+def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str = "train") -> dict:
+    """Compile and time the real train step of `config` on random tokens (median of `steps`)."""
+    timer = _StepTimer(config, peak_tflops, label)
+    try:
+        times = _median_seconds(timer.one, steps)[1] if steps > 0 else []
+        return timer.record(times)
+    finally:
+        timer.close()
+
+
+def _matmul_timer(size: int = 4096, dtype: str = "float32"):
+    """(one, tflops(seconds)): one jitted [size, size] @ [size, size], for interleaved timing."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (size, size), getattr(jnp, dtype))
+    b = jax.random.normal(jax.random.key(1), (size, size), getattr(jnp, dtype))
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    return (lambda: f(a, b).block_until_ready()), (lambda seconds: 2 * size ** 3 / seconds / 1e12)
+
+
+def _interleaved(timers: dict, steps: int) -> dict:
+    """Times of `steps` rounds, each running every timer once in turn, after a warm-up of
+    each: a machine whose speed drifts during the run (a shared or throttled CPU) slows
+    all of them alike, so their ratios hold where their absolute times do not."""
+    for one in timers.values():
+        one()
+    times = {name: [] for name in timers}
+    for _ in range(steps):
+        for name, one in timers.items():
+            start = time.perf_counter()
+            one()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _timed_with_matmul(args, timer, others=None):
+    """Our step (and `others`), and with --matmul the matmul rate, interleaved; returns
+    (our record with the matmul fields, the other timers' times)."""
+    import numpy as np
+    timers = {"ours": timer.one, **(others or {})}
+    if args.matmul:
+        timers["matmul"], matmul_rate = _matmul_timer(args.matmul_size)
+    times = _interleaved(timers, args.steps) if args.steps > 0 else {name: [] for name in timers}
+    record = timer.record(times.pop("ours"))
     if args.matmul and record["step_s"]:
-        mm = matmul_tflops(args.matmul_size)
-        record.update(matmul_tflops=mm["tflops"],
-                      fraction_of_matmul=record["model_tflops_per_device"] / mm["tflops"])
-    return record
+        rates = [matmul_rate(t) for t in times.pop("matmul")]
+        rate = float(np.median(rates))
+        record.update(matmul_tflops=rate, matmul_tflops_per_round=rates,
+                      fraction_of_matmul=record["model_tflops_per_device"] / rate)
+    return record, times
 
 
 def bench_train(args) -> None:
-    _emit(_with_matmul(args, train_step_record(shape_config(args), args.steps, args.peak_tflops)))
+    timer = _StepTimer(shape_config(args), args.peak_tflops)
+    try:
+        _emit(_timed_with_matmul(args, timer)[0])
+    finally:
+        timer.close()
 
 
 def bench_infer(args) -> None:
@@ -230,13 +285,20 @@ def bench_infer(args) -> None:
 
 
 def bench_compare(args) -> None:
+    """Ours and the reference step (and with --matmul the matmul) timed in turn, one of each
+    per round (`_interleaved`); medians over the rounds, and the per-round speed-ups."""
     from distil_jax import torch_reference
-    config = shape_config(args)
-    ours = train_step_record(config, args.steps, args.peak_tflops, label="compare/ours")
-    ref = torch_reference.step_record(args, args.steps)
+    timer = _StepTimer(shape_config(args), args.peak_tflops, label="compare/ours")
+    try:
+        ref_one, ref_record = torch_reference.step_timer(args)
+        ours, times = _timed_with_matmul(args, timer, {"torch": ref_one})
+    finally:
+        timer.close()
+    ref = ref_record(times["torch"])
     ours["speedup_vs_torch"] = ours["tokens_per_s"] / ref["tokens_per_s"]
+    ours["speedup_vs_torch_per_round"] = sorted(t / o for t, o in zip(ref["step_times_s"], ours["step_times_s"]))
     _emit(ref)
-    _emit(_with_matmul(args, ours))
+    _emit(ours)
 
 
 def bench_data(args) -> None:
@@ -352,4 +414,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from distil_jax import hostmem
+    hostmem.keep_host_memory()  # as the trainer does (main.py): host memory reused between steps
     main(sys.argv[1:])

@@ -58,6 +58,8 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from distil_jax import hostmem
+    hostmem.keep_host_memory()  # before JAX starts: reuse host memory between steps
     import jax
 
     from distil_jax import parallel

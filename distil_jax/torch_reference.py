@@ -72,8 +72,9 @@ def _mask(token_ids, lengths, token_probs, vocab, mask_id, pad_id=0):
     return token_ids, attn_mask, labels
 
 
-def step_record(args, steps: int) -> dict:
-    """Median time of the reference step on args' shapes (random tokens, no padding)."""
+def step_timer(args):
+    """(one, record): `one()` runs one reference step on args' shapes (random tokens, no
+    padding); `record(times)` turns step times into the benchmark's JSON (their median)."""
     import torch
     import torch.nn.functional as F
 
@@ -114,17 +115,25 @@ def step_record(args, steps: int) -> dict:
         opt.zero_grad()
         return float(loss.detach())
 
-    one()  # warm-up
+    def record(times) -> dict:
+        seconds = float(np.median(times))
+        tokens = args.batch * args.seq
+        return {"bench": "compare/torch", "teacher_layers": args.teacher_layers,
+                "student_layers": args.student_layers, "hidden": args.hidden, "vocab": args.vocab,
+                "batch": args.batch, "seq": args.seq, "step_s": seconds, "step_times_s": list(times),
+                "tokens_per_s": tokens / seconds, "sequences_per_s": args.batch / seconds,
+                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                "attention": getattr(student.config, "_attn_implementation", None)}
+    return one, record
+
+
+def step_record(args, steps: int) -> dict:
+    """Median time of `steps` reference steps after a warm-up."""
+    one, record = step_timer(args)
+    one()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         one()
         times.append(time.perf_counter() - start)
-    seconds = float(np.median(times))
-    tokens = args.batch * args.seq
-    return {"bench": "compare/torch", "teacher_layers": args.teacher_layers,
-            "student_layers": args.student_layers, "hidden": args.hidden, "vocab": args.vocab,
-            "batch": args.batch, "seq": args.seq, "step_s": seconds, "tokens_per_s": tokens / seconds,
-            "sequences_per_s": args.batch / seconds, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "attention": getattr(student.config, "_attn_implementation", None)}
+    return record(times)

@@ -55,12 +55,17 @@ def test_bench_matmul(capsys):
 
 
 def test_bench_compare_runs_the_torch_reference_on_the_same_shape(capsys):
-    ref, ours = _records(capsys, ["compare", *TINY])
+    ref, ours = _records(capsys, ["compare", *TINY, "--matmul", "--matmul_size", "256"])
     assert ref["bench"] == "compare/torch" and ours["bench"] == "compare/ours"
     for key in ("teacher_layers", "student_layers", "hidden", "vocab", "batch", "seq"):
         assert ref[key] == ours[key], key
     _finite_positive(ref, "step_s", "tokens_per_s")
+    _finite_positive(ours, "matmul_tflops", "fraction_of_matmul")
     assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"] / ref["tokens_per_s"])
+    # Interleaved rounds: one time of each per round, and the per-round speed-ups from them.
+    assert len(ref["step_times_s"]) == len(ours["step_times_s"]) == len(ours["matmul_tflops_per_round"]) == 2
+    assert ours["speedup_vs_torch_per_round"] == pytest.approx(sorted(
+        t / o for t, o in zip(ref["step_times_s"], ours["step_times_s"])))
 
 
 def test_bench_data(capsys):

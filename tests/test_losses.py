@@ -157,7 +157,7 @@ def _plain_terms(s_feat, s_head, t_feat, t_head, labels, mlm_w, kd_w, temperatur
 
 @pytest.mark.parametrize("chunk", [0, 1, 8, 16, 64])
 @pytest.mark.parametrize("no_rows", [False, True])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 1.5])
 def test_chunked_vocab_terms_and_gradients_equal_whole_logits(chunk, no_rows, temperature):
     s_feat, s_head, t_feat, t_head, labels, mlm_w, kd_w = _vocab_case(chunk, no_rows=no_rows)
     alphas = {"loss_mlm": 2.0, "loss_ce": 5.0, "loss_mse": 0.1}
@@ -186,6 +186,24 @@ def test_chunked_vocab_terms_and_gradients_equal_whole_logits(chunk, no_rows, te
     # Scaled cotangents scale the gradient (the custom backward pass is linear in it).
     g3 = jax.grad(lambda f, h: 3.0 * chunked(f, h)[0], argnums=(0, 1))(s_feat, s_head)
     chex.assert_trees_all_close(g3, jax.tree.map(lambda x: 3.0 * x, g_c), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.5])
+def test_fused_kl_keeps_its_precision_when_student_and_teacher_are_close(temperature):
+    """The fused KL is a difference of row sums (no log-softmax is formed); where the two
+    distributions nearly agree (KL ~ 1e-3) it must still match a float64 reference."""
+    r = np.random.default_rng(0)
+    n, d, v = 64, 32, 5000
+    emb, bias = r.normal(size=(v, d)).astype(np.float32), r.normal(size=v).astype(np.float32)
+    s_feat = r.normal(size=(n, d)).astype(np.float32)
+    t_feat = (s_feat + 0.01 * r.normal(size=(n, d))).astype(np.float32)
+    w = np.ones(n, np.float32)
+    _, terms = losses.vocab_terms(jnp.asarray(s_feat), (emb, bias), r.integers(0, v, n), w,
+                                  jnp.asarray(t_feat), (emb, bias), w, temperature, chunk=16)
+    s, t = (x.astype(np.float64) @ emb.T.astype(np.float64) + bias for x in (s_feat, t_feat))
+    assert 1e-4 < _ref_kd(s, t, w, temperature) < 1e-2
+    np.testing.assert_allclose(terms["loss_ce"], _ref_kd(s, t, w, temperature), rtol=2e-4)
+    np.testing.assert_allclose(terms["kl_t1"], _ref_kd(s, t, w, 1.0), rtol=2e-4)
 
 
 def test_vocab_terms_without_teacher_is_the_mlm_loss():
