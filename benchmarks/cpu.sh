@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every CPU measurement in BENCHMARKS.md, one JSON line each, into OUT (default
-# benchmarks/results/cpu.jsonl). Run on an otherwise idle machine; about 15 minutes on 2 cores.
+# benchmarks/results/cpu.jsonl). Run on an otherwise idle machine; about 25 minutes on 2 cores.
 #   bash benchmarks/cpu.sh [OUT]
 set -euo pipefail
 out=${1:-benchmarks/results/cpu.jsonl}
@@ -11,12 +11,20 @@ bench() { echo "+ python -m distil_jax.bench $*" >&2; python -m distil_jax.bench
 small=(--teacher_layers 4 --student_layers 2 --hidden 256 --heads 4 --ffn 1024 --vocab 8192)
 base=(--teacher_layers 12 --student_layers 6 --hidden 768 --heads 12 --ffn 3072 --vocab 30522)
 
-# The peer: the PyTorch reference step on the same shapes, same process (and the matmul rate).
-bench compare "${small[@]}" --batch 16 --seq 128 --steps 5 --matmul
-bench compare "${base[@]}" --batch 8 --seq 128 --steps 3 --matmul
+# The peer: the PyTorch reference step on the same shapes, timed in turn with ours and the
+# matmul (the machine's rate). Twice: in this process (the same malloc settings as ours,
+# hostmem.py), and in a process of its own with the system's malloc (as its users run it).
+for where in same separate; do
+  bench compare "${small[@]}" --batch 16 --seq 128 --steps 7 --matmul --torch_process "$where"
+  bench compare "${base[@]}" --batch 8 --seq 128 --steps 4 --matmul --torch_process "$where"
+done
+# What keeping host memory buys (hostmem.py): the default step with malloc left as it is.
+DISTIL_JAX_HOST_MALLOC=system bench train "${base[@]}" --batch 8 --seq 128 --steps 4 --matmul
+bench train "${base[@]}" --batch 8 --seq 128 --steps 4 --matmul
 # Whole logits vs fused blocks; the plain, unfused objective for reference.
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 0
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 256
+bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 512
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --restrict_ce_to_mask
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --remat dots
 # Accumulation: MultiSteps one micro-batch per call vs a scan over the update's micro-batches.

@@ -23,6 +23,10 @@ def _table(rows, columns):
     return "\n".join(out)
 
 
+def _range(values):
+    return "–" if not values else f"{min(values):.2f}–{max(values):.2f}"
+
+
 def _shape(r):
     return f"{r['teacher_layers']}→{r['student_layers']} × {r['hidden']}, V {r['vocab']}, {r['batch']}×{r['seq']}"
 
@@ -40,9 +44,11 @@ def main(path):
         pairs = list(zip(torch_rows, ours_rows))
         print(_table(pairs, [
             ("shape (teacher→student × width, vocab, batch×seq)", lambda p: _shape(p[1])),
+            ("torch runs in", lambda p: f"{p[0].get('process', 'same')} process, malloc {p[0].get('malloc', '?')}"),
             ("torch step s", lambda p: p[0]["step_s"]), ("torch tokens/s", lambda p: p[0]["tokens_per_s"]),
             ("ours step s", lambda p: p[1]["step_s"]), ("ours tokens/s", lambda p: p[1]["tokens_per_s"]),
             ("speed-up", lambda p: p[1]["speedup_vs_torch"]),
+            ("speed-up per round (min–max)", lambda p: _range(p[1].get("speedup_vs_torch_per_round"))),
             ("ours TFLOP/s", lambda p: p[1]["model_tflops_per_device"]),
             ("matmul TFLOP/s", lambda p: p[1].get("matmul_tflops")),
             ("fraction of matmul", lambda p: p[1].get("fraction_of_matmul"))]))
@@ -52,11 +58,13 @@ def main(path):
     if train_rows:
         print("### Train step variants\n")
         print(_table(train_rows, [
-            ("shape", _shape), ("loss_chunk", lambda r: r["loss_chunk"]),
+            ("shape", _shape), ("malloc", lambda r: r.get("malloc", "system")),
+            ("loss_chunk", lambda r: r["loss_chunk"]),
             ("restrict_ce_to_mask", lambda r: r["restrict_ce_to_mask"]), ("remat", lambda r: r["remat"]),
             ("accumulate", lambda r: f"{r['accumulate']} ×{r['micro_batches_per_call']}/call"),
             ("compile s", lambda r: r["compile_s"]), ("step s", lambda r: r["step_s"]),
             ("tokens/s", lambda r: r["tokens_per_s"]), ("TFLOP/s", lambda r: r["model_tflops_per_device"]),
+            ("fraction of matmul", lambda r: r.get("fraction_of_matmul")),
             ("XLA temp GiB", lambda r: r["xla_temp_gb"])]))
         print()
 

@@ -167,6 +167,7 @@ class _StepTimer:
         import jax
         import numpy as np
 
+        from distil_jax import hostmem
         from distil_jax.metrics import device_peak_tflops, step_flops_per_token
         config, exp, memory = self.config, self.exp, self.memory
         seconds = float(np.median(times)) if times else None  # no times: compile only
@@ -190,7 +191,8 @@ class _StepTimer:
                 "peak_tflops": peak, "model_gflop_per_step": flops / 1e9,
                 "xla_temp_gb": memory.temp_size_in_bytes / 2**30 if memory else None,
                 "xla_argument_gb": memory.argument_size_in_bytes / 2**30 if memory else None,
-                "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(), **_machine()}
+                "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(),
+                "malloc": "keep" if hostmem.kept() else "system", **_machine()}
 
 
 def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str = "train") -> dict:
@@ -214,15 +216,18 @@ def _matmul_timer(size: int = 4096, dtype: str = "float32"):
     return (lambda: f(a, b).block_until_ready()), (lambda seconds: 2 * size ** 3 / seconds / 1e12)
 
 
-def _interleaved(timers: dict, steps: int) -> dict:
+def _interleaved(timers: dict, steps: int, pause: float = 0.0) -> dict:
     """Times of `steps` rounds, each running every timer once in turn, after a warm-up of
     each: a machine whose speed drifts during the run (a shared or throttled CPU) slows
-    all of them alike, so their ratios hold where their absolute times do not."""
+    all of them alike, so their ratios hold where their absolute times do not. `pause`
+    seconds between timers let the previous one's worker threads go idle (a thread pool
+    spins a while after its work is done, taking cores from the next)."""
     for one in timers.values():
         one()
     times = {name: [] for name in timers}
     for _ in range(steps):
         for name, one in timers.items():
+            time.sleep(pause)
             start = time.perf_counter()
             one()
             times[name].append(time.perf_counter() - start)
@@ -236,7 +241,7 @@ def _timed_with_matmul(args, timer, others=None):
     timers = {"ours": timer.one, **(others or {})}
     if args.matmul:
         timers["matmul"], matmul_rate = _matmul_timer(args.matmul_size)
-    times = _interleaved(timers, args.steps) if args.steps > 0 else {name: [] for name in timers}
+    times = _interleaved(timers, args.steps, args.pause) if args.steps > 0 else {name: [] for name in timers}
     record = timer.record(times.pop("ours"))
     if args.matmul and record["step_s"]:
         rates = [matmul_rate(t) for t in times.pop("matmul")]
@@ -287,14 +292,23 @@ def bench_infer(args) -> None:
 def bench_compare(args) -> None:
     """Ours and the reference step (and with --matmul the matmul) timed in turn, one of each
     per round (`_interleaved`); medians over the rounds, and the per-round speed-ups."""
-    from distil_jax import torch_reference
+    from distil_jax import hostmem, torch_reference
     timer = _StepTimer(shape_config(args), args.peak_tflops, label="compare/ours")
+    close = None
     try:
-        ref_one, ref_record = torch_reference.step_timer(args)
+        if args.torch_process == "separate":
+            ref_one, ref_record, close = torch_reference.separate_process_timer(args)
+        else:
+            ref_one, ref_record = torch_reference.step_timer(args)
         ours, times = _timed_with_matmul(args, timer, {"torch": ref_one})
+        ref = ref_record(times["torch"])
     finally:
         timer.close()
-    ref = ref_record(times["torch"])
+        if close:
+            close()
+    if args.torch_process == "same":
+        ref.update(process="same", malloc="keep" if hostmem.kept() else "system")
+    ours["torch_process"] = args.torch_process
     ours["speedup_vs_torch"] = ours["tokens_per_s"] / ref["tokens_per_s"]
     ours["speedup_vs_torch_per_round"] = sorted(t / o for t, o in zip(ref["step_times_s"], ours["step_times_s"]))
     _emit(ref)
@@ -397,6 +411,13 @@ def main(argv=None) -> None:
         if name in ("train", "compare"):
             p.add_argument("--matmul", action="store_true", help="also measure the matmul rate")
             p.add_argument("--matmul_size", type=int, default=4096)
+            p.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each "
+                           "timed step or matmul (lets the previous one's threads go idle)")
+        if name == "compare":
+            p.add_argument("--torch_process", default="same", choices=("same", "separate"),
+                           help="same: the reference runs in this process, with this process's "
+                           "malloc settings (hostmem.py); separate: in a child process with the "
+                           "system's malloc, as the reference's users run it")
     mm = sub.add_parser("matmul", help="a large jitted matmul: the machine's practical FLOP/s")
     mm.add_argument("--size", type=int, default=4096)
     mm.add_argument("--dtype", default="float32")

@@ -26,6 +26,12 @@ import os
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 ENV = "DISTIL_JAX_HOST_MALLOC"
+_KEPT = False
+
+
+def kept() -> bool:
+    """Whether `keep_host_memory()` took effect in this process."""
+    return _KEPT
 
 
 def keep_host_memory() -> bool:
@@ -43,7 +49,9 @@ def keep_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # Order matters little, but all three are needed: no mmap for large blocks, never
-    # return the top of the heap to the system (-1 is SIZE_MAX), one arena for every thread.
-    return all(mallopt(param, value) == 1 for param, value in
-               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    # All three are needed: one arena for every thread, no mmap for large blocks, and never
+    # return the top of the heap to the system (-1 is SIZE_MAX).
+    global _KEPT
+    _KEPT = all([mallopt(param, value) == 1 for param, value in
+                 ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))])
+    return _KEPT

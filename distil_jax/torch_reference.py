@@ -12,8 +12,11 @@ optional dependency (`pip install torch`), needed only here and in the tests.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -137,3 +140,56 @@ def step_record(args, steps: int) -> dict:
         one()
         times.append(time.perf_counter() - start)
     return record(times)
+
+
+# --- the reference in a process of its own -------------------------------------------------
+SHAPE_KEYS = ("teacher_layers", "student_layers", "hidden", "heads", "ffn", "vocab", "batch", "seq")
+
+
+def separate_process_timer(args, malloc: str = "system"):
+    """(one, record, close) like `step_timer`, with the reference running in a child process
+    whose malloc is left as the system's (DISTIL_JAX_HOST_MALLOC=system): the reference as
+    its users run it, while this process keeps its host memory (hostmem.py). `one()` asks
+    the child for one step and waits for it, so the steps can still be interleaved."""
+    env = {**os.environ, "DISTIL_JAX_HOST_MALLOC": malloc}
+    child = subprocess.Popen([sys.executable, "-m", "distil_jax.torch_reference"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+
+    def ask(line: str) -> str:
+        child.stdin.write(line + "\n")
+        child.stdin.flush()
+        reply = child.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"the torch reference process stopped (exit code {child.wait()})")
+        return reply.strip()
+
+    ask(json.dumps({k: getattr(args, k) for k in SHAPE_KEYS}))
+
+    def record(times) -> dict:
+        return {**json.loads(ask("record " + json.dumps(list(times)))), "malloc": malloc, "process": "separate"}
+
+    def close():
+        if child.poll() is None:
+            child.stdin.close()
+            child.wait(timeout=60)
+    return (lambda: ask("step")), record, close
+
+
+def _serve() -> None:
+    """The child's side: the shape as the first line, then `step` (run one, reply with its
+    seconds) and `record TIMES` (reply with the JSON record) until stdin closes."""
+    import types
+    args = types.SimpleNamespace(**json.loads(sys.stdin.readline()))
+    one, record = step_timer(args)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.startswith("record "):
+            print(json.dumps(record(json.loads(line[len("record "):]))), flush=True)
+        else:
+            start = time.perf_counter()
+            one()
+            print(time.perf_counter() - start, flush=True)
+
+
+if __name__ == "__main__":
+    _serve()

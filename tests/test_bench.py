@@ -68,6 +68,14 @@ def test_bench_compare_runs_the_torch_reference_on_the_same_shape(capsys):
         t / o for t, o in zip(ref["step_times_s"], ours["step_times_s"])))
 
 
+def test_bench_compare_can_run_the_reference_in_a_process_of_its_own(capsys):
+    ref, ours = _records(capsys, ["compare", *TINY, "--torch_process", "separate"])
+    assert ref["process"] == "separate" and ref["malloc"] == "system" and ours["torch_process"] == "separate"
+    assert len(ref["step_times_s"]) == 2 and ref["torch_threads"] >= 1
+    _finite_positive(ref, "step_s", "tokens_per_s")
+    assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"] / ref["tokens_per_s"])
+
+
 def test_bench_data(capsys):
     records = {r["bench"]: r for r in _records(
         capsys, ["data", "--seq_len", "128", "--vocab_size", "2000", "--micro_batch", "8", "--batches", "5"])}
