@@ -195,16 +195,6 @@ class _StepTimer:
                 "malloc": "keep" if hostmem.kept() else "system", **_machine()}
 
 
-def train_step_record(config, steps: int, peak_tflops: float = 0.0, label: str = "train") -> dict:
-    """Compile and time the real train step of `config` on random tokens (median of `steps`)."""
-    timer = _StepTimer(config, peak_tflops, label)
-    try:
-        times = _median_seconds(timer.one, steps)[1] if steps > 0 else []
-        return timer.record(times)
-    finally:
-        timer.close()
-
-
 def _matmul_timer(size: int = 4096, dtype: str = "float32"):
     """(one, tflops(seconds)): one jitted [size, size] @ [size, size], for interleaved timing."""
     import jax

@@ -1,6 +1,6 @@
 """Host memory for XLA on a CPU: keep freed memory instead of giving it back every step.
 
-XLA:CPU allocates each execution's temporaries as one block (1.3 GiB for the BERT-base
+XLA:CPU allocates each execution's temporaries as one block (1.2 GiB for the BERT-base
 train step at 8 x 128) with the C library's malloc. glibc serves a block that large with a
 fresh `mmap` and unmaps it on free, so every step the kernel maps and zeroes the whole
 block again, one 4 KiB page fault at a time: 350,000 faults and 0.7 s of system time per

@@ -130,30 +130,17 @@ def step_timer(args):
     return one, record
 
 
-def step_record(args, steps: int) -> dict:
-    """Median time of `steps` reference steps after a warm-up."""
-    one, record = step_timer(args)
-    one()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - start)
-    return record(times)
-
-
 # --- the reference in a process of its own -------------------------------------------------
 SHAPE_KEYS = ("teacher_layers", "student_layers", "hidden", "heads", "ffn", "vocab", "batch", "seq")
 
 
-def separate_process_timer(args, malloc: str = "system"):
+def separate_process_timer(args):
     """(one, record, close) like `step_timer`, with the reference running in a child process
-    whose malloc is left as the system's (DISTIL_JAX_HOST_MALLOC=system): the reference as
-    its users run it, while this process keeps its host memory (hostmem.py). `one()` asks
+    that never calls `hostmem.keep_host_memory`, so its malloc is the system's: the
+    reference as its users run it, while this process keeps its host memory. `one()` asks
     the child for one step and waits for it, so the steps can still be interleaved."""
-    env = {**os.environ, "DISTIL_JAX_HOST_MALLOC": malloc}
     child = subprocess.Popen([sys.executable, "-m", "distil_jax.torch_reference"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+                             stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def ask(line: str) -> str:
         child.stdin.write(line + "\n")
@@ -166,7 +153,7 @@ def separate_process_timer(args, malloc: str = "system"):
     ask(json.dumps({k: getattr(args, k) for k in SHAPE_KEYS}))
 
     def record(times) -> dict:
-        return {**json.loads(ask("record " + json.dumps(list(times)))), "malloc": malloc, "process": "separate"}
+        return {**json.loads(ask("record " + json.dumps(list(times)))), "malloc": "system", "process": "separate"}
 
     def close():
         if child.poll() is None:
