@@ -13,25 +13,23 @@ base=(--teacher_layers 12 --student_layers 6 --hidden 768 --heads 12 --ffn 3072 
 
 # The peer: the PyTorch reference step on the same shapes, timed in turn with ours and the
 # matmul (the machine's rate). Twice: in this process (the same malloc settings as ours,
-# hostmem.py), and in a process of its own with the system's malloc (as its users run it).
+# runtime.keep_host_memory), and in a process of its own with the system's malloc (as its users run it).
 for where in same separate; do
   bench compare "${small[@]}" --batch 16 --seq 128 --steps 7 --matmul --torch_process "$where"
   bench compare "${base[@]}" --batch 8 --seq 128 --steps 4 --matmul --torch_process "$where"
 done
-# What keeping host memory buys (hostmem.py): the default step with malloc left as it is.
+# What keeping host memory buys (runtime.keep_host_memory): the default step with malloc left as it is.
 DISTIL_JAX_HOST_MALLOC=system bench train "${base[@]}" --batch 8 --seq 128 --steps 4 --matmul
 bench train "${base[@]}" --batch 8 --seq 128 --steps 4 --matmul
-# Whole logits vs fused blocks; the plain, unfused objective for reference.
+# The fused vocabulary terms in one block of all rows vs blocks of 256 and 512 rows.
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 0
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 256
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --loss_chunk 512
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --restrict_ce_to_mask
 bench train "${base[@]}" --batch 8 --seq 128 --steps 3 --remat dots
-# Accumulation: MultiSteps one micro-batch per call vs a scan over the update's micro-batches.
-for mode in multisteps scan; do
-  bench train "${small[@]}" --batch 16 --seq 128 --steps 3 --accumulation 4 --accumulate "$mode"
-done
-# Memory (XLA's compiled temp bytes) against the micro-batch, whole logits vs 512-row blocks.
+# Accumulation: an update of 4 micro-batches in one call.
+bench train "${small[@]}" --batch 16 --seq 128 --steps 3 --accumulation 4
+# Memory (XLA's compiled temp bytes) against the micro-batch, one block vs 512-row blocks.
 for b in 4 8 16 32; do
   for chunk in 0 512; do
     bench train "${base[@]}" --batch "$b" --seq 128 --steps 0 --loss_chunk "$chunk"

@@ -61,7 +61,7 @@ def main(path):
             ("shape", _shape), ("malloc", lambda r: r.get("malloc", "system")),
             ("loss_chunk", lambda r: r["loss_chunk"]),
             ("restrict_ce_to_mask", lambda r: r["restrict_ce_to_mask"]), ("remat", lambda r: r["remat"]),
-            ("accumulate", lambda r: f"{r['accumulate']} ×{r['micro_batches_per_call']}/call"),
+            ("micro-batches per update", lambda r: r.get("micro_batches_per_update", r.get("micro_batches_per_call"))),
             ("compile s", lambda r: r["compile_s"]), ("step s", lambda r: r["step_s"]),
             ("tokens/s", lambda r: r["tokens_per_s"]), ("TFLOP/s", lambda r: r["model_tflops_per_device"]),
             ("fraction of matmul", lambda r: r.get("fraction_of_matmul")),
@@ -75,7 +75,7 @@ def main(path):
         chunks = sorted({r["loss_chunk"] for r in memory_rows})
         cell = {(r["batch"], r["loss_chunk"]): r["xla_temp_gb"] for r in memory_rows}
         print(_table(batches, [("micro-batch × seq", lambda b: f"{b}×{memory_rows[0]['seq']}")] + [
-            ("whole logits GiB" if c == 0 else f"{c}-row blocks GiB", lambda b, c=c: cell.get((b, c)))
+            ("loss_chunk 0 GiB" if c == 0 else f"{c}-row blocks GiB", lambda b, c=c: cell.get((b, c)))
             for c in chunks]))
         print()
 

@@ -3,7 +3,7 @@
     python -m distil_jax.bench train [--teacher_layers 12 --student_layers 6 --hidden 768
         --heads 12 --ffn 3072 --vocab 30522 --batch 8 --seq 128 --steps 5 --dtype float32]
         [--config configs/base.py] [--loss_chunk N] [--restrict_ce_to_mask] [--remat dots]
-        [--accumulation K --accumulate scan|multisteps] [--matmul] [--peak_tflops X]
+        [--accumulation K] [--matmul] [--peak_tflops X]
     python -m distil_jax.bench infer [shape flags] [--latency_seq 128 --throughput_batch 64]
     python -m distil_jax.bench matmul [--size 4096 --dtype float32]
     python -m distil_jax.bench compare [shape flags]      (needs torch: the reference step)
@@ -17,9 +17,10 @@ with --matmul the fraction of this machine's measured matmul rate; peak memory
 (device peak bytes on GPU/TPU, XLA's compiled estimate and the process's peak RSS).
 `infer`: forward latency (batch 1) and throughput of teacher and student on the same
 inputs. `matmul`: a large jitted matrix product, the machine's practical FLOP/s.
-`compare`: our step against the PyTorch reference step (transformers' BertForMaskedLM
-teacher without grad + DistilBertForMaskedLM student, the reference's triple loss with
-KL over all non-pad rows, AdamW, clipping) on the same shapes, in the same process.
+`compare`: our step against the PyTorch reference step (torch_reference.py:
+transformers' BertForMaskedLM teacher without grad + DistilBertForMaskedLM student, the
+reference's triple loss with KL over all non-pad rows, AdamW, clipping) on the same
+shapes, timed in turn with ours, in this process or a child process of its own.
 `data`: tokenizer, preparation and loader throughput and the padding fraction with and
 without length grouping, on the embedded corpus.
 """
@@ -27,12 +28,28 @@ without length grouping, on the embedded corpus.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distil_jax import parallel, runtime, torch_reference, trainer
+from distil_jax.config import defaults, with_changes
+from distil_jax.data import next_update
+from distil_jax.data.loader import BatchLoader, PreparedSplit, epoch_indices, plan_batches
+from distil_jax.data.prepare import prepare
+from distil_jax.data.sources import EmbeddedSource
+from distil_jax.data.tokenizer import train_wordpiece
+from distil_jax.metrics import device_peak_tflops, train_flops_per_token
+from distil_jax.step import compiled_step
 
 
 def _emit(record: dict) -> None:
@@ -40,21 +57,15 @@ def _emit(record: dict) -> None:
 
 
 def _machine() -> dict:
-    out = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    if "jax" in sys.modules:
-        import jax
-        out.update(device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-                   jax=jax.__version__)
-    return out
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
 
 
 def _peak_rss_gb() -> float:
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _device_peak_gb():
-    import jax
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
@@ -62,7 +73,6 @@ def _device_peak_gb():
 
 def _median_seconds(fn, steps: int, warmup: int = 1):
     """Median wall time of `fn()` (which must block until its work is done)."""
-    import numpy as np
     for _ in range(warmup):
         fn()
     times = []
@@ -77,9 +87,7 @@ def _median_seconds(fn, steps: int, warmup: int = 1):
 def shape_config(args):
     """A distillation config of the benchmark's shape (a random teacher, synthetic data),
     or --config's file with the shape flags that were given applied on top."""
-    from distil_jax.config import defaults, with_changes
     if args.config:
-        import importlib.util
         spec = importlib.util.spec_from_file_location("bench_config", args.config)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -104,7 +112,6 @@ def shape_config(args):
                "train.batch_size": args.batch * accumulation, "train.steps": 10 ** 6,
                "train.dtype": args.dtype, "teacher.dtype": args.teacher_dtype or args.dtype,
                "train.remat": args.remat, "train.attention": args.attention,
-               "train.accumulate": args.accumulate,
                "distill.restrict_ce_to_mask": args.restrict_ce_to_mask, "mesh.shape": (-1, 1, 1)}
     if args.loss_chunk is not None:
         changes["train.loss_chunk"] = args.loss_chunk
@@ -112,7 +119,6 @@ def shape_config(args):
 
 
 def _random_batch(config, vocab_size: int, rows: int, seed: int = 0):
-    import numpy as np
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, vocab_size, size=(rows, config.data.seq_len)).astype(np.int32)
     ids[:, 0] = 2  # a [CLS]-like first token; every position is real (no padding)
@@ -132,31 +138,27 @@ def bench_matmul(args) -> None:
 
 class _StepTimer:
     """The real jitted train step of `config`, compiled, on random tokens: `one()` runs one
-    step to completion; `record(times)` turns step times into the benchmark's JSON."""
+    update to completion; `record(times)` turns update times into the benchmark's JSON."""
 
     def __init__(self, config, peak_tflops: float = 0.0, label: str = "train"):
-        import jax
-        import numpy as np
-
-        from distil_jax import parallel, train
         self.config, self.peak_tflops, self.label = config, peak_tflops, label
         self._tmp = tempfile.TemporaryDirectory()
-        run = self.run = train.make_run(config, self._tmp.name)
-        exp = self.exp = run.exp
-        state, _ = train.restore_or_init(run)
-        self.per_call, stacked = train.micro_batches_per_call(config), train.stacks_micro_batches(config)
+        tr = self.trainer = trainer.build(config, self._tmp.name)
+        state, _ = tr.restore_or_init()
         micro = config.train.micro_batch_size
-        batches = [_random_batch(config, exp.model_config.vocab_size, micro, seed=i) for i in range(self.per_call)]
-        local = {k: np.stack([b[k] for b in batches]) for k in batches[0]} if stacked else batches[0]
-        batch = parallel.global_batch(local, exp.mesh, stacked=stacked)
+        batches = iter([_random_batch(config, tr.model.config.vocab_size, micro, seed=i)
+                        for i in range(tr.accumulation)])
+        batch = parallel.global_batch(next_update(batches, tr.accumulation), tr.mesh)
         start = time.perf_counter()
-        compiled = train.compiled_step(run).lower(state, exp.teacher_params, batch).compile()
+        compiled = compiled_step(tr.model, tr.teacher, tr.tx, tr.schedule, tr.objective, tr.mesh,
+                                 tr.state_shardings, tr.teacher_shardings).lower(
+            state, tr.teacher_params, batch).compile()
         self.compile_s = time.perf_counter() - start
         self.memory = compiled.memory_analysis()
         holder = {"state": state}
 
         def one():
-            holder["state"], metrics = compiled(holder["state"], exp.teacher_params, batch)
+            holder["state"], metrics = compiled(holder["state"], tr.teacher_params, batch)
             jax.block_until_ready(metrics)
         self.one = one
 
@@ -164,24 +166,19 @@ class _StepTimer:
         self._tmp.cleanup()
 
     def record(self, times) -> dict:
-        import jax
-        import numpy as np
-
-        from distil_jax import hostmem
-        from distil_jax.metrics import device_peak_tflops, step_flops_per_token
-        config, exp, memory = self.config, self.exp, self.memory
+        config, tr, memory = self.config, self.trainer, self.memory
         seconds = float(np.median(times)) if times else None  # no times: compile only
-        seq, micro, per_call = config.data.seq_len, config.train.micro_batch_size, self.per_call
+        seq, micro, per_call = config.data.seq_len, config.train.micro_batch_size, tr.accumulation
         tokens = per_call * micro * seq
-        teacher_cfg = None if exp.teacher is None else exp.teacher.config
-        flops = step_flops_per_token(exp.model_config, teacher_cfg, seq, self.run.objective.head_rows) * tokens
+        teacher_cfg = None if tr.teacher is None else tr.teacher.config
+        flops = train_flops_per_token(tr.objective, tr.model.config, teacher_cfg, seq) * tokens
         tflops = flops / seconds / 1e12 / jax.device_count() if seconds else None
         peak = device_peak_tflops(self.peak_tflops)
         t = config.train
         return {"bench": self.label, "teacher_layers": None if teacher_cfg is None else teacher_cfg.num_layers,
-                "student_layers": exp.model_config.num_layers, "hidden": exp.model_config.hidden_size,
-                "vocab": exp.model_config.vocab_size, "batch": micro, "seq": seq,
-                "micro_batches_per_call": per_call, "accumulate": t.accumulate, "dtype": t.dtype,
+                "student_layers": tr.model.config.num_layers, "hidden": tr.model.config.hidden_size,
+                "vocab": tr.model.config.vocab_size, "batch": micro, "seq": seq,
+                "micro_batches_per_update": per_call, "dtype": t.dtype,
                 "loss_chunk": t.loss_chunk, "restrict_ce_to_mask": config.distill.restrict_ce_to_mask,
                 "remat": t.remat, "attention": t.attention or "xla",
                 "compile_s": self.compile_s, "step_s": seconds, "step_times_s": list(times),
@@ -192,13 +189,11 @@ class _StepTimer:
                 "xla_temp_gb": memory.temp_size_in_bytes / 2**30 if memory else None,
                 "xla_argument_gb": memory.argument_size_in_bytes / 2**30 if memory else None,
                 "device_peak_gb": _device_peak_gb(), "process_peak_rss_gb": _peak_rss_gb(),
-                "malloc": "keep" if hostmem.kept() else "system", **_machine()}
+                "malloc": "keep" if runtime.host_memory_kept() else "system", **_machine()}
 
 
 def _matmul_timer(size: int = 4096, dtype: str = "float32"):
     """(one, tflops(seconds)): one jitted [size, size] @ [size, size], for interleaved timing."""
-    import jax
-    import jax.numpy as jnp
     a = jax.random.normal(jax.random.key(0), (size, size), getattr(jnp, dtype))
     b = jax.random.normal(jax.random.key(1), (size, size), getattr(jnp, dtype))
     f = jax.jit(jnp.matmul)
@@ -227,7 +222,6 @@ def _interleaved(timers: dict, steps: int, pause: float = 0.0) -> dict:
 def _timed_with_matmul(args, timer, others=None):
     """Our step (and `others`), and with --matmul the matmul rate, interleaved; returns
     (our record with the matmul fields, the other timers' times)."""
-    import numpy as np
     timers = {"ours": timer.one, **(others or {})}
     if args.matmul:
         timers["matmul"], matmul_rate = _matmul_timer(args.matmul_size)
@@ -251,22 +245,16 @@ def bench_train(args) -> None:
 
 def bench_infer(args) -> None:
     """Teacher vs student forward (encoder + MLM features, no vocabulary projection)."""
-    import jax
-    import numpy as np
-
-    from distil_jax import experiment
-
-    config = shape_config(args)
-    exp = experiment.build(config)
-    models = {"teacher": (exp.teacher, exp.teacher_params),
-              "student": (exp.model, exp.initial_params())}
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = trainer.build(shape_config(args), tmp)
+    models = {"teacher": (tr.teacher, tr.teacher_params), "student": (tr.model, tr.initial_params())}
     out = {"bench": "infer", "dtype": args.dtype, **_machine()}
     for name, (module, params) in models.items():
         forward = jax.jit(lambda p, ids, am, m=module: m.apply(
             {"params": p}, ids, am, deterministic=True, compute_logits=False).last_hidden_state)
         for setting, rows, seq in (("latency", 1, args.latency_seq),
                                    ("throughput", args.throughput_batch, args.latency_seq)):
-            ids = np.random.default_rng(0).integers(5, exp.model_config.vocab_size, (rows, seq)).astype(np.int32)
+            ids = np.random.default_rng(0).integers(5, tr.model.config.vocab_size, (rows, seq)).astype(np.int32)
             am = np.ones_like(ids)
             forward(params, ids, am).block_until_ready()
             seconds, _ = _median_seconds(lambda: forward(params, ids, am).block_until_ready(), args.steps)
@@ -282,7 +270,6 @@ def bench_infer(args) -> None:
 def bench_compare(args) -> None:
     """Ours and the reference step (and with --matmul the matmul) timed in turn, one of each
     per round (`_interleaved`); medians over the rounds, and the per-round speed-ups."""
-    from distil_jax import hostmem, torch_reference
     timer = _StepTimer(shape_config(args), args.peak_tflops, label="compare/ours")
     close = None
     try:
@@ -297,7 +284,7 @@ def bench_compare(args) -> None:
         if close:
             close()
     if args.torch_process == "same":
-        ref.update(process="same", malloc="keep" if hostmem.kept() else "system")
+        ref.update(process="same", malloc="keep" if runtime.host_memory_kept() else "system")
     ours["torch_process"] = args.torch_process
     ours["speedup_vs_torch"] = ours["tokens_per_s"] / ref["tokens_per_s"]
     ours["speedup_vs_torch_per_round"] = sorted(t / o for t, o in zip(ref["step_times_s"], ours["step_times_s"]))
@@ -306,14 +293,6 @@ def bench_compare(args) -> None:
 
 
 def bench_data(args) -> None:
-    import numpy as np
-
-    from distil_jax.config import defaults
-    from distil_jax.data.loader import BatchLoader, PreparedSplit, epoch_indices, plan_batches
-    from distil_jax.data.prepare import prepare
-    from distil_jax.data.sources import EmbeddedSource
-    from distil_jax.data.tokenizer import train_wordpiece
-
     docs = list(EmbeddedSource().documents("train"))
     start = time.perf_counter()
     tok = train_wordpiece(docs, vocab_size=args.vocab_size)
@@ -383,7 +362,6 @@ def _shape_flags(p) -> None:
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--attention", default="", choices=("", "xla", "cudnn"))
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per update")
-    p.add_argument("--accumulate", default="scan", choices=("multisteps", "scan"))
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--latency_seq", type=int, default=128)
     p.add_argument("--throughput_batch", type=int, default=64)
@@ -406,7 +384,7 @@ def main(argv=None) -> None:
         if name == "compare":
             p.add_argument("--torch_process", default="same", choices=("same", "separate"),
                            help="same: the reference runs in this process, with this process's "
-                           "malloc settings (hostmem.py); separate: in a child process with the "
+                           "malloc settings (runtime.keep_host_memory); separate: in a child process with the "
                            "system's malloc, as the reference's users run it")
     mm = sub.add_parser("matmul", help="a large jitted matmul: the machine's practical FLOP/s")
     mm.add_argument("--size", type=int, default=4096)
@@ -425,6 +403,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from distil_jax import hostmem
-    hostmem.keep_host_memory()  # as the trainer does (main.py): host memory reused between steps
+    runtime.keep_host_memory()  # as main.py does: host memory reused between steps
     main(sys.argv[1:])

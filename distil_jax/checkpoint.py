@@ -1,9 +1,11 @@
 """Orbax checkpoints: the train state, the data iterator's position and the run's identity.
 
-One composite item per step: `state` (student params, optimizer state with the
-MultiSteps accumulator, step, rng), `data` (the iterator's state, JSON) and `meta`
-(mode, model shapes, the teacher's path and fingerprint, the config). The teacher's
-params are never saved.
+One composite item per update, named by the update: `state` (student params, optimizer
+state, update count, rng), `data` (the iterator's state, JSON) and `meta` (mode, the
+model's type and config, the teacher's path and fingerprint, the tokenizer's directory,
+the config). The teacher's params are never saved. `load_model(workdir)` reads the
+newest checkpoint's model back from its metadata alone (what the apps use: no
+optimizer, teacher or data is built to read weights).
 
 Nothing half-written is taken for a checkpoint: orbax (0.12) writes step N into
 `N.orbax-checkpoint-tmp`, writes `commit_success.txt` and then renames the directory
@@ -21,14 +23,19 @@ import hashlib
 import os
 import re
 import shutil
-import signal
-import threading
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from distil_jax import runtime
+from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, MaskedLM
+
+# meta["model"]["type"] -> (module, config): what load_model builds.
+MODEL_TYPES = {"Bert": (Bert, BertConfig), "DistilBert": (DistilBert, DistilBertConfig)}
 
 
 class CheckpointMismatch(ValueError):
@@ -37,6 +44,14 @@ class CheckpointMismatch(ValueError):
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (disk full, no permission, ...)."""
+
+
+class NoCheckpointError(FileNotFoundError):
+    """The workdir has no checkpoint to read."""
+
+    def __init__(self, directory: str):
+        super().__init__(f"no checkpoint in {directory}; train first (mode distill or pretrain) "
+                         "with the same --workdir")
 
 
 def params_fingerprint(params) -> str:
@@ -59,7 +74,7 @@ class Checkpointer:
     """Saves and restores; `on_save_error` is "stop" (raise CheckpointSaveError) or "retry"."""
 
     def __init__(self, directory: str, keep: int, async_save: bool = True, on_save_error: str = "stop"):
-        self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs:// as is
+        self.directory = runtime.absolute(directory)
         self.on_save_error = on_save_error
         self.failed_saves = 0
         self._pending: Optional[int] = None  # step of the save that may still be running
@@ -195,44 +210,34 @@ def _describe(error: Exception) -> str:
     return f"{os.strerror(code)}, errno {code}; {brief}" if code else brief
 
 
-class PreemptionFlag:
-    """Set by SIGTERM (preemption notice) or SIGINT (Ctrl-C); the loop checkpoints and exits."""
+def model_from_meta(meta: Dict[str, Any]) -> MaskedLM:
+    """The (float32) module a checkpoint's metadata describes."""
+    fields = dict(meta["model"])
+    module_cls, config_cls = MODEL_TYPES[fields.pop("type")]
+    return module_cls(config_cls(**fields))
 
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._previous = {}
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def __bool__(self):
-        return self.signal is not None
-
-    def agreed(self) -> bool:
-        """Whether any process was signalled; all processes call it at the same step.
-
-        A pod or a SLURM job signals every process, but not at the same step: they stop
-        together, or the ones still stepping would wait forever for the ones saving. The
-        answer is the gathered one: a signal that lands during the gather counts at the
-        next call (it is never overwritten)."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        from jax.experimental import multihost_utils
-        gathered = int(np.max(multihost_utils.process_allgather(np.int32(self.signal or 0))))
-        if gathered and self.signal is None:
-            self.signal = gathered  # how the run stopped, on the processes not signalled
-        return gathered != 0
+def load_model(workdir: str, step: Optional[int] = None):
+    """(module, params, meta) of the newest checkpoint in WORKDIR/checkpoints (or of update
+    `step`), from its metadata alone: the params restored on this process's first device,
+    nothing else."""
+    directory = epath.Path(runtime.absolute(os.path.join(workdir, "checkpoints")))
+    steps = sorted(ocp.path.step.checkpoint_steps(directory)) if directory.exists() else []
+    if not steps or (step is not None and step not in steps):
+        raise NoCheckpointError(os.fspath(directory) + ("" if step is None else f" for update {step}"))
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
+    try:
+        step = steps[-1] if step is None else step
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        module = model_from_meta(meta)
+        saved = manager.item_metadata(step)["state"].tree["params"]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
+    finally:
+        manager.close()
+    return module, restored["state"]["params"], {**meta, "step": step}

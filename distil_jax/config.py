@@ -1,23 +1,26 @@
 """The config schema (every key, with its default) and its validation, in one place.
 
-Config files start from `defaults()` and change what they need; `validate` lists every
-problem at once, before anything is compiled or loaded.
+Config files start from `defaults()` and change what they need. `find_problems` / `validate`
+list every problem at once, before anything is loaded or compiled; they are pure (no
+file is read): the teacher's architecture is passed in by whoever read it (hf.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+import jax.numpy as jnp
 import ml_collections
 
 from distil_jax.models import BertConfig, EncoderConfig
 
-MODES = ("distill", "pretrain", "eval", "export", "demo")
-DTYPES = ("float32", "bfloat16")
+# What `python -m distil_jax.main` runs for each config.mode (main.py dispatches).
+TRAIN_MODES = ("distill", "pretrain")
+MODES = TRAIN_MODES + ("prepare", "eval", "export", "finetune", "demo", "ablate")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MIN_SEQ_LEN = 12  # the reference drops sequences of 11 tokens or fewer
 # The rules flax's lm1b example uses, with the batch over both data-parallel axes.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
@@ -63,7 +66,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         # "corpus": data.sources prepared into data.dir (default WORKDIR/data) by
-        # distil_jax.data.prepare, read by the grain loader. "synthetic": a fixed corpus
+        # data/prepare.py (mode prepare, or the first run), read by the grain loader. "synthetic": a fixed corpus
         # from a seeded Markov chain, no files (tests and smoke configs).
         source="corpus", seq_len=512,
         # name -> {kind: embedded | text | tfds, weight, and the kind's fields}; see data/sources.py.
@@ -78,12 +81,10 @@ def defaults() -> ml_collections.ConfigDict:
         learning_rate=5e-4, warmup_fraction=0.05, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-6,
         weight_decay=0.0, grad_clip=5.0, dtype="float32", log_every=10, peak_tflops=0.0,
         # Performance (BENCHMARKS.md). loss_chunk: rows per block of the fused vocabulary
-        # projection + losses, so no [tokens, vocab] logits are ever live (0: the plain,
-        # whole-batch logits). remat: none | full | dots (what the student's backward
-        # keeps). attention: "" (XLA) or "cudnn" (flash attention on GPU, bf16).
-        # accumulate: "scan" (all micro-batches of an update in one jitted call, one
-        # optimizer step) or "multisteps" (one call per micro-batch, optax.MultiSteps).
-        loss_chunk=512, remat="none", attention="", accumulate="scan",
+        # projection + losses, so no [tokens, vocab] logits are ever live (0: all rows in
+        # one block). remat: none | full | dots (what the student's backward keeps).
+        # attention: "" (XLA) or "cudnn" (flash attention on GPU, bf16).
+        loss_chunk=512, remat="none", attention="",
         # An update whose loss or gradients are not finite is skipped (and counted in
         # metrics.jsonl); this many in a row stop the run.
         max_consecutive_skips=10))
@@ -93,16 +94,23 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True,
                                                   on_save_error="stop"))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
-    c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, hf_dirs=()))
-    # The embedded demo's stages (mode "demo", distil_jax/demo.py).
+    # eval.passes: every held-out token is a target in exactly one of this many passes (apps/evaluate.py);
+    # eval.batches: held-out batches of eval.batch_size (0: all).
+    c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, passes=7, hf_dirs=()))
+    # Downstream fine-tuning (mode "finetune", apps/finetune.py): `model` is a Hugging
+    # Face directory (empty: the workdir's newest checkpoint); `task` is glue/NAME
+    # (TFDS, prepared in data_dir) or stdlib_packages (offline).
+    c.finetune = ml_collections.ConfigDict(dict(
+        model="", task="stdlib_packages", data_dir="", epochs=3, learning_rate=5e-5,
+        batch_size=32, max_len=128, classes=6, seed=0))
+    # The embedded demo's stages (modes demo and ablate, apps/demo.py); its fine-tuning uses
+    # the finetune group. teacher: "shipped" (the package's, distil_jax/assets/demo_teacher),
+    # "train" (pretrained in the workdir for teacher_steps) or a Hugging Face directory.
     c.demo = ml_collections.ConfigDict(dict(
-        teacher_steps=1000, teacher_learning_rate=1e-3, student_steps=500,
-        student_learning_rate=5e-4, mlm_only_baseline=True, finetune_epochs=3,
-        finetune_learning_rate=2e-4, finetune_classes=6, finetune_max_len=64, inference_batches=8))
-    c.export = ml_collections.ConfigDict(dict(dir=""))
-    # Test hooks, never set in a real run: the micro-batches of these updates (1-based)
-    # get a NaN loss and NaN gradients.
-    c.debug = ml_collections.ConfigDict(dict(nan_at_updates=()))
+        teacher="shipped", teacher_steps=1000, teacher_learning_rate=1e-3, student_steps=500,
+        student_learning_rate=5e-4, mlm_only_baseline=True, inference_batches=8, examples=6))
+    # export.dtype: the Hugging Face weights' dtype (bfloat16 halves the files).
+    c.export = ml_collections.ConfigDict(dict(dir="", dtype="float32"))
     return c
 
 
@@ -156,28 +164,34 @@ def _type_problems(config, schema, prefix="") -> List[str]:
     return problems
 
 
-def teacher_config_of(config) -> EncoderConfig:
-    """The teacher's architecture: its config.json when a directory is given, else teacher.model."""
-    path = config.teacher.path
-    if path:
-        from distil_jax.hf import config_from_hf, resolve_model_dir
-        with open(os.path.join(resolve_model_dir(path), "config.json")) as f:  # a hub name needs a network
-            return config_from_hf(json.load(f))
+def teacher_model(config) -> BertConfig:
+    """The architecture in teacher.model: a random teacher (tests), or what pretrain trains."""
     return BertConfig(**config.teacher.model.to_dict())
 
 
-def validate(config, num_devices: Optional[int] = None, teacher: Optional[EncoderConfig] = None) -> None:
-    """Raise ConfigError listing every problem of `config` (nothing is loaded or compiled)."""
+def validate(config, num_devices: Optional[int] = None, teacher: Optional[EncoderConfig] = None,
+             more: Sequence[str] = ()) -> None:
+    """Raise ConfigError listing every problem of `config` and `more` (found by the caller)."""
+    found = list(find_problems(config, num_devices, teacher)) + list(more)
+    if found:
+        raise ConfigError(_message(found))
+
+
+def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[EncoderConfig] = None) -> List[str]:
+    """Every problem of `config`; with `teacher` (its architecture) the model's too.
+
+    Pure: nothing is read, loaded or compiled."""
     schema = defaults()
     problems = _unknown_keys(config, schema) + _type_problems(config, schema)
     if problems:  # the rest would only trip over the same keys or values
-        raise ConfigError(_message(problems))
+        return problems
     c = config
     if c.mode not in MODES:
         problems.append(f"mode {c.mode!r} is not one of {MODES}")
-    for name, value in (("teacher.dtype", c.teacher.dtype), ("train.dtype", c.train.dtype)):
+    for name, value in (("teacher.dtype", c.teacher.dtype), ("train.dtype", c.train.dtype),
+                        ("export.dtype", c.export.dtype)):
         if value not in DTYPES:
-            problems.append(f"{name} {value!r} is not one of {DTYPES}")
+            problems.append(f"{name} {value!r} is not one of {tuple(DTYPES)}")
     if c.mode == "pretrain" and c.teacher.path:
         problems.append("mode 'pretrain' trains a BERT from scratch with the sizes in teacher.model; "
                         f"teacher.path must be empty (got {c.teacher.path!r})")
@@ -185,10 +199,10 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
         problems.append(f"student.init {c.student.init!r} is not 'teacher' or 'random'")
 
     t = c.train
-    if c.mode == "demo":
+    if c.mode in ("demo", "ablate"):
         if c.demo.teacher_steps <= 0 or c.demo.student_steps <= 0:
             problems.append("demo.teacher_steps and demo.student_steps must be positive")
-    elif t.steps <= 0 and t.epochs <= 0:
+    elif c.mode in TRAIN_MODES and t.steps <= 0 and t.epochs <= 0:
         problems.append("train.steps and train.epochs are both <= 0: set one of them")
     if t.micro_batch_size <= 0 or t.batch_size <= 0:
         problems.append(f"train.batch_size ({t.batch_size}) and train.micro_batch_size "
@@ -200,8 +214,7 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
         problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
     if t.loss_chunk < 0:
         problems.append(f"train.loss_chunk must be >= 0 (0: no chunking), got {t.loss_chunk}")
-    for key, allowed in (("remat", ("none", "full", "dots")), ("attention", ("", "xla", "cudnn")),
-                         ("accumulate", ("scan", "multisteps"))):
+    for key, allowed in (("remat", ("none", "full", "dots")), ("attention", ("", "xla", "cudnn"))):
         if t[key] not in allowed:
             problems.append(f"train.{key} {t[key]!r} is not one of {allowed}")
     if not 0 <= t.warmup_fraction < 1:
@@ -224,6 +237,14 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
         problems.append("masking.word_mask/word_keep/word_rand must be >= 0 with a positive sum")
     if c.data.source not in ("corpus", "synthetic"):
         problems.append(f"data.source {c.data.source!r} is not 'corpus' or 'synthetic'")
+    if c.data.seq_len < MIN_SEQ_LEN:
+        problems.append(f"data.seq_len must be at least {MIN_SEQ_LEN} (sequences of "
+                        f"{MIN_SEQ_LEN - 1} tokens or fewer are dropped), got {c.data.seq_len}")
+    elif c.data.source == "synthetic" and not 3 <= c.data.synthetic.min_len <= c.data.seq_len:
+        problems.append(f"data.synthetic.min_len {c.data.synthetic.min_len} must be in "
+                        f"[3, data.seq_len={c.data.seq_len}]")
+    if c.mode == "finetune" and not (c.finetune.task == "stdlib_packages" or c.finetune.task.startswith("glue/")):
+        problems.append(f"finetune.task {c.finetune.task!r} is not glue/NAME or stdlib_packages")
     for name, spec in (c.data.sources.items() if c.data.source == "corpus" else ()):
         if not hasattr(spec, "get") or spec.get("kind") not in ("embedded", "text", "tfds"):
             problems.append(f"data.sources.{name} needs kind 'embedded', 'text' or 'tfds'")
@@ -235,19 +256,16 @@ def validate(config, num_devices: Optional[int] = None, teacher: Optional[Encode
         problems.append(f"checkpoint.on_save_error {c.checkpoint.on_save_error!r} is not 'stop' or 'retry'")
     if t.max_consecutive_skips < 1:
         problems.append(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
-    if any(not isinstance(u, int) or u < 1 for u in c.debug.nan_at_updates):
-        problems.append(f"debug.nan_at_updates {tuple(c.debug.nan_at_updates)} must be update numbers >= 1")
 
     problems += _mesh_problems(c, num_devices)
-    if teacher is None:
+    if teacher is None and not c.teacher.path:
         try:
-            teacher = teacher_config_of(c)
-        except Exception as e:  # noqa: BLE001 - reported with the other problems
-            problems.append(f"teacher: {e}")
+            teacher = teacher_model(c)
+        except (TypeError, ValueError) as e:
+            problems.append(f"teacher.model: {e}")
     if teacher is not None:
         problems += _model_problems(c, teacher)
-    if problems:
-        raise ConfigError(_message(problems))
+    return problems
 
 
 def _mesh_problems(c, num_devices) -> List[str]:

@@ -12,10 +12,18 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+import huggingface_hub
+import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+from absl import logging
+from etils import epy
 
-from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, EncoderConfig
+from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, EncoderConfig, init_params
+
+with epy.lazy_imports():  # optional: only a pytorch_model.bin needs it
+    import torch
 
 Params = Dict[str, Any]
 
@@ -223,8 +231,7 @@ def resolve_model_dir(name_or_path: str) -> str:
         raise ValueError(f"{name_or_path} is a file; pass the Hugging Face model directory "
                          "that holds config.json and the weights")
     try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(
+        return huggingface_hub.snapshot_download(
             name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
     except Exception as e:  # no network, unknown repo, gated repo, ...
         raise FileNotFoundError(
@@ -234,13 +241,22 @@ def resolve_model_dir(name_or_path: str) -> str:
             "pass DIR") from None
 
 
+def read_config(name_or_path: str) -> EncoderConfig:
+    """The architecture in a Hugging Face directory's config.json (a hub name needs a network)."""
+    model_dir = resolve_model_dir(name_or_path)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face model "
+                                "directory (save_pretrained writes config.json and weights)")
+    with open(config_path) as f:
+        return config_from_hf(json.load(f))
+
+
 def read_state_dict(model_dir: str) -> Dict[str, np.ndarray]:
     """All tensors of a HF checkpoint: model.safetensors (single or sharded) or pytorch_model.bin."""
-    from safetensors.numpy import load_file as _load_file
-
     def load_file(path):
         try:
-            return _load_file(path)
+            return safetensors.numpy.load_file(path)
         except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
             raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
                              "by an interrupted download: download it again") from None
@@ -257,12 +273,11 @@ def read_state_dict(model_dir: str) -> Dict[str, np.ndarray]:
             state.update(load_file(os.path.join(model_dir, shard)))
     elif os.path.exists(legacy):
         try:
-            import torch
+            loaded = torch.load(legacy, map_location="cpu", weights_only=True)
         except ImportError:
             raise ImportError(f"{legacy} is a PyTorch pickle and needs torch to read; install "
                               "torch or convert the checkpoint to model.safetensors") from None
-        state = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                 for k, v in torch.load(legacy, map_location="cpu", weights_only=True).items()}
+        state = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in loaded.items()}
     else:
         raise FileNotFoundError(
             f"no weights in {model_dir}: expected model.safetensors, "
@@ -292,19 +307,47 @@ def _get(tree: Params, path: str):
     return tree
 
 
+def _hf_shape(kind: Optional[str], ours: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The PyTorch-layout shape of one of our tensors (the inverse of `_to_ours`)."""
+    if kind == "linear":
+        return tuple(reversed(ours))
+    if kind == "qkv":  # [d, h, hd] <- [h*hd, d]
+        return (ours[1] * ours[2], ours[0])
+    if kind == "qkv_bias":
+        return (ours[0] * ours[1],)
+    if kind == "attn_out":  # [h, hd, d] <- [d, h*hd]
+        return (ours[2], ours[0] * ours[1])
+    return tuple(ours)
+
+
 def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
                            param_dtype=jnp.float32) -> Params:
-    """Our params from HF tensors; missing and unexpected tensors are listed in the error."""
+    """Our params from HF tensors.
+
+    Tensors the masked LM does not use (a pooler it has no place for, classification
+    heads beside `cls.predictions`, old buffers) are ignored with one warning listing
+    them, as transformers does; a tensor it needs that is missing or of the wrong shape
+    is an error naming it."""
     table = param_table(config)
     _, _, _, _, ignorable = _ARCHS[_model_type(config)]
+    module = DistilBert if isinstance(config, DistilBertConfig) else Bert
+    shapes = jax.eval_shape(lambda: init_params(module(config), jax.random.key(0)))
     missing = [hf for hf, _, _ in table if hf not in state]
-    known = {hf for hf, _, _ in table} | set(ignorable)
-    extra = sorted(k for k in state if k not in known)
-    if missing or extra:
+    wrong = [f"{hf} {tuple(state[hf].shape)} (expected {_hf_shape(kind, _get(shapes, ours).shape)})"
+             for hf, ours, kind in table
+             if hf in state and tuple(state[hf].shape) != _hf_shape(kind, _get(shapes, ours).shape)]
+    if missing or wrong:
+        found = ([f"missing {_brief(missing)}"] if missing else []) + ([f"wrong shape {_brief(wrong)}"] if wrong else [])
         raise ValueError(
-            f"checkpoint does not match a {_model_type(config)} masked LM with "
-            f"{config.num_layers} layers: missing {_brief(missing)}; unexpected {_brief(extra)}. "
-            "Pass a *ForMaskedLM checkpoint whose config.json matches its weights")
+            f"the checkpoint does not hold a {_model_type(config)} masked LM of the architecture its "
+            f"config.json gives ({config.num_layers} layers, width {config.hidden_size}, vocabulary "
+            f"{config.vocab_size}): {'; '.join(found)}. Pass a checkpoint whose config.json matches "
+            "its weights")
+    known = {hf for hf, _, _ in table}
+    unused = sorted(k for k in state if k not in known and k not in ignorable)
+    if unused:
+        logging.warning("%d tensors of the checkpoint are not part of a %s masked LM and are "
+                        "ignored: %s", len(unused), _model_type(config), _brief(unused, 20))
     params: Params = {}
     for hf, ours, kind in table:
         _set(params, ours, jnp.asarray(_to_ours(kind, state[hf], config), param_dtype))
@@ -321,13 +364,7 @@ def _brief(names: List[str], n: int = 8) -> str:
 def load_hf_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
     """(model, params) for a HF bert / roberta / distilbert masked-LM directory or hub name."""
     model_dir = resolve_model_dir(path)
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face model "
-                                "directory (save_pretrained writes config.json and weights)")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    config = config_from_hf(hf_config)
+    config = read_config(model_dir)
     state = read_state_dict(model_dir)
     if isinstance(config, BertConfig) and f"{config.model_type}.pooler.dense.weight" in state:
         config = config.replace(add_pooler=True)
@@ -336,31 +373,23 @@ def load_hf_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
     return module(config, dtype=dtype, param_dtype=param_dtype), params
 
 
-def state_dict_from_params(params: Params, config: EncoderConfig) -> Dict[str, np.ndarray]:
-    """HF tensors (float32, PyTorch layout) from our params."""
-    return {hf: np.ascontiguousarray(_to_hf(kind, np.asarray(_get(params, ours), np.float32), config))
+def state_dict_from_params(params: Params, config: EncoderConfig, dtype=np.float32) -> Dict[str, np.ndarray]:
+    """HF tensors (PyTorch layout, float32 unless `dtype` says otherwise) from our params."""
+    return {hf: np.ascontiguousarray(_to_hf(kind, np.asarray(_get(params, ours), np.float32), config)).astype(dtype)
             for hf, ours, kind in param_table(config)}
 
 
-def save_hf_model(params: Params, config: EncoderConfig, out_dir: str, tokenizer=None) -> str:
+def save_hf_model(params: Params, config: EncoderConfig, out_dir: str, tokenizer=None,
+                  dtype=np.float32) -> str:
     """Write config.json + model.safetensors (+ tokenizer files) that transformers loads."""
-    from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
-    save_file(state_dict_from_params(params, config), os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    safetensors.numpy.save_file(state_dict_from_params(params, config, dtype),
+                                os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         if not hasattr(tokenizer, "save_pretrained"):
             raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}; pass a "
                             "transformers tokenizer (e.g. PreTrainedTokenizerFast)")
         tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def save_student_hf(params: Params, config: DistilBertConfig, out_dir: str, tokenizer=None) -> str:
-    """Export a student so that AutoModelForMaskedLM.from_pretrained gives DistilBertForMaskedLM."""
-    if not isinstance(config, DistilBertConfig):
-        raise TypeError(f"save_student_hf exports a DistilBertConfig student, got "
-                        f"{type(config).__name__}; use save_hf_model for a teacher")
-    return save_hf_model(params, config, out_dir, tokenizer)

@@ -9,6 +9,7 @@ no selected row gives 0, not NaN.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +148,8 @@ def _block(s_feat, t_feat, labels, kd_w, mlm_w, s_head, t_head, *, temperature, 
 
 
 def vocab_terms(s_feat, s_head, labels, mlm_weights, t_feat=None, t_head=None, kd_weights=None,
-                temperature: float = 1.0, chunk: int = 0, alphas=None):
+                temperature: float = 1.0, chunk: int = 0, *, mlm: float = 1.0, ce: float = 1.0,
+                mse: Optional[float] = None):
     """The losses that need logits, from head features, never holding more than chunk x V of them.
 
     s_feat / t_feat: [N, D] student / teacher features before the tied projection
@@ -156,26 +158,28 @@ def vocab_terms(s_feat, s_head, labels, mlm_weights, t_feat=None, t_head=None, k
     `kd_weights` the rows of the KL (loss_ce, times T^2), loss_mse, kl_t1 (KL at T=1,
     a metric) and agreement (teacher-student top-1). Each term is the mean over its
     rows, exactly as `kd_loss`, `mlm_loss`, `mse_loss` and `accuracy` compute it on
-    whole logits.
+    whole logits. Without a teacher only the MLM terms exist; `mse=None` leaves the
+    squared error out (it costs a pass over the logits).
 
-    Returns (loss, terms): loss = sum of alphas[k] * terms[k] (alphas default to 1 for
-    loss_mlm and loss_ce) carries the gradient with respect to s_feat and s_head; terms
-    are constants (metrics). The rows go through a scan in blocks of `chunk` (0: one
-    block) that computes each block's logits once, the terms, and the gradient at the
-    same time (`_block`), so no [N, V] array exists in the forward or the backward pass
-    and nothing is recomputed: peak memory grows with the chunk, not with N x V.
+    Returns (loss, terms): loss = mlm * loss_mlm + ce * loss_ce + mse * loss_mse carries
+    the gradient with respect to s_feat and s_head; terms are constants (metrics). The
+    rows go through a scan in blocks of `chunk` (0: one block) that computes each
+    block's logits once, the terms, and the gradient at the same time (`_block`), so no
+    [N, V] array exists in the forward or the backward pass and nothing is recomputed:
+    peak memory grows with the chunk, not with N x V.
     """
     n = s_feat.shape[0]
     has_teacher = t_feat is not None
-    alphas = dict(alphas or {"loss_mlm": 1.0, **({"loss_ce": 1.0} if has_teacher else {})})
     mlm_w = mlm_weights.astype(jnp.float32)
     kd_w = kd_weights.astype(jnp.float32) if has_teacher else jnp.zeros_like(mlm_w)
-    counts = {"mlm": jnp.maximum(jnp.sum(mlm_w), 1.0), "kd": jnp.maximum(jnp.sum(kd_w), 1.0)}
-    per = lambda k: counts["mlm" if k in ("loss_mlm", "mlm_accuracy") else "kd"]  # noqa: E731
-    scale = {k: a / per(k) for k, a in alphas.items() if k in ("loss_mlm", "loss_ce", "loss_mse")}
-    scale.setdefault("loss_mlm", 0.0)
+    n_mlm, n_kd = jnp.maximum(jnp.sum(mlm_w), 1.0), jnp.maximum(jnp.sum(kd_w), 1.0)
+    per = lambda k: n_mlm if k in ("loss_mlm", "mlm_accuracy") else n_kd  # noqa: E731
+    weights = {"loss_mlm": mlm}
     if has_teacher:
-        scale.setdefault("loss_ce", 0.0)
+        weights["loss_ce"] = ce
+        if mse is not None:
+            weights["loss_mse"] = mse
+    scale = {k: w / per(k) for k, w in weights.items()}  # so each block's gradient is the mean's
     block = functools.partial(_block, temperature=temperature, scale=scale)
 
     @jax.custom_vjp
@@ -202,7 +206,7 @@ def vocab_terms(s_feat, s_head, labels, mlm_weights, t_feat=None, t_head=None, k
             (sums, d_emb, d_bias), d_feat = jax.lax.scan(body, init, xs)
             grads = (d_feat.reshape(-1, feat.shape[-1])[:n], d_emb, d_bias)
         terms = {k: v / per(k) for k, v in sums.items()}
-        loss = sum(alphas.get(k, 0.0) * v for k, v in terms.items())
+        loss = sum(w * terms[k] for k, w in weights.items())
         return (loss, terms), grads
 
     def fwd(feat, head):

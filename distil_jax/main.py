@@ -1,7 +1,9 @@
 """Entry point: `python -m distil_jax.main --config=configs/FILE.py --workdir=DIR`.
 
-Parses the ml_collections config (overrides: --config.a.b=value) and dispatches on
-`config.mode`: distill (default), pretrain, eval, export. The work lives in train.py.
+Parses the ml_collections config (overrides: --config.a.b=value) and starts what
+`config.mode` names (`APPS`): training (distill, pretrain; trainer.py), data
+preparation, and the apps (eval, export, finetune, demo, ablate; apps/). One run per
+workdir: a second start on a workdir in use is refused, naming the first.
 
 Several processes (hosts, or one per GPU) run the same command: on a TPU VM or in a
 SLURM job JAX finds its peers by itself; elsewhere give every process
@@ -13,8 +15,17 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from distil_jax import parallel, runtime, trainer
+from distil_jax.apps import ablate, demo, evaluate, export, finetune
+from distil_jax.checkpoint import CheckpointMismatch, CheckpointSaveError, NoCheckpointError
+from distil_jax.config import ConfigError
+from distil_jax.data import DataError
+from distil_jax.data.prepare import run as run_prepare
+from distil_jax.optim import NonFiniteError
 
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
@@ -34,35 +45,30 @@ flags.DEFINE_integer("heartbeat_timeout", 100,
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
+# config.mode -> run(config, workdir) -> a JSON-safe summary.
+APPS = {
+    "distill": trainer.run, "pretrain": trainer.run, "prepare": run_prepare,
+    "eval": evaluate.run, "export": export.run, "finetune": finetune.run,
+    "demo": demo.run, "ablate": ablate.run,
+}
+# Errors whose message says what is wrong and what to do: printed without a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatch, CheckpointSaveError, NoCheckpointError,
+               NonFiniteError, runtime.WorkdirBusy)
+
 
 def run(config, workdir: str) -> dict:
-    from distil_jax import train
-    if "://" not in workdir:  # a bucket (gs://...) needs no directories
+    if config.mode not in APPS:
+        raise ConfigError(f"config.mode {config.mode!r} is not one of {tuple(APPS)}")
+    if not runtime.is_remote(workdir):  # a bucket (gs://...) needs no directories
         os.makedirs(workdir, exist_ok=True)
-    if config.mode in ("distill", "pretrain"):
-        result = train.train_and_evaluate(config, workdir)
-        result.pop("state")
-        result.pop("teacher_params")
-        return result
-    if config.mode == "eval":
-        from distil_jax import evaluate
-        return evaluate.run_eval(config, workdir)
-    if config.mode == "demo":
-        from distil_jax import demo
-        return demo.run_demo(config, workdir)
-    if config.mode == "export":
-        return {"export_dir": train.export_checkpoint(config, workdir)}
-    raise app.UsageError(f"config.mode {config.mode!r} is not one of distill, pretrain, eval, export, demo")
+    with runtime.hold_workdir(workdir):
+        return APPS[config.mode](config, workdir)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from distil_jax import hostmem
-    hostmem.keep_host_memory()  # before JAX starts: reuse host memory between steps
-    import jax
-
-    from distil_jax import parallel
+    runtime.keep_host_memory()  # first, before any array: reuse host memory between steps
     try:
         parallel.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
@@ -71,14 +77,9 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     if jax.process_index() != 0:  # logs from process 0; the others only warn
         logging.set_verbosity(logging.WARNING)
-
-    from distil_jax.checkpoint import CheckpointMismatch, CheckpointSaveError
-    from distil_jax.config import ConfigError
-    from distil_jax.data.sources import DataError
-    from distil_jax.train import NonFiniteError
     try:
         result = run(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DataError, CheckpointMismatch, CheckpointSaveError, NonFiniteError) as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
     logging.info("%s: %s", FLAGS.config.mode, result)
     if jax.process_index() == 0:

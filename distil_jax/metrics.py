@@ -1,9 +1,10 @@
-"""What a practitioner watches: model FLOPs and MFU, and the metric writers.
+"""What a practitioner watches: model FLOPs and MFU, a logging window's means, the writers.
 
-FLOPs follow the MaxText convention (REFERENCE.md): a step costs 3x the student's
-forward (forward + backward) plus 1x the teacher's forward. Forward FLOPs per token
-per layer are 2(4d^2 + 2d*ffn) for the matmuls plus 4*seq*d for bidirectional
-attention, and the MLM head adds 2(d^2 + d*V) where logits are computed.
+FLOPs follow the MaxText convention: a train step costs 3x the student's forward
+(forward + backward) plus 1x the teacher's forward when a loss reads the teacher.
+Forward FLOPs per token per layer are 2(4d^2 + 2d*ffn) for the matmuls plus 4*seq*d
+for bidirectional attention, and the MLM head adds 2(d^2 + d*V) at each position given
+logits (all of them, or only the MLM targets).
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import os
 from typing import Dict, Optional
 
 import jax
+from etils import epath
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
+from distil_jax import runtime
 from distil_jax.models import EncoderConfig
+from distil_jax.objective import Objective
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), matched by substring of device_kind.
 PEAK_TFLOPS = {
@@ -30,13 +36,13 @@ def forward_flops_per_token(config: EncoderConfig, seq_len: int, head_rows: floa
     return config.num_layers * layer + head_rows * 2 * (d * d + d * v)
 
 
-def step_flops_per_token(student: EncoderConfig, teacher: Optional[EncoderConfig], seq_len: int,
-                         head_rows: float = 1.0) -> float:
-    """Model FLOPs per token of one train step: student fwd + bwd, teacher fwd; `head_rows`
-    is the fraction of positions projected onto the vocabulary (1: all rows' KL)."""
-    flops = 3 * forward_flops_per_token(student, seq_len, head_rows)
-    if teacher is not None:
-        flops += forward_flops_per_token(teacher, seq_len, head_rows)
+def train_flops_per_token(obj: Objective, student: EncoderConfig, teacher: Optional[EncoderConfig],
+                          seq_len: int) -> float:
+    """Model FLOPs per token of a train step: student fwd + bwd, and the teacher's forward
+    when a term reads it; the head only on the rows the objective projects."""
+    flops = 3 * forward_flops_per_token(student, seq_len, obj.head_rows)
+    if teacher is not None and obj.weights.uses_teacher:
+        flops += forward_flops_per_token(teacher, seq_len, obj.head_rows)
     return flops
 
 
@@ -51,6 +57,30 @@ def device_peak_tflops(override: float = 0.0) -> Optional[float]:
     return None
 
 
+# --- a logging window's means ------------------------------------------------------------
+_PER_UPDATE = ("grad_norm", "lr")
+_COUNTS = ("updates", "skipped_updates", "micro_steps", "real_tokens", "targets")
+
+
+def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequences: int,
+                   num_devices: int, peak_tflops: Optional[float]) -> Dict[str, float]:
+    """Means of a window's summed step metrics, plus throughput (model FLOPs per device).
+
+    Loss terms are means over the finite micro-batches (None if none was), grad_norm and
+    lr over the applied updates."""
+    micro, updates = sums["micro_steps"], max(sums["updates"], 1.0)
+    out = {k: v / micro if micro else None for k, v in sums.items() if k not in _PER_UPDATE + _COUNTS}
+    out.update({k: sums[k] / updates for k in _PER_UPDATE})
+    out["skipped_updates"] = sums["skipped_updates"]
+    updates = max(sums["updates"] + sums["skipped_updates"], 1.0)
+    tflops = flops / seconds / 1e12 / num_devices
+    out.update(tokens_per_s=sums["real_tokens"] / seconds, sequences_per_s=sequences / seconds,
+               step_time_s=seconds / updates, tflops_per_device=tflops,
+               mfu=(tflops / peak_tflops) if peak_tflops else None)
+    return out
+
+
+# --- writers --------------------------------------------------------------------------------
 def _step_of(line: str) -> Optional[int]:
     """The step of a complete record; None for a blank line or one torn by a kill."""
     try:
@@ -70,16 +100,10 @@ def _drop_records_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def is_remote(path: str) -> bool:
-    """A URL (gs://bucket/...) rather than a local path."""
-    return "://" in path
-
-
 class _RewrittenFile:
     """metrics.jsonl on object storage: every write replaces the whole object."""
 
     def __init__(self, path: str, initial_step: int):
-        from etils import epath
         self._path = epath.Path(path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         old = self._path.read_text().splitlines() if self._path.exists() else []
@@ -104,18 +128,13 @@ class MetricWriter:
         if not enabled:
             return
         path = os.path.join(workdir, "metrics.jsonl")
-        if is_remote(workdir):  # a bucket (gs://) cannot append: the file is rewritten whole
+        if runtime.is_remote(workdir):  # a bucket (gs://) cannot append: the file is rewritten whole
             self._jsonl = _RewrittenFile(path, initial_step)
         else:
             os.makedirs(workdir, exist_ok=True)
             _drop_records_after(path, initial_step)  # a resume repeats what came after its checkpoint
             self._jsonl = open(path, "a")
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # event files are optional; metrics.jsonl always exists
-            self._tb = None
-        from tqdm import tqdm
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                          mininterval=1.0)
 

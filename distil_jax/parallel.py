@@ -166,10 +166,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
-    """Rows over data x fsdp, the sequence dimension whole; `stacked` batches carry a
-    leading micro-batch axis [accumulation, rows, seq] that is not sharded."""
-    return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """A micro-batch [rows, seq]: rows over data x fsdp, the sequence dimension whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """An update's micro-batches [k, rows, seq]: the micro-batch axis whole, rows as
+    `rows_sharding`."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
 def batch_block(mesh: Mesh, global_rows: int) -> int:
@@ -182,7 +187,7 @@ def batch_block(mesh: Mesh, global_rows: int) -> int:
     if global_rows % count:
         raise ValueError(f"a global batch of {global_rows} rows cannot be split over {count} processes")
     local = global_rows // count
-    slices = batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()
+    slices = rows_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()
     lo = min(s[0].start or 0 for s in slices)
     hi = max(global_rows if s[0].stop is None else s[0].stop for s in slices)
     if hi - lo != local or lo % local:
@@ -192,12 +197,12 @@ def batch_block(mesh: Mesh, global_rows: int) -> int:
     return lo // local
 
 
-def global_batch(local: Dict[str, np.ndarray], mesh: Mesh, stacked: bool = False) -> Dict[str, jax.Array]:
-    """Global arrays from this process's rows of every global batch.
+def global_batch(local: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+    """Global [k, rows, seq] arrays from this process's rows of an update's micro-batches.
 
     With one process the local batch is the global batch; with several, each
     contributes its own slice and jax assembles the global array.
     """
-    sharding = batch_sharding(mesh, stacked)
+    sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}

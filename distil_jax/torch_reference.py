@@ -1,13 +1,14 @@
 """The peer for `python -m distil_jax.bench compare`: the reference's train step in PyTorch.
 
-What the Hugging Face research project's `distiller.py` does per step, written here from
-its semantics (REFERENCE.md): dynamic masking of the batch (`prepare_batch_mlm`: ceil(15%)
+What the Hugging Face research project's `distiller.py` (examples/research_projects/
+distillation) does per step, written here from its semantics: dynamic masking of the batch (`prepare_batch_mlm`: ceil(15%)
 targets drawn without replacement with the smoothed token probabilities, 80/10/10), a
 frozen `BertForMaskedLM` teacher under `no_grad`, a `DistilBertForMaskedLM` student, the
 triple loss with the KL over every non-pad row (`masked_select` of both [B, S, V] logits),
 cross-entropy on the targets, cosine on the last hidden states, then backward, gradient
 clipping, AdamW (no decay on biases and LayerNorm) and the linear schedule. torch is an
-optional dependency (`pip install torch`), needed only here and in the tests.
+optional dependency (`pip install torch`), needed only here and in the tests, and is
+imported when first used.
 """
 
 from __future__ import annotations
@@ -18,19 +19,23 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
+import transformers
+from etils import epy
+
+with epy.lazy_imports():  # optional: only `bench compare` needs it
+    import torch
+    import torch.nn.functional as F
 
 
 def _models(args):
-    import torch
-    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
-
     common = dict(vocab_size=args.vocab, max_position_embeddings=max(512, args.seq))
-    teacher = BertForMaskedLM(BertConfig(
+    teacher = transformers.BertForMaskedLM(transformers.BertConfig(
         hidden_size=args.hidden, num_hidden_layers=args.teacher_layers, num_attention_heads=args.heads,
         intermediate_size=args.ffn, **common)).eval()
-    student = DistilBertForMaskedLM(DistilBertConfig(
+    student = transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
         dim=args.hidden, n_layers=args.student_layers, n_heads=args.heads, hidden_dim=args.ffn,
         **common)).train()
     for p in teacher.parameters():
@@ -40,7 +45,6 @@ def _models(args):
 
 
 def _optimizer(student, lr=5e-4, total=1000, warmup=0.05):
-    import torch
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
         {"params": [p for n, p in student.named_parameters() if not any(k in n for k in no_decay)],
@@ -56,7 +60,6 @@ def _optimizer(student, lr=5e-4, total=1000, warmup=0.05):
 
 def _mask(token_ids, lengths, token_probs, vocab, mask_id, pad_id=0):
     """prepare_batch_mlm: ceil(15%) targets without replacement, 80/10/10."""
-    import torch
     attn_mask = torch.arange(token_ids.size(1))[None, :] < lengths[:, None]
     probs = token_probs[token_ids.flatten()]
     n_tgt = math.ceil(0.15 * lengths.sum().item())
@@ -78,9 +81,6 @@ def _mask(token_ids, lengths, token_probs, vocab, mask_id, pad_id=0):
 def step_timer(args):
     """(one, record): `one()` runs one reference step on args' shapes (random tokens, no
     padding); `record(times)` turns step times into the benchmark's JSON (their median)."""
-    import torch
-    import torch.nn.functional as F
-
     torch.set_num_threads(os.cpu_count() or 1)
     teacher, student = _models(args)
     opt, sched = _optimizer(student)
@@ -136,7 +136,7 @@ SHAPE_KEYS = ("teacher_layers", "student_layers", "hidden", "heads", "ffn", "voc
 
 def separate_process_timer(args):
     """(one, record, close) like `step_timer`, with the reference running in a child process
-    that never calls `hostmem.keep_host_memory`, so its malloc is the system's: the
+    that never calls `runtime.keep_host_memory`, so its malloc is the system's: the
     reference as its users run it, while this process keeps its host memory. `one()` asks
     the child for one step and waits for it, so the steps can still be interleaved."""
     child = subprocess.Popen([sys.executable, "-m", "distil_jax.torch_reference"], stdin=subprocess.PIPE,
@@ -165,7 +165,6 @@ def separate_process_timer(args):
 def _serve() -> None:
     """The child's side: the shape as the first line, then `step` (run one, reply with its
     seconds) and `record TIMES` (reply with the JSON record) until stdin closes."""
-    import types
     args = types.SimpleNamespace(**json.loads(sys.stdin.readline()))
     one, record = step_timer(args)
     print("ready", flush=True)

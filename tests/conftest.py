@@ -1,8 +1,173 @@
-"""Eight fake CPU devices for the multi-device tests; must run before jax is imported."""
+"""The suite's environment and shared fixtures.
 
+Set before jax is imported: eight fake CPU devices for the multi-device tests, no model
+hub, and one persistent compilation cache for the whole session, which the subprocesses
+the tests start (main, launch scripts, kills) inherit: a program compiled once is
+loaded from it afterwards. The cache lives in a temporary directory of this session
+(removed at its end), so every run of the suite starts cold and measures the same.
+"""
+
+import importlib.util
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (xdist workers inherit it)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="distil_jax_test_cache_")
+    os.environ["DISTIL_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402  (after the environment above)
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from distil_jax.config import defaults, with_changes  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang loud songs in tall "
+         "green trees near old stone houses by the quiet river").split()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("DISTIL_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def _load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# configs/tiny.py made smaller still: what `tiny_config` changes (subprocesses apply it too).
+TINY = {"teacher.model.vocab_size": 128, "teacher.model.hidden_size": 32, "teacher.model.num_layers": 2,
+        "teacher.model.num_heads": 4, "teacher.model.intermediate_size": 64,
+        "teacher.model.max_position_embeddings": 32, "student.num_layers": 1, "data.seq_len": 16,
+        "data.synthetic.num_sequences": 256, "train.steps": 3, "train.batch_size": 32,
+        "train.micro_batch_size": 16, "train.log_every": 1, "mesh.shape": (-1, 1, 1)}
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py made smaller still (`TINY`), with dotted-key overrides."""
+    return with_changes(_load_config("tiny").get_config(), **{**TINY, **overrides})
+
+
+def tiny_script(**overrides) -> str:
+    """Python source that makes `config` = tiny_config(**overrides) in a subprocess (which
+    must not import this file: it would set up eight fake devices)."""
+    return (f"import importlib.util, sys\nsys.path.insert(0, {ROOT!r})\n"
+            "from distil_jax.config import with_changes\n"
+            f"_spec = importlib.util.spec_from_file_location('tiny', {os.path.join(ROOT, 'configs', 'tiny.py')!r})\n"
+            "_tiny = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(_tiny)\n"
+            f"config = with_changes(_tiny.get_config(), **{ {**TINY, **overrides}!r})\n")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """`tiny(**overrides)`: the tests' distillation config (see `tiny_config`)."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    """`tiny_source(**overrides)`: subprocess source making `config` (see `tiny_script`)."""
+    return tiny_script
+
+
+@pytest.fixture(scope="session")
+def config_file():
+    """`config_file(name)`: the module configs/NAME.py (its get_config and docstring)."""
+    return _load_config
+
+
+def host_tree(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@pytest.fixture(scope="session")
+def host():
+    """`host(tree)`: a pytree of device arrays as numpy arrays on this host."""
+    return host_tree
+
+
+def write_corpus(path, n_docs, seed=0, min_words=5, max_words=60):
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(WORDS, rng.integers(min_words, max_words))) for _ in range(n_docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def text_config(files, seq_len=32, vocab=64, **data):
+    """A pretraining config over text files (one document per line)."""
+    c = defaults()
+    c.mode = "pretrain"
+    c.teacher.model.vocab_size = vocab
+    c.data.update(seq_len=seq_len, docs_per_shard=50, **data)
+    c.data.sources = ml_collections.ConfigDict(
+        {"text": {"kind": "text", "files": [str(f) for f in files], "weight": 1.0}})
+    return c
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """`corpus.write(path, n_docs, ...)` writes documents of WORDS; `corpus.config(files, ...)`
+    a pretraining config over them; `corpus.words` the words."""
+    return type("Corpus", (), {"write": staticmethod(write_corpus), "config": staticmethod(text_config),
+                               "words": WORDS})
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A 9-token WordPiece tokenizer (the five specials and four words)."""
+    words = ["hello", "world", "the", "cat"]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def subprocess_env(**extra):
+    """The environment of a subprocess the tests start: one CPU device, this checkout first,
+    the session's compilation cache."""
+    return dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, **extra)
+
+
+@pytest.fixture(scope="session")
+def run_main():
+    """`run_main(config, workdir, *flags, expect_ok=True, timeout=600)`: `python -m
+    distil_jax.main` in a subprocess; the parsed JSON result, or the process when
+    expect_ok is False."""
+    def run(config, workdir, *flags, expect_ok=True, timeout=600):
+        proc = subprocess.run([sys.executable, "-m", "distil_jax.main", f"--config={config}",
+                               f"--workdir={workdir}", *flags], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=timeout)
+        if not expect_ok:
+            return proc
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return last_json(proc.stdout)
+    return run
+
+
+def last_json(stdout: str):
+    """The JSON object main prints last (after any table)."""
+    start = stdout.rfind("\n{\n")
+    return json.loads(stdout[start + 1:] if start >= 0 else stdout[stdout.index("{"):])
+
+
+@pytest.fixture(scope="session")
+def env():
+    """`env(**extra)`: the environment for a subprocess (see `subprocess_env`)."""
+    return subprocess_env

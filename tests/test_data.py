@@ -2,39 +2,25 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
-import ml_collections
+import chex
+import jax
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
-from distil_jax.config import defaults
+from distil_jax import trainer
+from distil_jax.data import DataError, make_data, per_process_data, prepared_dir
 from distil_jax.data import loader as loader_lib
 from distil_jax.data.prepare import prepare, split_and_filter
-from distil_jax.data.sources import DataError, EmbeddedSource, TextFilesSource, TfdsSource
+from distil_jax.data.sources import EmbeddedSource, TextFilesSource, TfdsSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS, SEP, UNK = 2, 3, 1
-WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang loud songs in tall "
-         "green trees near old stone houses by the quiet river").split()
-
-
-def _write_corpus(path, n_docs, seed=0, min_words=5, max_words=60):
-    rng = np.random.default_rng(seed)
-    lines = [" ".join(rng.choice(WORDS, rng.integers(min_words, max_words))) for _ in range(n_docs)]
-    path.write_text("\n".join(lines) + "\n")
-    return lines
-
-
-def _config(files, seq_len=32, vocab=64, **data):
-    c = defaults()
-    c.mode = "pretrain"
-    c.teacher.model.vocab_size = vocab
-    c.data.update(seq_len=seq_len, docs_per_shard=50, **data)
-    c.data.sources = ml_collections.ConfigDict(
-        {"text": {"kind": "text", "files": [str(f) for f in files], "weight": 1.0}})
-    return c
 
 
 # --- sources -----------------------------------------------------------------------
@@ -99,15 +85,14 @@ def test_split_boundaries_and_filters():
 
 
 # --- preparation -----------------------------------------------------------------------
-def test_prepare_is_idempotent_resumable_and_refuses_other_inputs(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    _write_corpus(corpus, 300)
+def test_prepare_is_idempotent_resumable_and_refuses_other_inputs(tmp_path, corpus):
+    text = tmp_path / "corpus.txt"
+    corpus.write(text, 300)
     out = tmp_path / "prepared"
-    config = _config([corpus])
+    config = corpus.config([text])
     manifest = prepare(config, str(out), progress=False)
     train = manifest["splits"]["train"]["text"]
     assert train["shards"] >= 5 and train["sequences"] > 200 and manifest["vocab_size"] == 64
-    from transformers import AutoTokenizer
     assert len(AutoTokenizer.from_pretrained(out / "tokenizer")) == 64
     counts = np.load(out / "token_counts.npy")
     assert counts.sum() == train["tokens"]
@@ -129,17 +114,17 @@ def test_prepare_is_idempotent_resumable_and_refuses_other_inputs(tmp_path):
 
     # Other inputs into the same directory are refused; nothing is touched.
     with pytest.raises(DataError, match="prepared from other inputs"):
-        prepare(_config([corpus], seq_len=48), str(out), progress=False)
+        prepare(corpus.config([text], seq_len=48), str(out), progress=False)
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
 # --- the loader ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("loader")
-    corpus = tmp / "corpus.txt"
-    _write_corpus(corpus, 600, min_words=3, max_words=40)
-    prepare(_config([corpus], seq_len=48), str(tmp / "data"), progress=False)
+    text = tmp / "corpus.txt"
+    corpus.write(text, 600, min_words=3, max_words=40)
+    prepare(corpus.config([text], seq_len=48), str(tmp / "data"), progress=False)
     return str(tmp / "data")
 
 
@@ -228,33 +213,28 @@ np.savez({str(tmp_path / "next.npz")!r}, **{{f"{{k}}{{i}}": b[k] for i, b in enu
             np.testing.assert_array_equal(got[f"{k}{i}"], batch[k])
 
 
-def test_training_on_a_prepared_corpus_resumes_exactly(tmp_path):
+def test_training_on_a_prepared_corpus_resumes_exactly(tmp_path, corpus):
     """The loader's state travels in the checkpoint: cut-and-resumed equals straight."""
-    import chex
-    import jax
-    import shutil
-    from distil_jax import train
-    corpus = tmp_path / "corpus.txt"
-    _write_corpus(corpus, 200)
-    c = _config([corpus], seq_len=32, vocab=96)
+    text = tmp_path / "corpus.txt"
+    corpus.write(text, 200)
+    c = corpus.config([text], seq_len=32, vocab=96)
     c.teacher.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                            max_position_embeddings=32)
     c.data.dir = str(tmp_path / "data")
     c.train.update(steps=6, epochs=0, batch_size=16, micro_batch_size=8, seed=0, log_every=1)
     c.checkpoint.every_steps = 3
     c.mesh.shape = (-1, 1, 1)
-    straight = train.train_and_evaluate(c, str(tmp_path / "a"))
+    straight, _ = trainer.train(c, str(tmp_path / "a"))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "12")
-    resumed = train.train_and_evaluate(c, str(tmp_path / "b"))
-    host = lambda s: jax.device_get(s.params)  # noqa: E731
-    chex.assert_trees_all_close(host(resumed["state"]), host(straight["state"]), atol=1e-6)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+    resumed, _ = trainer.train(c, str(tmp_path / "b"))
+    chex.assert_trees_all_close(jax.device_get(resumed.params), jax.device_get(straight.params), atol=1e-6)
 
 
-def test_plan_keeps_blocks_of_micro_batches_together_for_scan_accumulation():
+def test_plan_keeps_an_updates_micro_batches_together():
     """keep_together=k shuffles blocks of k consecutive (length-sorted) batches: the same
-    batches, and the k micro-batches one scan call stacks pad to nearly one length."""
-    from distil_jax.data.loader import plan_batches
+    batches, and the k micro-batches one update stacks pad to nearly one length."""
+    plan_batches = loader_lib.plan_batches
     rng = np.random.default_rng(0)
     lengths = rng.integers(12, 512, size=4096)
     indices = rng.permutation(4096)
@@ -277,16 +257,13 @@ def test_plan_keeps_blocks_of_micro_batches_together_for_scan_accumulation():
     assert stacked_padding(blocks) < 0.5 * stacked_padding(single)
 
 
-def test_a_bucket_workdir_prepares_a_local_copy_on_every_process(tmp_path, monkeypatch):
+def test_a_bucket_workdir_prepares_a_local_copy_on_every_process(tmp_path, monkeypatch, corpus):
     """With a gs:// workdir and no data.dir, process 1 prepares its own local copy (no
     process 0 is needed on its host) and reads its rows from it; data.dir still wins."""
-    import tempfile
-
-    from distil_jax.data import make_data, per_process_data, prepared_dir
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "local"))
-    corpus = tmp_path / "corpus.txt"
-    _write_corpus(corpus, 300, min_words=3, max_words=40)
-    config = _config([corpus], seq_len=48)
+    text = tmp_path / "corpus.txt"
+    corpus.write(text, 300, min_words=3, max_words=40)
+    config = corpus.config([text], seq_len=48)
     workdir = "gs://bucket/runs/one"
     assert per_process_data(config, workdir) and not per_process_data(config, str(tmp_path))
     local = prepared_dir(config, workdir, process=1)

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from distil_jax import finetune
+from distil_jax.apps import finetune
+from distil_jax.data.tokenizer import train_wordpiece
 from distil_jax.models import DistilBert, DistilBertConfig, init_params
 
 
@@ -50,9 +51,10 @@ def test_easy_task_reaches_high_accuracy():
                                           intermediate_size=64, max_position_embeddings=32,
                                           hidden_dropout=0.0, attention_dropout=0.0))
     params = init_params(encoder, jax.random.key(0))
-    result = finetune.finetune(encoder, params, train, held, 2, ("accuracy", "f1"), epochs=8,
-                               learning_rate=3e-3, batch_size=32)
+    result, predictions = finetune.finetune(encoder, params, train, held, 2, ("accuracy", "f1"), epochs=8,
+                                            learning_rate=3e-3, batch_size=32)
     assert result["accuracy"] > 0.9, result
+    assert result["accuracy"] == np.mean(predictions == held["labels"])
 
 
 def test_glue_data_reads_tfds_records(monkeypatch):
@@ -67,7 +69,6 @@ def test_glue_data_reads_tfds_records(monkeypatch):
         return rows[split]
 
     monkeypatch.setattr(tfds, "data_source", data_source)
-    from distil_jax.data.tokenizer import train_wordpiece
     tok = train_wordpiece(["hello world the cat"] * 50, vocab_size=60)
     train, held, metrics = finetune.glue_data("mrpc", tok)
     assert calls == [("glue/mrpc", "train"), ("glue/mrpc", "validation")] and metrics == ("f1", "accuracy")
@@ -79,9 +80,8 @@ def test_glue_data_reads_tfds_records(monkeypatch):
         finetune.glue_data("nope", tok)
 
 
-def test_stdlib_packages_task_has_real_labels():
-    from test_hf import _tiny_tokenizer
-    train, held, names = finetune.stdlib_packages_data(_tiny_tokenizer(), classes=4, max_len=32)
+def test_stdlib_packages_task_has_real_labels(tiny_tokenizer):
+    train, held, names = finetune.stdlib_packages_data(tiny_tokenizer, classes=4, max_len=32)
     assert len(names) == 4 and len(set(names)) == 4
     assert set(np.unique(train["labels"])) == set(range(4)) and len(held["labels"]) > 50
     assert len(train["labels"]) > 4 * len(held["labels"]) * 0.5

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 
 from distil_jax import hf
 from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, init_params
@@ -86,7 +87,6 @@ def test_bert_with_pooler_and_token_types(tmp_path):
     state.update({k: v for k, v in mlm.state_dict().items() if k.startswith("cls.")})
     state.pop("cls.predictions.decoder.weight")
     mlm.save_pretrained(tmp_path)
-    import safetensors.torch
     safetensors.torch.save_file({k: v.clone().contiguous() for k, v in state.items()},
                                 os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
     model, params = hf.load_hf_model(str(tmp_path))
@@ -144,15 +144,15 @@ def test_dropout_is_active_only_when_not_deterministic():
 
 
 @pytest.mark.parametrize("with_tokenizer", [False, True])
-def test_student_export_round_trip(tmp_path, with_tokenizer):
+def test_student_export_round_trip(tmp_path, with_tokenizer, tiny_tokenizer):
     config = DistilBertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
                               intermediate_size=64, max_position_embeddings=64)
     model = DistilBert(config)
     params = init_params(model, jax.random.key(3))
     # Give LayerNorms and biases non-trivial values so the check covers them.
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape), params)
-    tokenizer = _tiny_tokenizer() if with_tokenizer else None
-    hf.save_student_hf(params, config, str(tmp_path), tokenizer=tokenizer)
+    tokenizer = tiny_tokenizer if with_tokenizer else None
+    hf.save_hf_model(params, config, str(tmp_path), tokenizer=tokenizer)
     loaded = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path)).eval()
     assert type(loaded).__name__ == "DistilBertForMaskedLM"
     ids, am = _batch(0)
@@ -181,18 +181,135 @@ def test_teacher_export_round_trip(tmp_path):
     np.testing.assert_allclose(model.apply({"params": params}, ids, am).logits, want, atol=1e-4)
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = ["hello", "world", "the", "cat"]
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]")
+# --- real teachers, as users have them ----------------------------------------------------
+def _bert_mlm_logits(directory, ids, am):
+    ref = transformers.BertForMaskedLM.from_pretrained(str(directory)).eval()
+    with torch.no_grad():
+        return ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am)).logits.numpy()
 
 
-# --- bad input --------------------------------------------------------------------
-def test_save_student_refuses_a_teacher_config(tmp_path):
-    with pytest.raises(TypeError, match="save_hf_model"):
-        hf.save_student_hf({}, BertConfig(), str(tmp_path))
+def _ours(directory, ids, am):
+    model, params = hf.load_hf_model(str(directory))
+    return np.asarray(model.apply({"params": params}, ids, am).logits)
+
+
+def test_a_legacy_pytorch_bin_with_buffers_and_a_pooler(tmp_path):
+    """transformers 3/4 wrote pytorch_model.bin with position_ids buffers, the pooler and the
+    decoder weight: our MLM equals BertForMaskedLM.from_pretrained of the same directory."""
+    torch.manual_seed(6)
+    config = TINY["bert"]()
+    base = transformers.BertModel(config).eval()  # with its pooler
+    mlm = _random_hf_model("bert", seed=7)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0.0, 0.2)
+    state = {f"bert.{k}": v for k, v in base.state_dict().items()}
+    state.update({k: v for k, v in mlm.state_dict().items() if k.startswith("cls.")})
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    state["bert.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]
+    config.save_pretrained(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ids, am = _batch(0, seed=8)
+    np.testing.assert_allclose(_ours(tmp_path, ids, am), _bert_mlm_logits(tmp_path, ids, am), atol=1e-4)
+
+
+class _Heads(torch.nn.Module):
+    """`cls`: the MLM head beside two task heads, as multi-task research models hold them."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = transformers.models.bert.modeling_bert.BertLMPredictionHead(config)
+        self.sentiment = torch.nn.Linear(config.hidden_size, 3)
+        self.topic = torch.nn.Linear(config.hidden_size, 5)
+
+
+class MultiTaskBert(transformers.BertPreTrainedModel):
+    """A research model: `self.bert = BertModel(config)` (with its pooler) and `self.cls`."""
+
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                          "cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = transformers.BertModel(config)
+        self.cls = _Heads(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+
+def _multitask_teacher(directory, vocab_size=VOCAB, seed=9):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
+    model = MultiTaskBert(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "word_embeddings" not in name:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(directory)
+    return model
+
+
+def test_a_custom_model_with_extra_heads_gives_its_mlm_with_one_warning(tmp_path, caplog):
+    _multitask_teacher(tmp_path)
+    ids, am = _batch(0, seed=10)
+    with caplog.at_level("WARNING"):
+        ours = _ours(tmp_path, ids, am)
+    np.testing.assert_allclose(ours, _bert_mlm_logits(tmp_path, ids, am), atol=1e-4)
+    warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(warnings) == 1 and "cls.sentiment.weight" in warnings[0] and "cls.topic.bias" in warnings[0]
+    # A tensor the MLM needs is still an error that names it.
+    state = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    del state["bert.encoder.layer.1.output.dense.bias"]
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing bert.encoder.layer.1.output.dense.bias"):
+        hf.load_hf_model(str(tmp_path))
+
+
+CASED_WORDS = "Return The Value Of A List Sorted By Key And Its Length In Bytes".split()
+
+
+def _vocab_txt_only_teacher(directory):
+    """config.json, the weights and a case-sensitive vocab.txt: nothing else (no
+    tokenizer_config.json saying not to lowercase)."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + CASED_WORDS
+    vocab += [f"##{c}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"] + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    _multitask_teacher(directory, vocab_size=len(vocab))
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return vocab
+
+
+def test_a_vocab_txt_only_directory_loads_as_transformers_loads_it(tmp_path):
+    vocab = _vocab_txt_only_teacher(tmp_path)
+    ids, am = _batch(0, seed=11)
+    ids = ids % len(vocab)
+    np.testing.assert_allclose(_ours(tmp_path, ids, am), _bert_mlm_logits(tmp_path, ids, am), atol=1e-4)
+
+
+def test_distillation_from_a_research_teacher_end_to_end(tmp_path, tiny, run_main):
+    """The custom multi-task teacher with a vocab.txt-only, case-sensitive tokenizer: refused
+    with the cause under the default lowercasing, then distilled with data.lowercase=False
+    for a few updates, and the student exported for AutoModelForMaskedLM."""
+    teacher = tmp_path / "teacher"
+    _vocab_txt_only_teacher(teacher)
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(CASED_WORDS, 24)) + " ." for _ in range(300)) + "\n")
+    flags = [f"--config.teacher.path={teacher}", "--config.data.source=corpus", "--config.data.seq_len=32",
+             f"--config.data.sources={{'mine': {{'kind': 'text', 'files': ['{corpus}']}}}}",
+             "--config.student.num_layers=1", "--config.train.steps=3", "--config.train.batch_size=16",
+             "--config.train.micro_batch_size=16", "--config.checkpoint.every_steps=3"]
+    refused = run_main("configs/tiny.py", tmp_path / "lower", *flags, expect_ok=False)
+    assert refused.returncode != 0 and "data.lowercase=False" in refused.stderr
+    assert not (tmp_path / "lower" / "checkpoints").exists()
+    out = run_main("configs/tiny.py", tmp_path / "run", *flags, "--config.data.lowercase=False")
+    assert out["update"] == 3 and np.isfinite(out["metrics"]["loss"])
+    export = run_main("configs/tiny.py", tmp_path / "run", *flags, "--config.data.lowercase=False",
+                      "--config.mode=export")["export_dir"]
+    student = transformers.AutoModelForMaskedLM.from_pretrained(export)
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert type(student).__name__ == "DistilBertForMaskedLM" and student.config.n_layers == 1
+    assert tok.tokenize("Return The Value")[:2] == ["Return", "The"]  # cased, as the teacher's
+

@@ -164,7 +164,7 @@ def test_chunked_vocab_terms_and_gradients_equal_whole_logits(chunk, no_rows, te
 
     def chunked(feat, head):
         return losses.vocab_terms(feat, head, labels, mlm_w, t_feat, t_head, kd_w, temperature,
-                                  chunk=chunk, alphas=alphas)
+                                  chunk=chunk, mlm=2.0, ce=5.0, mse=0.1)
 
     def plain(feat, head):
         terms = _plain_terms(feat, head, t_feat, t_head, labels, mlm_w, kd_w, temperature)

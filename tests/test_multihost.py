@@ -20,11 +20,12 @@ import jax
 import numpy as np
 import pytest
 
-from distil_jax import parallel, train
+from distil_jax import metrics, parallel, runtime, trainer
+from distil_jax.checkpoint import load_model
 from distil_jax.config import with_changes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 4 updates of 2 micro-batches of 16 sequences of 16 tokens; checkpoints at micro-steps 4 and 8.
+# 4 updates of 2 micro-batches of 16 sequences of 16 tokens; checkpoints at updates 2 and 4.
 CHANGES = {"train.steps": 4, "train.log_every": 1, "checkpoint.every_steps": 2, "checkpoint.keep": 5,
            "data.seq_len": 16, "data.synthetic.num_sequences": 128}
 FLAGS = [f"--config.{k}={v}" for k, v in CHANGES.items()]
@@ -41,11 +42,10 @@ def tiny_config():
     return with_changes(tiny.get_config(), **CHANGES)
 
 
-def launch_local(workdir, num_processes=2, devices=4, cache=None):
-    """launch/local.sh: num_processes processes of `devices` fake CPU devices each."""
+def launch_local(workdir, num_processes=2, devices=4):
+    """launch/local.sh: num_processes processes of `devices` fake CPU devices each (the
+    session's compilation cache is in the environment: a second launch loads the step)."""
     env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
-    if cache:  # the second launch reuses the first one's compiled train step
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     proc = subprocess.run(
         ["bash", "launch/local.sh", f"--num_processes={num_processes}",
          f"--devices_per_process={devices}", f"--python={sys.executable}",
@@ -60,16 +60,13 @@ def losses(workdir):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-def params_at(workdir, micro_step):
-    """The params of checkpoint `micro_step` in workdir, restored in this (one) process."""
-    config = tiny_config()
-    run = train.make_run(config, str(workdir))
-    for step in run.checkpointer.all_steps():
-        if step != micro_step:  # restore_latest takes the newest: make it the one asked for
-            shutil.rmtree(os.path.join(str(workdir), "checkpoints", str(step)))
-    params, step = train.restore_params(run)
-    assert step == micro_step
-    run.checkpointer.close()
+def params_at(workdir, update, tmp_path_factory):
+    """The params of checkpoint `update` in workdir, read in this (one) process by
+    checkpoint.load_model (from a copy holding only that checkpoint: it reads the newest)."""
+    only = tmp_path_factory.mktemp("only")
+    shutil.copytree(os.path.join(workdir, "checkpoints", str(update)), only / "checkpoints" / str(update))
+    _, params, meta = load_model(str(only))
+    assert meta["step"] == update
     return jax.device_get(params)
 
 
@@ -77,10 +74,10 @@ def _max_diff(a, b):
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
-def resume_from(src, micro_step, dst):
-    """A new workdir holding only checkpoint `micro_step` of src."""
+def resume_from(src, update, dst):
+    """A new workdir holding only checkpoint `update` of src."""
     os.makedirs(dst / "checkpoints")
-    shutil.copytree(src / "checkpoints" / str(micro_step), dst / "checkpoints" / str(micro_step))
+    shutil.copytree(src / "checkpoints" / str(update), dst / "checkpoints" / str(update))
     return dst
 
 
@@ -89,38 +86,39 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     two, one = base / "two", base / "one"
     t0 = time.perf_counter()
-    stdout = launch_local(two, cache=base / "jax_cache")
+    stdout = launch_local(two)
     timings = {"two_processes_s": time.perf_counter() - t0}
     result = json.loads(stdout[stdout.index("\n{") + 1:])
     t0 = time.perf_counter()
-    single = train.train_and_evaluate(tiny_config(), str(one))
+    single, _ = trainer.train(tiny_config(), str(one))
     timings["one_process_s"] = time.perf_counter() - t0
     # A restart of both processes from the single process's checkpoint at update 2.
     t0 = time.perf_counter()
-    launch_local(resume_from(one, 4, base / "one_then_two"), cache=base / "jax_cache")
+    launch_local(resume_from(one, 2, base / "one_then_two"))
     timings["two_resumed_s"] = time.perf_counter() - t0
     # One process from the two processes' checkpoint at update 2.
-    one_after_two = resume_from(two, 4, base / "two_then_one")
-    train.train_and_evaluate(tiny_config(), str(one_after_two))
+    one_after_two = resume_from(two, 2, base / "two_then_one")
+    trainer.train(tiny_config(), str(one_after_two))
     print("timings", timings)
     return {"two": two, "one": one, "result": result, "single": single,
-            "one_then_two": base / "one_then_two", "two_then_one": one_after_two}
+            "one_then_two": base / "one_then_two", "two_then_one": one_after_two,
+            "params_at": lambda workdir, update: params_at(workdir, update, tmp_path_factory)}
 
 
 def test_two_processes_equal_one(runs):
     assert jax.device_count() == 8 and jax.process_count() == 1
-    assert runs["result"]["update"] == 4 and runs["result"]["last_checkpoint"] == 8
+    assert runs["result"]["update"] == 4 and runs["result"]["last_checkpoint"] == 4
     two, one = losses(runs["two"]), losses(runs["one"])
     assert sorted(two) == [1, 2, 3, 4]
     np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=LOSS_RTOL)
     assert len(set(two.values())) == 4  # the trajectory moves: equal values are not a constant
-    expected = jax.device_get(runs["single"]["state"].params)
-    got = params_at(runs["two"], 8)
+    expected = jax.device_get(runs["single"].params)
+    got = runs["params_at"](runs["two"], 4)
     chex.assert_trees_all_close(got, expected, atol=PARAMS_ATOL, rtol=0)
     print("two vs one process: max |param diff|", _max_diff(got, expected), "max loss rel diff",
           max(abs(two[s] / one[s] - 1) for s in two))
     # ... and training moved the params further than the tolerance.
-    start = params_at(runs["one"], 4)
+    start = runs["params_at"](runs["one"], 2)
     moved = _max_diff(start, expected)
     assert moved > 100 * PARAMS_ATOL
 
@@ -136,16 +134,16 @@ def test_only_process_zero_writes_logs_and_metrics(runs):
 
 
 def test_checkpoint_of_one_process_resumes_in_two(runs):
-    expected = jax.device_get(runs["single"]["state"].params)
-    chex.assert_trees_all_close(params_at(runs["one_then_two"], 8), expected, atol=PARAMS_ATOL, rtol=0)
+    expected = jax.device_get(runs["single"].params)
+    chex.assert_trees_all_close(runs["params_at"](runs["one_then_two"], 4), expected, atol=PARAMS_ATOL, rtol=0)
     resumed, one = losses(runs["one_then_two"]), losses(runs["one"])
     assert sorted(resumed) == [3, 4]
     np.testing.assert_allclose([resumed[s] for s in (3, 4)], [one[s] for s in (3, 4)], rtol=LOSS_RTOL)
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(runs):
-    expected = jax.device_get(runs["single"]["state"].params)
-    chex.assert_trees_all_close(params_at(runs["two_then_one"], 8), expected, atol=PARAMS_ATOL, rtol=0)
+    expected = jax.device_get(runs["single"].params)
+    chex.assert_trees_all_close(runs["params_at"](runs["two_then_one"], 4), expected, atol=PARAMS_ATOL, rtol=0)
 
 
 def _free_port():
@@ -233,8 +231,7 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout():
 
 def test_metrics_on_object_storage_are_rewritten_whole_and_resume(tmp_path, monkeypatch):
     """The path a gs:// workdir takes (objects cannot be appended to), on local disk."""
-    from distil_jax import metrics
-    monkeypatch.setattr(metrics, "is_remote", lambda path: True)
+    monkeypatch.setattr(runtime, "is_remote", lambda path: True)
     writer = metrics.MetricWriter(str(tmp_path), total_steps=4)
     for step in (1, 2, 3):
         writer.write(step, {"loss": float(step)})
@@ -252,7 +249,7 @@ import sys
 from distil_jax import parallel
 parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=60)
 import jax
-from distil_jax.checkpoint import PreemptionFlag
+from distil_jax.runtime import PreemptionFlag
 with PreemptionFlag() as stop:
     print("ready", flush=True)
     for step in range(200000):  # what the training loop does between steps, nothing else

@@ -9,41 +9,29 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distil_jax import train
+from distil_jax import optim, trainer
 from distil_jax.checkpoint import Checkpointer
-from test_train import host, tiny
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax 0.12 writes step N here, then renames it to N
 
 
 # --- kill -9 at random moments ---------------------------------------------------------
-UPDATES, EVERY, ACCUM = 24, 2, 2  # configs/tiny.py accumulates 2 micro-batches per update
+UPDATES, EVERY = 24, 2  # checkpoints are named by update
 KILL_FLAGS = [f"--config.train.steps={UPDATES}", "--config.train.log_every=1",
               f"--config.checkpoint.every_steps={EVERY}", "--config.data.seq_len=16",
               "--config.data.synthetic.num_sequences=128"]
 
 
-def _env(cache_dir):
-    # One device and a persistent compilation cache shared by every start: a restart
-    # loads the step instead of compiling it again.
-    return dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-def _start(workdir, cache_dir, log):
-    env = _env(cache_dir)
+def _start(workdir, log, env):
+    # Every start shares the session's compilation cache (conftest.py): a restart loads
+    # the step instead of compiling it again.
     return subprocess.Popen(
         [sys.executable, "-m", "distil_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-         *KILL_FLAGS], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+         *KILL_FLAGS], cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _finished_steps(workdir):
@@ -81,11 +69,10 @@ def _records(workdir):
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().split("\n")[:-1]]
 
 
-def test_sigkill_at_random_moments_loses_nothing(tmp_path, jax_cache):
-    cache = jax_cache
+def test_sigkill_at_random_moments_loses_nothing(tmp_path, env, host):
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight_log = open(tmp_path / "straight.log", "w")
-    straight = _start(straight_dir, cache, straight_log)  # runs beside the killed ones
+    straight = _start(straight_dir, straight_log, env)  # runs beside the killed ones
 
     rng = np.random.default_rng(8)
     kinds = ["after checkpoint"] * 4 + ["during checkpoint write"]
@@ -95,7 +82,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, jax_cache):
         for kind in kinds:
             for _attempt in range(3):  # a write can finish between seeing it and the kill landing
                 resumed_from = (_finished_steps(killed_dir) or [0])[-1]
-                proc = _start(killed_dir, cache, log)
+                proc = _start(killed_dir, log, env)
                 if kind == "during checkpoint write":
                     _wait_for(lambda: _writing(killed_dir, resumed_from), proc)
                     _kill(proc)
@@ -105,24 +92,24 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, jax_cache):
                     kills.append((kind, resumed_from, half_written))
                 else:
                     # Past the next checkpoint by 0 to 2 logged updates and up to 0.1 s more.
-                    target = resumed_from + EVERY * ACCUM
+                    target = resumed_from + EVERY
                     _wait_for(lambda: _finished_steps(killed_dir)[-1:] >= [target], proc)
                     extra = int(rng.integers(0, 3))
-                    _wait_for(lambda: _logged(killed_dir) >= target // ACCUM + extra, proc)
+                    _wait_for(lambda: _logged(killed_dir) >= target + extra, proc)
                     time.sleep(float(rng.uniform(0, 0.1)))
                     _kill(proc)
                     kills.append((kind, resumed_from, _records(killed_dir)[-1]["step"]))
                 break
         assert len(kills) == 5 and any(k[0] == "during checkpoint write" for k in kills), kills
-        done = _start(killed_dir, cache, log)
+        done = _start(killed_dir, log, env)
         assert done.wait(timeout=600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
     assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     straight_log.close()
-    print("kills (kind, resumed from micro-step, last logged update or half-written dir):", kills)
+    print("kills (kind, resumed from update, last logged update or half-written dir):", kills)
 
     # No half-written directory is left, and the final checkpoints agree bit for bit.
     assert not [n for n in os.listdir(killed_dir / "checkpoints") if TMP_SUFFIX in n]
-    final = UPDATES * ACCUM
+    final = UPDATES
     assert _finished_steps(killed_dir)[-1] == _finished_steps(straight_dir)[-1] == final
     ours, _ = Checkpointer(str(killed_dir / "checkpoints"), keep=3).restore(final)
     want, _ = Checkpointer(str(straight_dir / "checkpoints"), keep=3).restore(final)
@@ -141,10 +128,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, jax_cache):
 # set just before the chosen save and lifted before the next. Writes beyond it fail with
 # EFBIG ("File too large") inside orbax's writer, as ENOSPC would on a full disk.
 FAILING_SAVE = r"""
-import json, os, resource, signal, sys
-sys.path.insert(0, {tests!r})
-from distil_jax import checkpoint, train
-from test_train import tiny
+import json, os, resource, signal
+from distil_jax import checkpoint, trainer
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
 LIMIT, FAIL_AT = 16 * 1024, {fail_at}
@@ -157,11 +142,9 @@ def save(self, step, *args, **kwargs):
     return original(self, step, *args, **kwargs)
 
 checkpoint.Checkpointer.save = save
-config = tiny(**{{"train.steps": 6, "checkpoint.every_steps": 2, "checkpoint.keep": {keep},
-                 "checkpoint.on_save_error": {policy!r}, "mesh.shape": (1, 1, 1)}})
 try:
-    result = train.train_and_evaluate(config, {workdir!r})
-    out = {{"update": result["update"], "error": None}}
+    _, summary = trainer.train(config, {workdir!r})
+    out = {{"update": summary["update"], "error": None}}
 except checkpoint.CheckpointSaveError as e:
     out = {{"error": str(e)}}
 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
@@ -170,60 +153,69 @@ out["steps"] = ckpt.all_steps()
 out["left"] = sorted(os.listdir(ckpt.directory))
 checkpoint.Checkpointer.save = original  # the disk is fine again
 if out["error"]:  # what a user does next: run the same command again
-    state, step = train.restore_or_init(train.make_run(config, {workdir!r}))
+    state, step = trainer.build(config, {workdir!r}).restore_or_init()
     out["restored"] = step
-    out["resumed"] = train.train_and_evaluate(config, {workdir!r})["update"]
+    out["resumed"] = trainer.train(config, {workdir!r})[1]["update"]
 print("RESULT" + json.dumps(out))
 """
 
 
 @pytest.mark.parametrize("policy", ["stop", "retry"])
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, policy, jax_cache):
-    # 2 micro-batches per update, a checkpoint every 2 updates: micro-steps 4, 8, 12.
-    code = FAILING_SAVE.format(tests=os.path.dirname(__file__), fail_at=8, policy=policy,
-                               keep=1 if policy == "stop" else 3, workdir=str(tmp_path))
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, policy, tiny_source, env):
+    # A checkpoint every 2 updates: 2, 4, 6; the one of update 4 fails.
+    config = tiny_source(**{"train.steps": 6, "checkpoint.every_steps": 2, "checkpoint.keep": 1 if policy == "stop" else 3,
+                            "checkpoint.on_save_error": policy, "mesh.shape": (1, 1, 1)})
+    code = config + FAILING_SAVE.format(fail_at=4, workdir=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=_env(jax_cache))
+                          timeout=600, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.index("RESULT") + 6:])
     assert not [n for n in out["left"] if TMP_SUFFIX in n], out["left"]  # nothing half-written stays
     if policy == "stop":
-        # keep=1: had orbax dropped checkpoint 4 before 8 was complete, nothing would be left.
-        assert "could not write checkpoint 8" in out["error"] and "File too large" in out["error"]
-        assert "checkpoint 4 is intact" in out["error"] and "make the directory writable" in out["error"]
-        assert out["steps"] == [4] and out["restored"] == 4 and out["resumed"] == 6
+        # keep=1: had orbax dropped checkpoint 2 before 4 was complete, nothing would be left.
+        assert "could not write checkpoint 4" in out["error"] and "File too large" in out["error"]
+        assert "checkpoint 2 is intact" in out["error"] and "make the directory writable" in out["error"]
+        assert out["steps"] == [2] and out["restored"] == 2 and out["resumed"] == 6
     else:
         assert out["error"] is None and out["update"] == 6
-        assert out["steps"] == [4, 12]  # 8 failed; training went on and saved again
+        assert out["steps"] == [2, 6]  # 4 failed; training went on and saved again
         assert "training goes on and saves again" in proc.stderr
 
 
 # --- non-finite updates -------------------------------------------------------------------
-def _saved_state(workdir, micro_step):
-    state, _ = Checkpointer(str(workdir / "checkpoints"), keep=3).restore(micro_step)
-    return host(state)
+def nan_at(updates):
+    """A step wrapper (the trainer's test seam): the updates numbered in `updates` (1-based)
+    see a NaN teacher, so their loss and gradients are NaN."""
+    def wrap(step_fn):
+        def poisoned(state, teacher_params, batches):
+            bad = jnp.isin(state.step + 1, jnp.asarray(updates))
+            teacher_params = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x).astype(x.dtype), teacher_params)
+            return step_fn(state, teacher_params, batches)
+        return poisoned
+    return wrap
 
 
-@pytest.mark.parametrize("accumulate", ["scan", "multisteps"])
-def test_a_nan_update_is_skipped_and_counted(tmp_path, accumulate):
-    config = tiny(**{"train.steps": 3, "checkpoint.every_steps": 1, "debug.nan_at_updates": (2,),
-                     "train.accumulate": accumulate})
-    result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["update"] == 3
+def _saved_state(workdir, update):
+    state, _ = Checkpointer(str(workdir / "checkpoints"), keep=3).restore(update)
+    return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_nan_update_is_skipped_and_counted(tmp_path, tiny, host, micro_batches):
+    config = tiny(**{"train.steps": 3, "checkpoint.every_steps": 1, "train.batch_size": 16 * micro_batches})
+    state, summary = trainer.train(config, str(tmp_path), step_wrapper=nan_at((2,)))
+    assert summary["update"] == 3
 
     # The skipped update moved nothing: after update 2 the student and AdamW's moments are
     # bit for bit those after update 1, as if update 2's batches had never been seen.
-    before, skipped = _saved_state(tmp_path, 2), _saved_state(tmp_path, 4)
+    before, skipped = _saved_state(tmp_path, 1), _saved_state(tmp_path, 2)
     chex.assert_trees_all_equal(skipped["params"], before["params"])
-    guard = lambda s: s["opt_state"]["inner_opt_state"] if accumulate == "multisteps" else s["opt_state"]  # noqa: E731
-    chex.assert_trees_all_equal(guard(skipped)["inner_state"], guard(before)["inner_state"])
-    assert int(guard(skipped)["total_notfinite"]) == 1 and int(guard(before)["total_notfinite"]) == 0
-    if accumulate == "multisteps":  # MultiSteps still counts the update and starts afresh
-        assert int(skipped["opt_state"]["gradient_step"]) == 2 and int(before["opt_state"]["gradient_step"]) == 1
-        assert all(np.all(x == 0) for x in jax.tree.leaves(skipped["opt_state"]["acc_grads"]))
+    chex.assert_trees_all_equal(skipped["opt_state"]["inner_state"], before["opt_state"]["inner_state"])
+    assert int(skipped["opt_state"]["total_notfinite"]) == 1 and int(before["opt_state"]["total_notfinite"]) == 0
+    assert int(skipped["step"]) == 2  # the update is counted: the schedule goes on
 
     # Update 3 applies again, from finite params.
-    final = host(result["state"].params)
+    final = host(state.params)
     assert not np.array_equal(final["mlm_head"]["bias"], skipped["params"]["mlm_head"]["bias"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(final))
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -233,24 +225,23 @@ def test_a_nan_update_is_skipped_and_counted(tmp_path, accumulate):
     assert np.isfinite(records[2]["loss"]) and records[2]["grad_norm"] > 0
 
 
-def test_nans_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tmp_path):
-    config = tiny(**{"train.steps": 6, "checkpoint.every_steps": 2, "debug.nan_at_updates": (3, 4),
-                     "train.max_consecutive_skips": 2})
-    with pytest.raises(train.NonFiniteError, match=r"2 updates in a row \(the last at update 4\).*"
-                                                    r"Last checkpoint: micro-step 4 in .*checkpoints"):
-        train.train_and_evaluate(config, str(tmp_path))
-    assert _finished_steps(tmp_path) == [4]  # update 4 was due a checkpoint; the stop came first
+def test_nans_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tmp_path, tiny, host):
+    config = tiny(**{"train.steps": 6, "checkpoint.every_steps": 2, "train.max_consecutive_skips": 2})
+    with pytest.raises(optim.NonFiniteError, match=r"2 updates in a row \(the last at update 4\).*"
+                                                    r"Last checkpoint: update 2 in .*checkpoints"):
+        trainer.train(config, str(tmp_path), step_wrapper=nan_at((3, 4)))
+    assert _finished_steps(tmp_path) == [2]  # update 4 was due a checkpoint; the stop came first
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 4 and records[-1]["consecutive_skips"] == 2
-    state, step = train.restore_or_init(train.make_run(config, str(tmp_path)))
-    assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(host(state.params)))
+    state, step = trainer.build(config, str(tmp_path)).restore_or_init()
+    assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(host(state.params)))
 
 
-def test_a_non_finite_state_is_never_saved(tmp_path):
+def test_a_non_finite_state_is_never_saved(tmp_path, tiny):
     # A learning rate that overflows float32: the first update's gradients are finite, so it
     # applies, and the params it gives are not. The checkpoint after it must not be written.
     config = tiny(**{"train.steps": 2, "checkpoint.every_steps": 1, "train.learning_rate": 1e39,
                      "train.warmup_fraction": 0.0})
-    with pytest.raises(train.NonFiniteError, match="micro-step 2 is not finite; it was not saved"):
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(optim.NonFiniteError, match="update 1 is not finite; it was not saved"):
+        trainer.train(config, str(tmp_path))
     assert _finished_steps(tmp_path) == []

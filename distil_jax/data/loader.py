@@ -24,7 +24,7 @@ from typing import Dict, Sequence
 import grain
 import numpy as np
 
-from distil_jax.data.sources import DataError
+from distil_jax.data.types import DataError
 
 MAX_EPOCHS = 100_000  # the pipeline is this long; epochs are counted by the batch index
 
@@ -36,7 +36,7 @@ class PreparedSplit:
         path = os.path.join(data_dir, "manifest.json")
         if not os.path.exists(path):
             raise DataError(f"{data_dir} holds no prepared dataset (no manifest.json); run "
-                            "`python -m distil_jax.data.prepare` with the same config first")
+                            "`python -m distil_jax.main --config.mode=prepare` with the same config first")
         with open(path) as f:
             self.manifest = json.load(f)
         self.dtype = np.dtype(self.manifest["dtype"])
@@ -83,7 +83,7 @@ def plan_batches(indices: np.ndarray, lengths: np.ndarray, batch: int, rng: np.r
     """[num_batches, batch] sequence indices; the last incomplete batch is dropped.
 
     The shuffle moves blocks of `keep_together` consecutive batches (1: single batches),
-    so that the micro-batches one call stacks (train.accumulate="scan") come from the
+    so that the micro-batches one update stacks come from the
     same length group and pad to nearly the same length.
     """
     n = (len(indices) // batch) * batch

@@ -1,6 +1,6 @@
 """Corpus -> tokenized, split and filtered shards with token counts.
 
-    python -m distil_jax.data.prepare --config=configs/FILE.py --workdir=DIR
+    python -m distil_jax.main --config=configs/FILE.py --workdir=DIR --config.mode=prepare
 
 writes DIR/data (or `data.dir`): `tokenizer/` (loadable with AutoTokenizer), per split and
 source `shard-NNNNN.array_record` (one record per sequence, token ids) with its
@@ -19,16 +19,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
 
-from distil_jax.data.sources import SPLITS, DataError, make_source
-from distil_jax.data.tokenizer import load_tokenizer, tokenizer_hash, train_wordpiece
+from distil_jax import hf, runtime
+from distil_jax.data.sources import SPLITS, make_source
+from distil_jax.data.types import DataError
+from distil_jax.data.tokenizer import (load_tokenizer, lowercases, says_how_to_normalise, tokenizer_hash,
+                                       train_wordpiece, unknown_fraction)
 
 MIN_LENGTH = 12  # the reference keeps sequences longer than 11 tokens
 MAX_UNK_FRACTION = 0.5  # ... and drops those half or more unknown
+# A given tokenizer that turns more than this share of a sample of the corpus into [UNK]
+# does not fit it (English text under the tokenizer of its model: well under 1%).
+MAX_SAMPLE_UNK_FRACTION = 0.2
+SAMPLE_DOCUMENTS = 200
 ENCODE_BATCH = 512  # documents per call to the (multi-threaded) Rust tokenizer
 FORMAT_VERSION = 1
 
@@ -57,8 +68,6 @@ def _atomic_write(path: str, write) -> None:
 
 
 def _write_records(path: str, sequences: List[np.ndarray], dtype) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     def write(tmp):
         writer = ArrayRecordWriter(tmp, "group_size:1")
         for seq in sequences:
@@ -85,28 +94,84 @@ def sources_of(config) -> Dict[str, dict]:
     return specs
 
 
-def resolve_tokenizer(config, out_dir: str, sources):
-    """The dataset's tokenizer: `data.tokenizer`, the teacher's, already saved here, or trained.
+def resolve_tokenizer(config, out_dir: str, sources, vocab_size: Optional[int] = None):
+    """The dataset's tokenizer: `data.tokenizer`, the teacher's, already saved here, or trained
+    on the corpus (with `vocab_size` entries, default teacher.model.vocab_size).
 
-    A directory prepared with another tokenizer than the one asked for is refused."""
+    A directory prepared with another tokenizer than the one asked for is refused; a given
+    tokenizer is checked against the corpus and the teacher (`check_tokenizer`), a trained
+    one against the size asked for."""
     saved = os.path.join(out_dir, "tokenizer")
     asked = config.data.tokenizer
     if not asked and config.teacher.path and config.mode != "pretrain":
-        from distil_jax.hf import resolve_model_dir
-        asked = resolve_model_dir(config.teacher.path)
+        asked = hf.resolve_model_dir(config.teacher.path)
     if asked:
-        tok = load_tokenizer(asked)
+        tok = load_tokenizer(asked, lowercase=config.data.lowercase)
         if os.path.isdir(saved) and tokenizer_hash(load_tokenizer(saved)) != tokenizer_hash(tok):
             raise DataError(
                 f"{out_dir} was prepared with another tokenizer (hash {tokenizer_hash(load_tokenizer(saved))}) "
                 f"than {asked} (hash {tokenizer_hash(tok)}); its token ids would mean other words. "
                 "Nothing was changed; set data.dir to another directory")
+        check_tokenizer(tok, asked, sources, vocab_size, from_teacher=not config.data.tokenizer)
         return tok
     if os.path.isdir(saved):
         return load_tokenizer(saved)
-    texts = (doc for source in sources.values() for doc in source.documents("train"))
-    return train_wordpiece(texts, vocab_size=config.teacher.model.vocab_size,
-                           lowercase=config.data.lowercase)
+    size = vocab_size or config.teacher.model.vocab_size
+    seen = {"documents": 0, "words": 0}
+
+    def texts():
+        for source in sources.values():
+            for doc in source.documents("train"):
+                seen["documents"] += 1
+                seen["words"] += len(doc.split())
+                yield doc
+    tok = train_wordpiece(texts(), vocab_size=size, lowercase=config.data.lowercase)
+    if len(tok) < size:
+        replaced = sum(getattr(s, "replaced_bytes", 0) for s in sources.values())
+        where = ", ".join(sorted(sources))
+        if seen["documents"] == 0:
+            raise DataError(f"the corpus is empty: the training split of data.sources ({where}) has no "
+                            "document; check the files (an empty file, or only blank lines) or the source")
+        raise DataError(
+            f"the corpus is too small to train a vocabulary of {size} tokens: the training split of "
+            f"data.sources ({where}) has {seen['documents']} documents and {seen['words']} words, which "
+            f"give a WordPiece of {len(tok)} tokens (5 of them special)"
+            + (f"; {replaced} undecodable bytes were replaced: is it a text file (UTF-8)?" if replaced else "")
+            + f". Give a larger corpus, or a smaller teacher.model.vocab_size (at most {len(tok)})")
+    return tok
+
+
+def check_tokenizer(tok, where: str, sources, vocab_size: Optional[int], from_teacher: bool = True) -> None:
+    """A teacher's (or given) tokenizer must fit the teacher and the corpus, before any data
+    is prepared: no id beyond the teacher's vocabulary, and not mostly [UNK] on a sample."""
+    if vocab_size is not None and len(tok) > vocab_size:
+        fix = ("the tokenizer and the weights there are not of one model: give the tokenizer the teacher "
+               "was trained with as data.tokenizer=DIR" if from_teacher else
+               "use the teacher's own tokenizer (data.tokenizer empty and teacher.path set)")
+        raise DataError(f"the tokenizer in {where} has {len(tok)} tokens, more than the teacher's vocabulary "
+                        f"of {vocab_size}: its ids from {vocab_size} up have no embedding; {fix}")
+    sample = [doc for doc, _ in zip((d for s in sources.values() for d in s.documents("train")),
+                                    range(SAMPLE_DOCUMENTS))]
+    unknown = unknown_fraction(tok, sample) if sample else 0.0
+    cased = sum(1 for t in tok.get_vocab() if any(c.isupper() for c in t))
+    mismatched_case = lowercases(tok) and cased > 0.1 * len(tok)
+    if unknown <= MAX_SAMPLE_UNK_FRACTION:
+        if mismatched_case:
+            logging.warning("the tokenizer in %s lowercases its input, but %d of its %d vocabulary entries have "
+                            "capital letters: if the teacher was trained on cased text, set data.lowercase=False "
+                            "(or write a tokenizer_config.json with do_lower_case false)", where, cased, len(tok))
+        return
+    if mismatched_case:
+        cause = (f"the tokenizer lowercases its input, but {cased} of its {len(tok)} vocabulary entries have "
+                 "capital letters (a case-sensitive vocab.txt" +
+                 ("" if says_how_to_normalise(where) else " with no tokenizer_config.json to say so") +
+                 "). Set data.lowercase=False, or write a tokenizer_config.json with "
+                 '{"do_lower_case": false} beside its vocab.txt')
+    else:
+        cause = ("its vocabulary does not fit the corpus (another language or script?). Use the "
+                 "teacher's own tokenizer with a corpus in its language")
+    raise DataError(f"the tokenizer in {where} turns {unknown:.0%} of the word pieces of {len(sample)} documents "
+                    f"of the corpus into [UNK]: {cause}. Nothing was prepared")
 
 
 def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
@@ -115,11 +180,11 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
     specs = sources_of(config)
     sources = {name: make_source(spec) for name, spec in specs.items()}
     os.makedirs(out_dir, exist_ok=True)
-    tok = resolve_tokenizer(config, out_dir, sources)
-    if teacher_vocab_size is not None and len(tok) != teacher_vocab_size:
-        raise DataError(f"the tokenizer has {len(tok)} tokens, the teacher's vocabulary {teacher_vocab_size}: "
-                        "use the teacher's tokenizer (data.tokenizer empty and teacher.path set, or "
-                        "data.tokenizer=TEACHER_DIR)")
+    tok = resolve_tokenizer(config, out_dir, sources, teacher_vocab_size)
+    if teacher_vocab_size is not None and len(tok) > teacher_vocab_size:
+        raise DataError(f"the tokenizer in {out_dir} has {len(tok)} tokens, more than the teacher's "
+                        f"vocabulary of {teacher_vocab_size}: use the teacher's tokenizer (data.tokenizer "
+                        "empty and teacher.path set, or data.tokenizer=TEACHER_DIR)")
     if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
         tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
     seq_len = config.data.seq_len
@@ -142,7 +207,6 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
     dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.int32
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(unit="doc", desc="prepare", dynamic_ncols=True, mininterval=1.0)
     start, total_tokens = time.perf_counter(), 0
     shards: Dict[str, Dict[str, List[dict]]] = {split: {} for split in SPLITS}
@@ -233,23 +297,31 @@ def _finish(out_dir, manifest_path, fingerprint, tok, shards, specs, seq_len, dt
     return manifest
 
 
-def main(argv):
-    del argv
-    from absl import flags
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    out_dir = config.data.dir or os.path.join(workdir, "data")
-    try:
-        manifest = prepare(config, out_dir)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps({"dir": out_dir, **{k: manifest[k] for k in ("fingerprint", "vocab_size", "splits")}},
-                     indent=2))
+
+def prepared_dir(config, workdir: str, process: int = 0) -> str:
+    """Where the tokenized corpus lives: data.dir, else WORKDIR/data.
+
+    A workdir on a bucket (gs://...) cannot hold it (preparation and the loader use local
+    files): then every process keeps its own copy on its host, under the temp dir and
+    named by the workdir, and prepares it itself (`per_process_data`). Set data.dir to a
+    directory every host sees (NFS, a gcsfuse mount) to prepare once.
+    """
+    if config.data.dir:
+        return config.data.dir
+    if per_process_data(config, workdir):
+        key = hashlib.sha256(workdir.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "distil_jax_data", key, f"process_{process}")
+    return os.path.join(workdir, "data")
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory; data goes to WORKDIR/data unless data.dir is set.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+def per_process_data(config, workdir: str) -> bool:
+    return not config.data.dir and runtime.is_remote(workdir)
+
+
+def run(config, workdir: str) -> Dict:
+    """Mode prepare (main.py): the sources prepared into `prepared_dir`; the manifest's summary."""
+    out_dir = prepared_dir(config, workdir)
+    vocab = (hf.read_config(config.teacher.path).vocab_size if config.teacher.path and config.mode != "pretrain"
+             else config.teacher.model.vocab_size)
+    manifest = prepare(config, out_dir, teacher_vocab_size=vocab)
+    return {"dir": out_dir, **{k: manifest[k] for k in ("fingerprint", "vocab_size", "splits")}}

@@ -15,11 +15,15 @@ import sys
 import sysconfig
 from typing import Dict, Iterator, List, Sequence
 
+import pydoc_data.topics
+from etils import epy
+
+from distil_jax.data.types import DataError
+
+with epy.lazy_imports():  # heavy, and only TFDS sources need it
+    import tensorflow_datasets as tfds
+
 SPLITS = ("train", "eval")
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the problem and the fix."""
 
 
 class Source:
@@ -36,7 +40,7 @@ def _hash(*parts) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def _held_out(text: str, eval_percent: int) -> bool:
+def held_out(text: str, eval_percent: int) -> bool:
     """A deterministic split by content: the same document lands on the same side everywhere."""
     return int(hashlib.sha1(text.encode("utf-8", "replace")).hexdigest(), 16) % 100 < eval_percent
 
@@ -46,7 +50,7 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
               "ensurepip", "__phello__"}
 
 
-def _stdlib_files() -> List[str]:
+def stdlib_files() -> List[str]:
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -55,7 +59,7 @@ def _stdlib_files() -> List[str]:
     return files
 
 
-def _docstrings(path: str) -> Iterator[str]:
+def docstrings(path: str) -> Iterator[str]:
     """Module, class and function docstrings of a source file, read with ast (nothing imported)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -81,21 +85,20 @@ class EmbeddedSource(Source):
         self.eval_percent = eval_percent
 
     def _all(self) -> Iterator[str]:
-        import pydoc_data.topics
         topics = pydoc_data.topics.topics
         for key in sorted(topics):
             yield topics[key]
-        for path in _stdlib_files():
-            yield from _docstrings(path)
+        for path in stdlib_files():
+            yield from docstrings(path)
 
     def documents(self, split: str) -> Iterator[str]:
         want_eval = split == "eval"
         for doc in self._all():
-            if _held_out(doc, self.eval_percent) == want_eval:
+            if held_out(doc, self.eval_percent) == want_eval:
                 yield doc
 
     def fingerprint(self) -> str:
-        return _hash("embedded", sys.version, self.eval_percent, len(_stdlib_files()))
+        return _hash("embedded", sys.version, self.eval_percent, len(stdlib_files()))
 
 
 # --- local text files -----------------------------------------------------------------
@@ -177,7 +180,7 @@ class TextFilesSource(Source):
         want_eval = split == "eval"
         for path in self.train_paths:
             for doc in self._read(path):
-                if _held_out(doc, self.eval_percent) == want_eval:
+                if held_out(doc, self.eval_percent) == want_eval:
                     yield doc
 
     def fingerprint(self) -> str:
@@ -197,7 +200,6 @@ class TfdsSource(Source):
         self.data_dir, self.text_key, self.download = data_dir or None, text_key, download
 
     def _load(self, split: str):
-        import tensorflow_datasets as tfds
         try:
             return tfds.data_source(self.tfds_name, split=split, data_dir=self.data_dir,
                                     download=self.download)

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from distil_jax.data import VocabInfo
+from distil_jax.data.types import DataError, VocabInfo
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = (PAD, UNK, CLS, SEP, MASK)
@@ -22,10 +22,10 @@ class SyntheticCorpus:
     def __init__(self, vocab_size: int, seq_len: int, num_sequences: int, min_len: int = 12,
                  branching: int = 4, seed: int = 0):
         if vocab_size is None or vocab_size <= len(SPECIALS) + branching:
-            raise ValueError(f"the synthetic corpus needs a vocabulary larger than "
+            raise DataError(f"the synthetic corpus needs a vocabulary larger than "
                              f"{len(SPECIALS) + branching}, got {vocab_size}")
         if not 3 <= min_len <= seq_len:
-            raise ValueError(f"data.synthetic.min_len {min_len} must be in [3, seq_len={seq_len}]")
+            raise DataError(f"data.synthetic.min_len {min_len} must be in [3, seq_len={seq_len}]")
         self.vocab_size, self.seq_len = vocab_size, seq_len
         rng = np.random.default_rng(seed)
         first = len(SPECIALS)
@@ -65,10 +65,10 @@ class ShuffledBatches:
     def __init__(self, data: np.ndarray, micro_batch_size: int, seed: int, process_index: int,
                  process_count: int, shuffle: bool = True):
         if micro_batch_size % process_count:
-            raise ValueError(f"micro batch {micro_batch_size} is not divisible by "
+            raise DataError(f"micro batch {micro_batch_size} is not divisible by "
                              f"{process_count} processes")
         if len(data) < micro_batch_size:
-            raise ValueError(f"{len(data)} sequences cannot fill a micro batch of {micro_batch_size}")
+            raise DataError(f"{len(data)} sequences cannot fill a micro batch of {micro_batch_size}")
         self._data, self._batch, self._seed, self._shuffle = data, micro_batch_size, seed, shuffle
         self._local = micro_batch_size // process_count
         self._offset = process_index * self._local

@@ -12,18 +12,30 @@ import json
 import os
 from typing import Iterable
 
-from distil_jax.data.sources import DataError
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from distil_jax.data.types import DataError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 when trained here
 
 
-def load_tokenizer(path: str):
-    """The tokenizer saved in a directory (a teacher's, or a prepared dataset's)."""
-    from transformers import AutoTokenizer
+def says_how_to_normalise(path: str) -> bool:
+    """Whether a tokenizer directory records its own casing (tokenizer.json or tokenizer_config.json);
+    a bare vocab.txt does not, and transformers then lowercases."""
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_tokenizer(path: str, lowercase: bool = True):
+    """The tokenizer saved in a directory (a teacher's, or a prepared dataset's).
+
+    `lowercase` applies only where the directory does not say (a bare vocab.txt:
+    `says_how_to_normalise`); otherwise the tokenizer normalises as it was saved."""
     if not os.path.isdir(path):
         raise DataError(f"tokenizer directory {path!r} does not exist")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        kwargs = {} if says_how_to_normalise(path) else {"do_lower_case": lowercase}
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"no tokenizer can be loaded from {path!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); it needs tokenizer.json or vocab.txt") from None
@@ -40,9 +52,6 @@ def load_tokenizer(path: str):
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = True):
     """A BERT-style WordPiece tokenizer trained on `texts` (specials get ids 0..4)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True,
                                                 handle_chinese_chars=True, strip_accents=None)
@@ -71,3 +80,18 @@ def tokenizer_hash(tok) -> str:
 
 def special_ids(tok):
     return tuple(sorted(set(tok.all_special_ids)))
+
+
+def lowercases(tok) -> bool:
+    """Whether the tokenizer lowercases its input (its normaliser says so)."""
+    state = json.loads(tok.backend_tokenizer.to_str()).get("normalizer") or {}
+    parts = state.get("normalizers", [state])
+    return any(p.get("lowercase") or p.get("type") == "Lowercase" for p in parts if p)
+
+
+def unknown_fraction(tok, documents) -> float:
+    """The fraction of the word pieces of `documents` that are [UNK]."""
+    encoded = tok.backend_tokenizer.encode_batch(list(documents), add_special_tokens=False)
+    total = sum(len(e.ids) for e in encoded)
+    unknown = sum(e.ids.count(tok.unk_token_id) for e in encoded)
+    return unknown / max(total, 1)

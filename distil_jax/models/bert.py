@@ -7,7 +7,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from distil_jax.models.layers import Embed, EncoderConfig, MaskedLM, _init, _zeros
+from distil_jax.models.layers import Embed, EncoderConfig, MaskedLM, kernel_init, zeros_init
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -49,7 +49,7 @@ class Bert(MaskedLM):
         if cfg.add_pooler:
             self.pooler = nn.Dense(
                 cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=_init(cfg, ("embed_in", "embed")), bias_init=_zeros(("embed",)))
+                kernel_init=kernel_init(cfg, ("embed_in", "embed")), bias_init=zeros_init(("embed",)))
 
     def position_ids(self, input_ids):
         if self.config.model_type != "roberta":

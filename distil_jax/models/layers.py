@@ -92,16 +92,16 @@ class MaskedLMOutput:
         return self.hidden_states[-1]
 
 
-def _init(config: EncoderConfig, names):
+def kernel_init(config: EncoderConfig, names):
     return nn.with_logical_partitioning(
         nn.initializers.normal(stddev=config.initializer_range), names)
 
 
-def _zeros(names):
+def zeros_init(names):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def _ones(names):
+def ones_init(names):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
@@ -110,7 +110,7 @@ def layer_norm(eps: float, name: Optional[str] = None, *, dtype: Dtype,
     """LayerNorm (statistics in float32) with logically named scale and bias."""
     return nn.LayerNorm(
         epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-        scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)),
+        scale_init=ones_init(("embed",)), bias_init=zeros_init(("embed",)),
         use_fast_variance=False)
 
 
@@ -133,8 +133,8 @@ class SelfAttention(nn.Module):
         dense = lambda name: nn.DenseGeneral(  # noqa: E731
             features=(cfg.num_heads, cfg.head_dim), dtype=self.dtype,
             param_dtype=self.param_dtype, name=name,
-            kernel_init=_init(cfg, ("embed", "heads", "kv")),
-            bias_init=_zeros(("heads", "kv")))
+            kernel_init=kernel_init(cfg, ("embed", "heads", "kv")),
+            bias_init=zeros_init(("heads", "kv")))
         query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
         keep = attention_mask[:, None, None, :].astype(bool)
         if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
@@ -153,8 +153,8 @@ class SelfAttention(nn.Module):
         out = nn.DenseGeneral(
             features=cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
             param_dtype=self.param_dtype, name="out",
-            kernel_init=_init(cfg, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)))(context)
+            kernel_init=kernel_init(cfg, ("heads", "kv", "embed")),
+            bias_init=zeros_init(("embed",)))(context)
         return out, (probs if output_attentions else None)
 
 
@@ -180,11 +180,11 @@ class EncoderLayer(nn.Module):
         if self.dropout_after_attention:
             attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
         x = layer_norm(cfg.layer_norm_eps, "attention_norm", **kw)(x + attn)
-        h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=_init(cfg, ("embed", "mlp")),
-                     bias_init=_zeros(("mlp",)), **kw)(x)
+        h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=kernel_init(cfg, ("embed", "mlp")),
+                     bias_init=zeros_init(("mlp",)), **kw)(x)
         h = ACTIVATIONS[cfg.hidden_act](h)
-        h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=_init(cfg, ("mlp", "embed")),
-                     bias_init=_zeros(("embed",)), **kw)(h)
+        h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=kernel_init(cfg, ("mlp", "embed")),
+                     bias_init=zeros_init(("embed",)), **kw)(h)
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = layer_norm(cfg.layer_norm_eps, "output_norm", **kw)(x + h)
         return x, probs
@@ -233,7 +233,7 @@ class Embed(nn.Module):
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", _init(self.config, self.axes),
+            "embedding", kernel_init(self.config, self.axes),
             (self.num_embeddings, self.features), self.param_dtype)
 
     def __call__(self, ids):
@@ -258,10 +258,10 @@ class MLMHead(nn.Module):
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.transform = nn.Dense(cfg.hidden_size, kernel_init=_init(cfg, ("embed_in", "embed")),
-                                  bias_init=_zeros(("embed",)), **kw)
+        self.transform = nn.Dense(cfg.hidden_size, kernel_init=kernel_init(cfg, ("embed_in", "embed")),
+                                  bias_init=zeros_init(("embed",)), **kw)
         self.layer_norm = layer_norm(cfg.layer_norm_eps, **kw)
-        self.bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), self.param_dtype)
+        self.bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), self.param_dtype)
 
     def features(self, hidden):
         return self.layer_norm(ACTIVATIONS[self.config.hidden_act](self.transform(hidden)))
@@ -274,8 +274,8 @@ class MaskedLM(nn.Module):
     """Embeddings -> Encoder -> MLMHead; the teacher and the student specialise `embed`.
 
     `apply({'params': p}, input_ids, attention_mask, deterministic=...)` returns a
-    MaskedLMOutput. `compute_logits=False` skips the vocabulary projection (the losses
-    can then project only the rows they need through `method=MaskedLM.mlm_logits`).
+    MaskedLMOutput. `compute_logits=False` skips the vocabulary projection: training
+    projects only the rows a loss needs, in blocks, from `method=MaskedLM.head_inputs`.
     """
 
     config: EncoderConfig

@@ -1,7 +1,10 @@
 """Downstream fine-tuning: sequence classification (or regression) on either encoder.
 
-    python -m distil_jax.finetune --model=HF_DIR --task=glue/sst2 [--data_dir=TFDS_DIR]
-    python -m distil_jax.finetune --model=HF_DIR --task=stdlib_packages
+    python -m distil_jax.main --config=CONFIG --workdir=DIR --config.mode=finetune \
+        --config.finetune.model=HF_DIR --config.finetune.task=glue/sst2 --config.finetune.data_dir=TFDS_DIR
+
+`finetune.model` empty takes DIR's newest checkpoint; `finetune.task=stdlib_packages`
+needs no data. Writes DIR/finetune.json.
 
 A head on the first token ([CLS]): dense + tanh + dropout + dense (BERT's pooler and
 classifier; DistilBERT's pre_classifier + classifier), trained with the encoder by
@@ -17,6 +20,7 @@ import collections
 import json
 import math
 import os
+import sysconfig
 from typing import Dict, List, Sequence, Tuple
 
 import flax.linen as nn
@@ -24,8 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epy
 
+from distil_jax import hf
+from distil_jax.apps.export import checkpoint_tokenizer
+from distil_jax.checkpoint import load_model
+from distil_jax.data.sources import docstrings, held_out, stdlib_files
+from distil_jax.data.tokenizer import load_tokenizer
 from distil_jax.models import MaskedLM
+
+with epy.lazy_imports():  # heavy, and only GLUE needs it
+    import tensorflow_datasets as tfds
 
 # --- GLUE metrics ---------------------------------------------------------------------
 def accuracy(pred, gold) -> float:
@@ -117,7 +130,6 @@ def encode(tokenizer, texts_a: Sequence[str], texts_b=None, labels=None, max_len
 
 def glue_data(task: str, tokenizer, data_dir: str = "", max_len: int = 128) -> Tuple[Arrays, Arrays, tuple]:
     """(train, eval, metrics) of a GLUE task read with tfds.data_source('glue/TASK')."""
-    import tensorflow_datasets as tfds
     if task not in GLUE_TASKS:
         raise ValueError(f"unknown GLUE task {task!r}; one of {sorted(GLUE_TASKS)}")
     fields, _, metrics, eval_split = GLUE_TASKS[task]
@@ -136,21 +148,18 @@ def stdlib_packages_data(tokenizer, classes: int = 6, max_len: int = 128,
                          eval_percent: int = 20) -> Tuple[Arrays, Arrays, List[str]]:
     """Docstrings labelled by the standard-library package they come from (the `classes`
     packages with the most docstrings); held out by content hash."""
-    import sysconfig
-
-    from distil_jax.data.sources import _docstrings, _held_out, _stdlib_files
     root = sysconfig.get_paths()["stdlib"]
     docs = []
-    for path in _stdlib_files():
+    for path in stdlib_files():
         rel = os.path.relpath(path, root).split(os.sep)
         if len(rel) > 1:  # files inside a package
-            docs += [(rel[0], d) for d in _docstrings(path) if len(d.split()) >= 8]
+            docs += [(rel[0], d) for d in docstrings(path) if len(d.split()) >= 8]
     counts = collections.Counter(p for p, _ in docs)
     names = sorted(p for p, _ in counts.most_common(classes))
     label = {p: i for i, p in enumerate(names)}
     chosen = [(label[p], d) for p, d in docs if p in label]
-    train = [(y, d) for y, d in chosen if not _held_out(d, eval_percent)]
-    held = [(y, d) for y, d in chosen if _held_out(d, eval_percent)]
+    train = [(y, d) for y, d in chosen if not held_out(d, eval_percent)]
+    held = [(y, d) for y, d in chosen if held_out(d, eval_percent)]
     make = lambda rows: encode(tokenizer, [d for _, d in rows], None, [y for y, _ in rows], max_len)  # noqa: E731
     return make(train), make(held), names
 
@@ -179,8 +188,9 @@ def encoder_params(mlm_params):
 
 def finetune(encoder: MaskedLM, mlm_params, train: Arrays, held_out: Arrays, num_labels: int,
              metrics: Sequence[str], epochs: int = 3, learning_rate: float = 2e-4,
-             batch_size: int = 32, seed: int = 0, warmup_fraction: float = 0.1) -> Dict[str, float]:
-    """Fine-tune encoder + head; the held-out metrics after the last epoch."""
+             batch_size: int = 32, seed: int = 0, warmup_fraction: float = 0.1) -> Tuple[Dict[str, float], np.ndarray]:
+    """Fine-tune encoder + head: (the held-out metrics after the last epoch, the held-out
+    predictions, for paired comparisons of models on the same examples)."""
     model = SequenceClassifier(encoder, num_labels)
     rng = jax.random.key(seed)
     init = model.init(rng, train["input_ids"][:1], train["attention_mask"][:1])["params"]
@@ -219,40 +229,39 @@ def finetune(encoder: MaskedLM, mlm_params, train: Arrays, held_out: Arrays, num
                                                  held_out["attention_mask"][i: i + 256]))
                               for i in range(0, len(held_out["labels"]), 256)])
     predictions = outputs[:, 0] if regression else outputs.argmax(-1)
-    return task_metrics(metrics, predictions, held_out["labels"])
+    return task_metrics(metrics, predictions, held_out["labels"]), predictions
 
 
-def main(argv):
-    del argv
-    from absl import flags
-
-    from distil_jax import hf
-    from distil_jax.data.tokenizer import load_tokenizer
-    f = flags.FLAGS
-    encoder, params = hf.load_hf_model(f.model)
-    tokenizer = load_tokenizer(f.model)
-    if f.task == "stdlib_packages":
+def task_data(task: str, tokenizer, config) -> Tuple[Arrays, Arrays, int, tuple, list]:
+    """(train, held out, number of labels, metrics, label names) of `finetune.task`."""
+    f = config.finetune
+    if task == "stdlib_packages":
         train, held, names = stdlib_packages_data(tokenizer, f.classes, f.max_len)
-        num_labels, metrics = len(names), ("accuracy",)
+        return train, held, len(names), ("accuracy",), names
+    name = task.split("/", 1)[-1]
+    train, held, metrics = glue_data(name, tokenizer, f.data_dir, f.max_len)
+    return train, held, GLUE_TASKS[name][1], metrics, []
+
+
+def run(config, workdir: str) -> Dict:
+    """Mode finetune: `finetune.model` (a Hugging Face dir; empty: the workdir's newest
+    checkpoint) on `finetune.task` -> WORKDIR/finetune.json."""
+    f = config.finetune
+    if f.model:
+        encoder, params = hf.load_hf_model(f.model)
+        tokenizer = load_tokenizer(f.model)
     else:
-        task = f.task.split("/", 1)[-1]
-        train, held, metrics = glue_data(task, tokenizer, f.data_dir, f.max_len)
-        num_labels = GLUE_TASKS[task][1]
-    result = finetune(encoder, params, train, held, num_labels, metrics, f.epochs, f.learning_rate,
-                      f.batch_size, f.seed)
-    print(json.dumps({"model": f.model, "task": f.task, **result}, indent=2))
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("model", None, "Hugging Face directory of a bert / roberta / distilbert MLM.")
-    flags.DEFINE_string("task", "stdlib_packages", "glue/TASK or stdlib_packages.")
-    flags.DEFINE_string("data_dir", "", "TFDS data_dir holding the prepared GLUE task.")
-    flags.DEFINE_integer("epochs", 3, "Epochs.")
-    flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.")
-    flags.DEFINE_integer("batch_size", 32, "Batch size.")
-    flags.DEFINE_integer("max_len", 128, "Longest input.")
-    flags.DEFINE_integer("classes", 6, "stdlib_packages: number of packages.")
-    flags.DEFINE_integer("seed", 0, "Seed.")
-    flags.mark_flags_as_required(["model"])
-    app.run(main)
+        encoder, params, meta = load_model(workdir)
+        tokenizer = checkpoint_tokenizer(meta, config, workdir)
+        if tokenizer is None:
+            raise FileNotFoundError(f"the checkpoint in {workdir} was trained without a tokenizer "
+                                    "(synthetic data): fine-tune a Hugging Face directory instead "
+                                    "(finetune.model)")
+    train, held, num_labels, metrics, _ = task_data(f.task, tokenizer, config)
+    scores, _ = finetune(encoder, params, train, held, num_labels, metrics, f.epochs, f.learning_rate,
+                         f.batch_size, f.seed)
+    result = {"model": f.model or workdir, "task": f.task, **scores}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "finetune.json"), "w") as out:
+            json.dump(result, out, indent=2)
+    return result

@@ -1,0 +1,8 @@
+"""What runs on trained models, each started from main.py by config.mode.
+
+evaluate (held-out MLM metrics on fixed masks, paired comparisons), export (a checkpoint
+as a Hugging Face directory), finetune (a downstream task), demo (the embedded default
+end to end), ablate (the paper's Table 4 at small scale). Each has
+`run(config, workdir) -> dict` and reads models through `checkpoint.load_model` or
+`hf.load_hf_model`: none builds an optimizer, a teacher or a train loader to read weights.
+"""

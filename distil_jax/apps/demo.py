@@ -1,0 +1,342 @@
+"""The embedded default, end to end (mode demo): the whole DistilBERT story on a CPU.
+
+    python -m distil_jax.main --config=configs/demo.py --workdir=DIR
+
+Stages, each in its own place in DIR and skipped when already done:
+  data/                  the embedded corpus prepared with the teacher's tokenizer
+  (teacher)              demo.teacher: "shipped" (default) is the BERT this project pretrained
+                         once on the embedded corpus and ships in the package
+                         (distil_jax/assets/demo_teacher, its card says how); "train"
+                         pretrains one here (teacher/, teacher/hf: demo.teacher_steps);
+                         or the path of a Hugging Face directory
+  student/, student_hf/  a student of half the teacher's layers, initialised from it,
+                         distilled with the triple loss, exported for Hugging Face
+  student_mlm_only/, student_mlm_only_hf/
+                         the same student trained with the MLM loss alone, same steps
+  eval.json              teacher, students and the most-frequent-token baseline on the same
+                         held-out masks, each pair's difference with its paired standard
+                         error; inference time of teacher and student
+  finetune.json          the three fine-tuned on which-package-is-this-docstring-from
+  examples.json          held-out sentences with a word masked: each model's top guesses
+  summary.json           all of it, plus parameter counts and each stage's wall time
+To re-run a stage, delete its directory or file (and those of the stages after it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import numpy as np
+
+from distil_jax import assets, hf, trainer
+from distil_jax.apps import evaluate, export, finetune
+from distil_jax.config import with_changes
+from distil_jax.data import prepare, prepared_dir
+from distil_jax.data.sources import EmbeddedSource
+from distil_jax.data.tokenizer import load_tokenizer
+
+MODELS = ("teacher", "student", "student_mlm_only")
+MLM_ONLY = {"distill.alpha_ce": 0.0, "distill.alpha_cos": 0.0, "distill.alpha_mse": 0.0,
+            "distill.alpha_mlm": 1.0}
+# Fill-mask probes shown before the held-out sentences (the first is the README's).
+PROBES = ("Return the [MASK] of the list.", "Raise an exception if the file does not [MASK].")
+
+
+def stage_config(config, mode: Optional[str] = None, **changes):
+    """The demo's config for one stage: `mode` and dotted-key changes."""
+    if mode is not None:
+        changes["mode"] = mode
+    return with_changes(config, **changes)
+
+
+class StageClock:
+    """Wall time of each stage, kept across runs (a skipped stage keeps its first time)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.times: Dict[str, dict] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.times = json.load(f)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, done: bool):
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        if done and name in self.times:
+            self.times[name]["skipped_now"] = True
+        else:
+            self.times[name] = {"seconds": round(seconds, 2), "skipped_now": done}
+        with open(self.path, "w") as f:
+            json.dump(self.times, f, indent=2)
+
+
+def _exported(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "model.safetensors"))
+
+
+def _count(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+@dataclasses.dataclass
+class Plan:
+    """Where each stage of the demo lives and the config it runs with."""
+
+    data_dir: str
+    teacher_hf: str  # the teacher every student distils from
+    pretrain: Optional[Any]  # the teacher's pretraining (demo.teacher="train"), else None
+    teacher_dir: str
+    runs: Dict[str, Any]  # student name -> (config, workdir, Hugging Face dir)
+
+    @property
+    def student(self):
+        return self.runs["student"][0]
+
+
+def make_plan(config, workdir: str) -> Plan:
+    d = config.demo
+    data_dir = prepared_dir(config, workdir)
+    teacher_dir = os.path.join(workdir, "teacher")
+    pretrain = None
+    if d.teacher == "shipped":
+        teacher_hf = assets.DEMO_TEACHER
+    elif d.teacher == "train":
+        teacher_hf = os.path.join(teacher_dir, "hf")
+        pretrain = stage_config(config, mode="pretrain", **{
+            "data.dir": data_dir, "teacher.path": "", "train.steps": d.teacher_steps,
+            "train.learning_rate": d.teacher_learning_rate, "export.dir": teacher_hf})
+    else:
+        teacher_hf = d.teacher
+    student = stage_config(config, mode="distill", **{
+        "data.dir": data_dir, "teacher.path": teacher_hf, "train.steps": d.student_steps,
+        "train.learning_rate": d.student_learning_rate})
+    runs = {"student": (student, os.path.join(workdir, "student"), os.path.join(workdir, "student_hf"))}
+    if d.mlm_only_baseline:
+        runs["student_mlm_only"] = (stage_config(student, **MLM_ONLY), os.path.join(workdir, "student_mlm_only"),
+                                    os.path.join(workdir, "student_mlm_only_hf"))
+    return Plan(data_dir, teacher_hf, pretrain, teacher_dir, runs)
+
+
+def ensure_teacher(plan: Plan, clock: StageClock) -> None:
+    """The prepared corpus and the teacher (pretrained and exported when demo.teacher="train")."""
+    first = plan.pretrain if plan.pretrain is not None else plan.student
+    with clock.stage("prepare", done=os.path.exists(os.path.join(plan.data_dir, "manifest.json"))):
+        vocab = (first.teacher.model.vocab_size if plan.pretrain is not None
+                 else hf.read_config(plan.teacher_hf).vocab_size)
+        prepare(first, plan.data_dir, teacher_vocab_size=vocab)
+    with clock.stage("teacher", done=_exported(plan.teacher_hf)):
+        if not _exported(plan.teacher_hf):
+            if plan.pretrain is None:
+                raise FileNotFoundError(f"no teacher in {plan.teacher_hf} (demo.teacher); give a Hugging "
+                                        "Face directory, or demo.teacher=train to pretrain one here")
+            trainer.train(plan.pretrain, plan.teacher_dir)
+            export.export_checkpoint(plan.teacher_dir, plan.teacher_hf)
+
+
+def ensure_student(name: str, plan: Plan, clock: StageClock) -> str:
+    """Train (or find) one student of the plan and export it; its Hugging Face dir."""
+    config, workdir, hf_dir = plan.runs[name]
+    with clock.stage(name, done=_exported(hf_dir)):
+        if not _exported(hf_dir):
+            trainer.train(config, workdir)
+            export.export_checkpoint(workdir, hf_dir, config=config)
+    return hf_dir
+
+
+def _cached(path: str, clock: StageClock, name: str, compute):
+    with clock.stage(name, done=os.path.exists(path)):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        result = compute()
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+
+
+def run(config, workdir: str) -> Dict:
+    """Mode demo: every stage (skipped when done); prints the tables, writes summary.json."""
+    plan = make_plan(config, workdir)
+    clock = StageClock(os.path.join(workdir, "stages.json"))
+    start = time.perf_counter()
+    ensure_teacher(plan, clock)
+    dirs = {"teacher": plan.teacher_hf, **{name: ensure_student(name, plan, clock) for name in plan.runs}}
+    models = {name: hf.load_hf_model(path) for name, path in dirs.items()}
+    tokenizer = load_tokenizer(os.path.join(plan.data_dir, "tokenizer"))
+
+    evaluation = _cached(os.path.join(workdir, "eval.json"), clock, "evaluate",
+                         lambda: _evaluate(plan.student, workdir, models))
+    finetuned = _cached(os.path.join(workdir, "finetune.json"), clock, "finetune",
+                        lambda: _finetune(config, tokenizer, models) if config.finetune.epochs > 0 else {})
+    examples = _cached(os.path.join(workdir, "examples.json"), clock, "examples",
+                       lambda: fill_mask_examples(tokenizer, models, config.demo.examples, config.train.seed))
+    summary = _summary(evaluation, finetuned, examples, clock.times, dirs, config)
+    summary["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(format_summary(summary), flush=True)
+    return {k: summary[k] for k in ("teacher_mlm_accuracy", "student_mlm_accuracy", "retention",
+                                    "student_mlm_only_accuracy", "distillation_gain") if k in summary}
+
+
+def _evaluate(student_config, workdir, models) -> Dict:
+    found, batches = evaluate.compare_on_held_out(student_config, workdir, models)
+    timing = batches[: student_config.demo.inference_batches]
+    seconds = {name: evaluate.inference_seconds(models[name][0], models[name][1], timing)
+               for name in ("teacher", "student")}
+    return {**found, "parameters": {n: _count(p) for n, (_, p) in models.items()},
+            "inference_seconds": seconds, "inference_sequences": int(sum(len(b["input_ids"]) for b in timing))}
+
+
+def _finetune(config, tokenizer, models) -> Dict:
+    ft = config.finetune
+    train_set, held, names = finetune.stdlib_packages_data(tokenizer, ft.classes, ft.max_len)
+    out = {"task": "stdlib_packages", "classes": names, "train": int(len(train_set["labels"])),
+           "held_out": int(len(held["labels"])), "models": {}}
+    hits = {}
+    for name, (module, params) in models.items():
+        scores, predictions = finetune.finetune(module, params, train_set, held, len(names), ("accuracy",),
+                                                ft.epochs, ft.learning_rate, batch_size=ft.batch_size, seed=ft.seed)
+        out["models"][name] = scores
+        hits[name] = (np.asarray(predictions) == held["labels"]).astype(np.float64)
+    out["comparisons"] = evaluate.paired_comparisons(hits, np.arange(len(held["labels"])))
+    return out
+
+
+# --- what a newcomer sees: fill-mask examples ------------------------------------------------
+def example_sentences(tokenizer, count: int, seed: int) -> List[Dict[str, str]]:
+    """`count` held-out docstring sentences (6 to 14 plain words), each with one word masked:
+    a word of 4+ letters, not the first, that is one token of the vocabulary."""
+    rng = np.random.default_rng(seed)
+    vocab = tokenizer.get_vocab()
+    found = []
+    for doc in EmbeddedSource().documents("eval"):
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+            words = sentence.split()
+            if not 6 <= len(words) <= 14 or not re.fullmatch(r"[A-Za-z ,.'()-]+", sentence):
+                continue
+            candidates = [i for i, w in enumerate(words[1:], 1)
+                          if re.fullmatch(r"[A-Za-z]{4,}", w) and w.lower() in vocab]
+            if candidates:
+                found.append((sentence, candidates))
+    picks = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
+    out = []
+    for k in sorted(picks):
+        sentence, candidates = found[k]
+        words = sentence.split()
+        i = int(rng.choice(candidates))
+        out.append({"text": " ".join(words[:i] + [tokenizer.mask_token] + words[i + 1:]), "answer": words[i].lower()})
+    return out
+
+
+def fill_mask_examples(tokenizer, models, count: int, seed: int, top_k: int = 3) -> List[Dict]:
+    """Each model's top-k tokens at the [MASK] of the probes and of held-out sentences."""
+    cases = [{"text": p, "answer": ""} for p in PROBES] + example_sentences(tokenizer, count, seed)
+    rows = []
+    for case in cases:
+        enc = tokenizer(case["text"], return_tensors="np")
+        ids, am = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+        position = int(np.flatnonzero(ids[0] == tokenizer.mask_token_id)[0])
+        row = {**case}
+        for name, (module, params) in models.items():
+            logits = np.asarray(module.apply({"params": params}, ids, am).logits[0, position])
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            top = np.argsort(-logits)[:top_k]
+            row[name] = [[tokenizer.convert_ids_to_tokens(int(t)), round(float(probs[t]), 3)] for t in top]
+        rows.append(row)
+    return rows
+
+
+# --- the summary ---------------------------------------------------------------------------
+def _summary(evaluation, finetuned, examples, stages, dirs, config) -> Dict:
+    m = evaluation["models"]
+    t, s = m["teacher"], m["student"]
+    secs = evaluation["inference_seconds"]
+    summary = {
+        "teacher": config.demo.teacher, "teacher_hf": dirs["teacher"], "student_hf": dirs["student"],
+        "teacher_parameters": evaluation["parameters"]["teacher"],
+        "student_parameters": evaluation["parameters"]["student"],
+        "teacher_mlm_accuracy": t["mlm_accuracy"], "student_mlm_accuracy": s["mlm_accuracy"],
+        "teacher_perplexity": t["perplexity"], "student_perplexity": s["perplexity"],
+        "retention": s["mlm_accuracy"] / max(t["mlm_accuracy"], 1e-9),
+        "agreement": s["agreement_with_teacher"], "kl_teacher_student": s["kl_from_teacher"],
+        "most_frequent_token_accuracy": evaluation["most_frequent_token"]["mlm_accuracy"],
+        "teacher_inference_s": secs["teacher"], "student_inference_s": secs["student"],
+        "speedup": secs["teacher"] / max(secs["student"], 1e-9),
+        "inference_sequences": evaluation["inference_sequences"], "held_out_targets": t["targets"],
+        "comparisons": evaluation["comparisons"],
+        "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
+        "demo_seconds": round(sum(v["seconds"] for v in stages.values()), 1),
+        "examples": examples,
+    }
+    if "student_mlm_only" in m:
+        o = m["student_mlm_only"]
+        gain = evaluation["comparisons"]["student - student_mlm_only"]
+        summary.update(student_mlm_only_accuracy=o["mlm_accuracy"], student_mlm_only_perplexity=o["perplexity"],
+                       student_mlm_only_kl_teacher=o["kl_from_teacher"],
+                       student_mlm_only_agreement=o["agreement_with_teacher"],
+                       distillation_gain=gain["difference"], distillation_gain_se=gain["se"])
+    if finetuned.get("models"):
+        summary["finetune_task"] = f"{finetuned['task']} ({len(finetuned['classes'])} classes, " \
+                                   f"{finetuned['held_out']} held out)"
+        for name, scores in finetuned["models"].items():
+            summary[f"{name}_finetune_accuracy"] = scores["accuracy"]
+        summary["finetune_comparisons"] = finetuned["comparisons"]
+    return summary
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def format_summary(s: Dict) -> str:
+    names = [n for n in MODELS if f"{n}_mlm_accuracy" in s or n in ("teacher", "student")]
+    heads = {"teacher": "teacher", "student": "distilled", "student_mlm_only": "MLM only"}
+    rows = [[""] + [heads[n] for n in names]]
+    acc = {"teacher": s["teacher_mlm_accuracy"], "student": s["student_mlm_accuracy"],
+           "student_mlm_only": s.get("student_mlm_only_accuracy")}
+    ppl = {"teacher": s["teacher_perplexity"], "student": s["student_perplexity"],
+           "student_mlm_only": s.get("student_mlm_only_perplexity")}
+    rows.append(["parameters", f"{s['teacher_parameters']:,}"] + [f"{s['student_parameters']:,}"] * (len(names) - 1))
+    rows.append(["held-out MLM accuracy (%)"] + [_points(acc[n]) for n in names])
+    rows.append(["held-out perplexity"] + [f"{ppl[n]:.2f}" for n in names])
+    if "teacher_finetune_accuracy" in s:
+        rows.append([f"fine-tuned: {s['finetune_task']} (%)"] +
+                    [_points(s[f"{n}_finetune_accuracy"]) for n in names if f"{n}_finetune_accuracy" in s])
+    width = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(width[0]) if i == 0 else c.rjust(width[i]) for i, c in enumerate(r)) for r in rows]
+    lines.append(f"{s['held_out_targets']:,} held-out targets; retention (distilled / teacher accuracy) "
+                 f"{s['retention']:.1%}; top-1 agreement with the teacher {s['agreement']:.1%}; "
+                 f"inference {s['speedup']:.2f}x faster ({s['inference_sequences']} sequences)")
+    if "distillation_gain" in s:
+        lines.append(f"distilled - MLM only: {100 * s['distillation_gain']:+.2f} points "
+                     f"(paired standard error {100 * s['distillation_gain_se']:.2f}, clustered by sequence)")
+    if "finetune_comparisons" in s and "student - student_mlm_only" in s["finetune_comparisons"]:
+        c = s["finetune_comparisons"]["student - student_mlm_only"]
+        lines.append(f"fine-tuned, distilled - MLM only: {100 * c['difference']:+.2f} points "
+                     f"(paired standard error {100 * c['se']:.2f})")
+    lines.append(f"always the most frequent token: {_points(s['most_frequent_token_accuracy'])}%")
+    lines.append("")
+    lines.append("Fill in the [MASK] (top 3 of each model, with probabilities):")
+    for e in s["examples"]:
+        answer = f"  (held out: {e['answer']})" if e["answer"] else ""
+        lines.append(f"  {e['text']}{answer}")
+        for n in names:
+            guesses = ", ".join(f"{tok} {p:.2f}" for tok, p in e[n])
+            lines.append(f"      {heads[n]:>9}: {guesses}")
+    lines.append("")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items()))
+    lines.append(f"student for Hugging Face: {s['student_hf']}")
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""Held-out evaluation on fixed masks, and paired comparisons of models (mode eval).
+
+    python -m distil_jax.main --config=CONFIG --workdir=DIR --config.mode=eval
+
+Masks are fixed once from `eval.seed` and shared by every model: the real, non-special
+tokens of each held-out sequence are split at random into `eval.passes` passes, and in
+each pass its share are the targets (with the training's 80/10/10 corruption), so over
+the passes every held-out token is a target exactly once (7 passes: ~14% masked at a
+time). Reported per model: MLM accuracy and perplexity at the targets; against a
+reference (the teacher): KL(reference || model) at T=1 over the real tokens and top-1
+agreement. For each pair of models, the difference in accuracy and its paired standard
+error: from the per-target differences (hit minus hit, on the same target), clustered by
+held-out sequence (targets of one sequence are not independent), so it is the standard
+error a comparison on other held-out text of this kind would show.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distil_jax import hf, losses
+from distil_jax.checkpoint import NoCheckpointError, load_model
+from distil_jax.data import make_data
+from distil_jax.masking import corrupt, target_partition
+
+Batch = Dict[str, np.ndarray]
+
+
+def fixed_masked_batches(batches: List[Batch], vocab, seed: int, passes: int = 7,
+                         masking=None) -> List[Batch]:
+    """`passes` masked copies of each batch: `masked_ids`, `labels`, `targets` and each row's
+    held-out `sequence` index (for clustering); every real token a target exactly once."""
+    m = {"word_mask": 0.8, "word_keep": 0.1, "word_rand": 0.1, **(masking or {})}
+
+    @jax.jit
+    def draw(rng, ids, am):
+        part_rng, rng = jax.random.split(rng)
+        part = target_partition(part_rng, ids, am, vocab.special_ids, passes)
+        out = []
+        for p in range(passes):
+            targets = part == p
+            kind_rng, rand_rng = jax.random.split(jax.random.fold_in(rng, p))
+            masked, labels = corrupt(kind_rng, rand_rng, ids, targets, vocab.mask_id, vocab.vocab_size, **m)
+            out.append((masked, labels, targets.astype(jnp.int32)))
+        return out
+
+    out, first = [], 0
+    for i, b in enumerate(batches):
+        rows = np.arange(first, first + len(b["input_ids"]))
+        first += len(rows)
+        for masked, labels, targets in jax.device_get(draw(jax.random.fold_in(jax.random.key(seed), i),
+                                                           b["input_ids"], b["attention_mask"])):
+            out.append({**b, "masked_ids": masked, "labels": labels, "targets": targets, "sequence": rows})
+    return out
+
+
+def _forward(module):
+    return jax.jit(lambda params, ids, am: module.apply({"params": params}, ids, am).logits)
+
+
+def _per_target(logits, labels, targets):
+    """(hit, negative log-likelihood) at each target, flattened in batch order."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    label = jnp.clip(labels, 0, logits.shape[-1] - 1)
+    nll = -jnp.take_along_axis(log_p, label[..., None], axis=-1)[..., 0]
+    hit = jnp.argmax(logits, axis=-1) == labels
+    sel = np.asarray(targets).astype(bool)
+    return np.asarray(hit)[sel], np.asarray(nll)[sel]
+
+
+def evaluate_models(models: Dict[str, Tuple[object, object]], batches: List[Batch],
+                    reference: Optional[str] = None):
+    """(metrics per model, per-target hits per model, each target's sequence) on the same
+    masked batches (see module docstring)."""
+    forwards = {name: _forward(module) for name, (module, _) in models.items()}
+    hits = {name: [] for name in models}
+    nlls = {name: [] for name in models}
+    sums = {name: dict(kl=0.0, agree=0.0, real=0.0) for name in models}
+    clusters = []
+    for b in batches:
+        ids, am, labels, targets = b["masked_ids"], b["attention_mask"], b["labels"], b["targets"]
+        clusters.append(np.broadcast_to(b["sequence"][:, None], targets.shape)[targets.astype(bool)])
+        logits = {name: forwards[name](models[name][1], ids, am) for name in models}
+        ref = logits.get(reference) if reference else None
+        for name, lg in logits.items():
+            hit, nll = _per_target(lg, labels, targets)
+            hits[name].append(hit)
+            nlls[name].append(nll)
+            if ref is not None:
+                n_r = float(am.sum())
+                sums[name]["real"] += n_r
+                sums[name]["kl"] += float(losses.kd_loss(lg, ref, am, 1.0)) * n_r
+                sums[name]["agree"] += float(losses.accuracy(lg, jnp.argmax(ref, -1), am)) * n_r
+    hits = {name: np.concatenate(h) for name, h in hits.items()}
+    results = {}
+    for name in models:
+        nll = np.concatenate(nlls[name])
+        n = max(len(nll), 1)
+        results[name] = {"mlm_accuracy": float(hits[name].mean()) if len(nll) else 0.0,
+                         "perplexity": math.exp(min(float(nll.sum()) / n, 50.0)), "targets": int(len(nll))}
+        if reference and name != reference:
+            r = max(sums[name]["real"], 1.0)
+            results[name].update(kl_from_teacher=sums[name]["kl"] / r,
+                                 agreement_with_teacher=sums[name]["agree"] / r)
+    return results, hits, np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
+
+
+def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, clusters: np.ndarray) -> Dict[str, float]:
+    """Accuracy of a minus accuracy of b on the same targets, with its paired standard error.
+
+    d_i = hit_a,i - hit_b,i per target. `se` is clustered by held-out sequence
+    (sum_s (D_s - n_s mean(d))^2 / n^2 x S / (S - 1), D_s the sum of d over sequence s);
+    `se_iid` treats targets as independent (std(d) / sqrt(n)). Counts of the targets
+    only a hits, only b hits (the discordant pairs) are given too."""
+    d = hits_a.astype(np.float64) - hits_b.astype(np.float64)
+    n = len(d)
+    if n < 2:
+        return {"difference": float(d.mean()) if n else 0.0, "se": float("nan"), "se_iid": float("nan"),
+                "targets": n, "only_first": int((d > 0).sum()), "only_second": int((d < 0).sum())}
+    mean = d.mean()
+    ids, inverse = np.unique(clusters, return_inverse=True)
+    per_sequence = np.bincount(inverse, weights=d - mean)
+    s = len(ids)
+    se = math.sqrt(float(np.sum(per_sequence ** 2)) / n ** 2 * s / max(s - 1, 1))
+    return {"difference": float(mean), "se": se, "se_iid": float(d.std(ddof=1) / math.sqrt(n)),
+            "targets": n, "sequences": s, "only_first": int((d > 0).sum()), "only_second": int((d < 0).sum())}
+
+
+def paired_comparisons(hits: Dict[str, np.ndarray], clusters: np.ndarray) -> Dict[str, Dict[str, float]]:
+    """`paired_difference` for every pair of models, keyed "a - b" (in the order given)."""
+    return {f"{a} - {b}": paired_difference(hits[a], hits[b], clusters)
+            for a, b in itertools.combinations(hits, 2)}
+
+
+def most_frequent_accuracy(batches: List[Batch], token_counts: np.ndarray, special_ids) -> Tuple[int, float]:
+    """(token, accuracy) of always predicting the most frequent non-special training token."""
+    counts = np.asarray(token_counts, np.float64).copy()
+    counts[list(special_ids)] = -1
+    token = int(np.argmax(counts))
+    hits = sum(float(((b["labels"] == token) & (b["targets"] == 1)).sum()) for b in batches)
+    total = sum(float(b["targets"].sum()) for b in batches)
+    return token, hits / max(total, 1.0)
+
+
+def inference_seconds(module, params, batches: List[Batch], repeats: int = 3) -> float:
+    """Best-of-`repeats` wall time of a forward pass over `batches` (compiled beforehand)."""
+    forward = _forward(module)
+    for b in batches:  # compile every shape first
+        forward(params, b["input_ids"], b["attention_mask"]).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for b in batches:
+            forward(params, b["input_ids"], b["attention_mask"]).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def held_out_batches(config, workdir: str, vocab_size: int) -> Tuple[List[Batch], object]:
+    """The held-out split's batches in order (the first `eval.batches`; 0: all), and the VocabInfo."""
+    it, vocab = make_data(config, "eval", config.eval.batch_size, vocab_size=vocab_size, workdir=workdir)
+    count = config.eval.batches or getattr(it, "batches_per_epoch", 1)
+    return [next(it) for _ in range(count)], vocab
+
+
+def compare_on_held_out(config, workdir: str, models: Dict[str, Tuple[object, object]],
+                        reference: Optional[str] = "teacher"):
+    """Every model on the same fixed masks, the paired comparisons and the most-frequent-token
+    baseline: ({"models", "comparisons", "most_frequent_token"}, the unmasked batches)."""
+    vocab_size = next(iter(models.values()))[0].config.vocab_size
+    batches, vocab = held_out_batches(config, workdir, vocab_size)
+    m = config.masking
+    masked = fixed_masked_batches(batches, vocab, config.eval.seed, config.eval.passes,
+                                  dict(word_mask=m.word_mask, word_keep=m.word_keep, word_rand=m.word_rand))
+    results, hits, clusters = evaluate_models(models, masked, reference if reference in models else None)
+    token, acc = most_frequent_accuracy(masked, vocab.token_counts, vocab.special_ids)
+    return {"models": results, "comparisons": paired_comparisons(hits, clusters),
+            "most_frequent_token": {"token": token, "mlm_accuracy": acc}}, batches
+
+
+def run(config, workdir: str) -> Dict:
+    """Mode eval: the newest checkpoint in workdir (if any), the teacher and `eval.hf_dirs`
+    -> WORKDIR/eval.json."""
+    models = {}
+    if config.teacher.path:
+        models["teacher"] = hf.load_hf_model(config.teacher.path)
+    try:
+        module, params, _ = load_model(workdir)
+        models["checkpoint"] = (module, params)
+    except NoCheckpointError:
+        pass
+    for path in config.eval.hf_dirs:
+        models[os.path.basename(os.path.normpath(path))] = hf.load_hf_model(path)
+    if not models:
+        raise NoCheckpointError(os.path.join(workdir, "checkpoints"))
+    results, _ = compare_on_held_out(config, workdir, models)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results

@@ -1,0 +1,96 @@
+"""The train state and the update: one jitted call over an update's micro-batches.
+
+An update takes its k micro-batches stacked [k, rows, seq] (k = 1 is the same code).
+For each, in sequence (`optax.microbatch`, a loop that sums): dynamic masking from
+fold_in(rng, update * k + i) -> teacher forward (frozen) -> student forward and
+backward -> the objective's terms. Then clip -> AdamW once, on the mean of the k
+gradients (the reference's gradient accumulation), skipped whole when it is not
+finite. The step is pure: (state, teacher_params, batches) -> (state, metrics), where
+metrics are sums over the micro-batches (the loop divides by the counts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from distil_jax import objective, optim, parallel
+from distil_jax.objective import Objective
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # updates done (applied or skipped)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key: micro-batch i of update u masks with fold_in(rng, u * k + i)
+
+
+def finite_metrics(metrics):
+    """(metrics with a non-finite micro-batch's values zeroed, 1.0 if they were all finite)."""
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+    return jax.tree.map(lambda v: jnp.where(ok, v, jnp.zeros_like(v)), metrics), ok.astype(jnp.float32)
+
+
+def tree_all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)]))
+
+
+def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj: Objective):
+    """Mask with `rng`, then (gradients, metrics) of one micro-batch.
+
+    A non-finite micro-batch's metrics are zeroed and `micro_steps` (0 or 1) says which
+    were finite; `real_tokens` and `targets` count what the means divide by."""
+    mask_rng, dropout_rng = jax.random.split(rng)
+    am = batch["attention_mask"]
+    masked, labels, targets = obj.mask(mask_rng, batch["input_ids"], am)
+    metrics, grads = objective.loss_and_grads(params, teacher_params, masked, am, labels, targets,
+                                              dropout_rng, model=model, teacher=teacher, obj=obj)
+    metrics, finite = finite_metrics(metrics)
+    counts = {"micro_steps": finite, "real_tokens": jnp.sum(am).astype(jnp.float32),
+              "targets": jnp.sum(targets).astype(jnp.float32)}
+    return grads, {**metrics, **counts}
+
+
+def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx, schedule,
+               obj: Objective):
+    """One update over `batches` [k, rows, seq]: the summed micro-batch gradients, averaged,
+    then clip -> AdamW (skipped and counted when not finite)."""
+    k = batches["input_ids"].shape[0]
+
+    def one(index, batch):  # index [1] and batch [1, rows, seq]: one of the k micro-batches
+        rng = jax.random.fold_in(state.rng, state.step * k + index[0])
+        return micro_batch_grads(rng, jax.tree.map(lambda x: x[0], batch), state.params, teacher_params,
+                                 model=model, teacher=teacher, obj=obj)
+
+    summed = optax.microbatch(one, argnums=(0, 1), microbatch_size=1,
+                              accumulator=optax.microbatching.AccumulationType.SUM)
+    grad_sum, metrics = summed(jnp.arange(k), batches)
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    skipped = (optim.skip_counts(new_opt)[0] - optim.skip_counts(state.opt_state)[0]).astype(jnp.float32)
+    applied = 1.0 - skipped
+    metrics.update(grad_norm=jnp.where(applied > 0, optax.tree.norm(grads), 0.0),
+                   lr=applied * schedule(state.step), updates=applied, skipped_updates=skipped)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
+
+
+def compiled_step(model, teacher, tx, schedule, obj: Objective, mesh, state_shardings,
+                  teacher_shardings, step_wrapper: Callable = lambda f: f):
+    """The jitted update: (state, teacher_params, batches) -> (state, metrics), the state's
+    buffers donated. `step_wrapper` wraps the pure step before jit: the seam tests use
+    (chex.assert_max_traces, fault injection)."""
+    def step_fn(state, teacher_params, batches):
+        return train_step(state, teacher_params, batches, model=model, teacher=teacher, tx=tx,
+                          schedule=schedule, obj=obj)
+
+    rows = parallel.batch_sharding(mesh)
+    batch_shardings: Dict[str, Any] = {"input_ids": rows, "attention_mask": rows}
+    return jax.jit(step_wrapper(step_fn), in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,269 @@
+"""Training, top to bottom: build what the config describes, restore or initialise, loop.
+
+`build(config, workdir)` validates first (every problem at once, before anything is
+loaded or compiled), then makes the mesh, loads the teacher once in float32 (the
+student copies exact weights) and keeps it on the mesh in `teacher.dtype`, describes
+the student's parameters by their logical axes, opens the data and the checkpoints.
+`fit(trainer)` restores the newest checkpoint or initialises, then runs the jitted
+update (step.py) until the last update or a SIGTERM/SIGINT, logging windows of
+updates and checkpointing every `checkpoint.every_steps` updates.
+`train(config, workdir)` is both, holding the workdir's lock: -> (state, summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from distil_jax import config as config_lib
+from distil_jax import data as data_lib
+from distil_jax import hf, optim, parallel, runtime
+from distil_jax.checkpoint import Checkpointer, params_fingerprint
+from distil_jax.metrics import MetricWriter, device_peak_tflops, train_flops_per_token, window_summary
+from distil_jax.models import Bert, DistilBert, MaskedLM, init_params, logical_axes
+from distil_jax.objective import Objective
+from distil_jax.step import TrainState, compiled_step, tree_all_finite
+from distil_jax.student_init import init_student_from_teacher, student_config_from_teacher
+
+
+def load_teacher(config) -> Tuple[MaskedLM, Any]:
+    """(module in teacher.dtype, float32 params): teacher.path, or random of teacher.model."""
+    dtype = config_lib.DTYPES[config.teacher.dtype]
+    if config.teacher.path:
+        module, params = hf.load_hf_model(config.teacher.path)
+    else:
+        logging.warning("teacher.path is empty: the teacher is random (teacher.model); "
+                        "useful for tests only")
+        module = Bert(config_lib.teacher_model(config))
+        params = jax.jit(lambda key: init_params(module, key))(jax.random.key(config.train.seed + 1))
+    return type(module)(module.config, dtype=dtype, param_dtype=dtype,
+                        attention_impl=config.train.attention or None), params
+
+
+def validated(config) -> None:
+    """ConfigError listing every problem, with the teacher's architecture read from disk."""
+    teacher, found = None, []
+    if config.teacher.path and config.mode != "pretrain":
+        try:
+            teacher = hf.read_config(config.teacher.path)
+        except (OSError, ValueError) as e:
+            found.append(f"teacher: {e}")
+    config_lib.validate(config, num_devices=jax.device_count(), teacher=teacher, more=found)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A run's parts, built: what `fit` needs and nothing an app needs to read weights."""
+
+    config: Any
+    workdir: str
+    mesh: jax.sharding.Mesh
+    model: MaskedLM  # what is trained: the student (distill) or a BERT (pretrain)
+    teacher: Optional[MaskedLM]
+    teacher_params: Any  # on the mesh, in teacher.dtype; None in pretrain mode
+    teacher_ref: Dict[str, str]  # path and fingerprint, recorded in checkpoints
+    vocab: data_lib.VocabInfo
+    data: data_lib.BatchIterator
+    objective: Objective
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: TrainState
+    teacher_shardings: Any
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings, for restore
+    checkpointer: Checkpointer
+    total_updates: int
+    accumulation: int  # micro-batches per update
+    initial_params: Callable[[], Any]  # fresh params on the mesh (student init or random)
+
+    def meta(self) -> Dict[str, Any]:
+        return {"mode": self.config.mode, "teacher": self.teacher_ref,
+                "model": {"type": type(self.model).__name__, **dataclasses.asdict(self.model.config)},
+                "tokenizer_dir": self.vocab.tokenizer_dir, "config": self.config.to_dict()}
+
+    def create(self, params) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                          rng=jax.random.PRNGKey(self.config.train.seed))
+
+    def restore_or_init(self) -> Tuple[TrainState, Optional[int]]:
+        """(state, restored update or None): the newest checkpoint, else a fresh state."""
+        restored = self.checkpointer.restore_latest(self.abstract_state, self.meta())
+        if restored is not None:
+            state, data_state, step = restored
+            self.data.set_state(data_state)
+            logging.info("resumed from the checkpoint of update %d", step)
+            return state, step
+        init = jax.jit(self.create, out_shardings=self.state_shardings)
+        return init(self.initial_params()), None
+
+
+def build(config, workdir: str, process_index: Optional[int] = None,
+          process_count: Optional[int] = None) -> Trainer:
+    validated(config)
+    process_count = jax.process_count() if process_count is None else process_count
+    t = config.train
+    mesh = parallel.make_mesh(config.mesh.shape)
+    if process_index is None:  # the block of every global batch this process's devices hold
+        process_index = parallel.batch_block(mesh, t.micro_batch_size)
+    rules = [tuple(r) for r in config.mesh.rules]
+    # Compute in train.dtype over float32 master params; the attention and remat choices.
+    kw = dict(dtype=config_lib.DTYPES[t.dtype], attention_impl=t.attention or None, remat=t.remat)
+
+    if config.mode == "pretrain":
+        model = Bert(config_lib.teacher_model(config), **kw)
+        teacher = teacher_params32 = None
+        teacher_ref = {"path": "", "fingerprint": ""}
+    else:
+        teacher, teacher_params32 = load_teacher(config)
+        s_config = student_config_from_teacher(
+            teacher.config, num_layers=config.student.num_layers,
+            **config_lib.student_sizes(config, teacher.config))
+        model = DistilBert(s_config, **kw)
+        teacher_ref = {"path": config.teacher.path or "(random teacher.model)",
+                       "fingerprint": params_fingerprint(teacher_params32)}
+
+    accumulation = t.batch_size // t.micro_batch_size
+    data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
+                                     vocab_size=model.config.vocab_size, workdir=workdir,
+                                     keep_together=accumulation)
+    if vocab.vocab_size > model.config.vocab_size:  # fewer is fine: an embedding table padded up
+        raise config_lib.ConfigError(
+            f"the data's vocabulary has {vocab.vocab_size} tokens, more than the model's "
+            f"{model.config.vocab_size}; prepare the data with the teacher's tokenizer")
+
+    teacher_params = teacher_sh = None
+    if teacher is not None:
+        teacher_sh = parallel.logical_shardings(
+            jax.eval_shape(lambda: teacher_params32), logical_axes(teacher), mesh, rules)
+        teacher_params = jax.device_put(
+            jax.tree.map(lambda x: x.astype(teacher.dtype), teacher_params32), teacher_sh)
+    param_sh = parallel.logical_shardings(jax.eval_shape(lambda: init_params(model, jax.random.key(0))),
+                                          logical_axes(model), mesh, rules)
+
+    def initial_params():
+        if teacher is not None and config.student.init == "teacher":
+            host = init_student_from_teacher(
+                teacher_params32, teacher.config, model.config,
+                layer_map=tuple(config.student.layer_map) or None,
+                vocab_transform=config.student.vocab_transform,
+                fold_token_type=config.student.fold_token_type,
+                rng=jax.random.key(t.seed + 2))
+            return jax.device_put(host, param_sh)
+        init = jax.jit(lambda rng: init_params(model, rng), out_shardings=param_sh)
+        return init(jax.random.key(t.seed + 2))
+
+    total = t.steps if t.steps > 0 else max(1, t.epochs * data.sequences_per_epoch // t.batch_size)
+    tx, schedule = optim.make_optimizer(t, int(total))
+    replicated = parallel.replicated(mesh)
+    abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
+                                                   jax.random.PRNGKey(0)),
+                              jax.eval_shape(initial_params))
+    opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
+                                              transform_non_params=lambda _: replicated)
+    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                        config.checkpoint.async_save, config.checkpoint.on_save_error)
+    return Trainer(config=config, workdir=workdir, mesh=mesh, model=model, teacher=teacher,
+                   teacher_params=teacher_params, teacher_ref=teacher_ref, vocab=vocab, data=data,
+                   objective=Objective.from_config(config, vocab), tx=tx, schedule=schedule,
+                   state_shardings=state_sh, teacher_shardings=teacher_sh, abstract_state=abstract,
+                   checkpointer=ckpt, total_updates=int(total), accumulation=accumulation,
+                   initial_params=initial_params)
+
+
+def _sums(acc, metrics):
+    return metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+
+
+def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f,
+        lock: Optional[runtime.WorkdirLock] = None) -> Tuple[TrainState, Dict[str, Any]]:
+    """Train until the config's last update (or a SIGTERM/SIGINT), checkpointing on the way.
+
+    Returns (state, summary): summary is JSON-safe (the update reached, the last
+    checkpoint, how the run stopped, the last window's metrics). `step_wrapper` wraps the
+    pure step before jit (tests: chex.assert_max_traces, fault injection); `lock`, the
+    workdir's, is refreshed as the run goes."""
+    tr, config = trainer, trainer.config
+    ckpt, total, k = tr.checkpointer, tr.total_updates, tr.accumulation
+    state, _ = tr.restore_or_init()
+    jitted = compiled_step(tr.model, tr.teacher, tr.tx, tr.schedule, tr.objective, tr.mesh,
+                           tr.state_shardings, tr.teacher_shardings, step_wrapper)
+    update = int(jax.device_get(state.step))
+    writer = MetricWriter(tr.workdir, total, initial_step=update, enabled=jax.process_index() == 0)
+    teacher_config = None if tr.teacher is None else tr.teacher.config
+    peak = device_peak_tflops(config.train.peak_tflops)
+    rows = k * config.train.micro_batch_size
+    window, flops, sequences, last, stopped_by = None, 0.0, 0, {}, None
+    window_start = time.perf_counter()
+    all_finite = jax.jit(tree_all_finite)
+
+    def last_checkpoint() -> Optional[str]:
+        step = ckpt.last_saved()
+        return None if step is None else f"update {step} in {ckpt.directory}"
+
+    def save(force=False):
+        if not bool(all_finite(state)):  # never a non-finite state in a checkpoint
+            ckpt.wait()
+            raise optim.NonFiniteError(f"the train state at update {update} is not finite; it was not "
+                                       f"saved. Last checkpoint: {last_checkpoint() or 'none'}")
+        ckpt.save(update, state, tr.data.get_state(), tr.meta(), force=force)
+
+    with runtime.PreemptionFlag() as stop:
+        while update < total:
+            local = data_lib.next_update(tr.data, k, tr.vocab.pad_id)
+            state, metrics = jitted(state, tr.teacher_params, parallel.global_batch(local, tr.mesh))
+            window = _sums(window, metrics)
+            seq = local["input_ids"].shape[-1]
+            flops += train_flops_per_token(tr.objective, tr.model.config, teacher_config, seq) * rows * seq
+            sequences += rows
+            update += 1
+            writer.advance()
+            # One host sync per update, so that a run of NaNs stops where it happens.
+            skipped_total, consecutive = (int(x) for x in jax.device_get(optim.skip_counts(state.opt_state)))
+            too_many = consecutive >= config.train.max_consecutive_skips
+            checkpoint_due = update % config.checkpoint.every_steps == 0 or update == total
+            if update % config.train.log_every == 0 or checkpoint_due or too_many:
+                sums = {key: float(v) for key, v in jax.device_get(window).items()}
+                last = window_summary(sums, time.perf_counter() - window_start, flops, sequences,
+                                      jax.device_count(), peak)
+                last.update(skipped_updates_total=skipped_total, consecutive_skips=consecutive)
+                writer.write(update, last)
+                window, flops, sequences, window_start = None, 0.0, 0, time.perf_counter()
+            if too_many:
+                ckpt.wait()  # the last checkpoint is complete before the run stops
+                writer.close()
+                optim.check_skips(consecutive, config.train.max_consecutive_skips, update, last_checkpoint())
+            if checkpoint_due:
+                save()
+            if lock is not None:
+                lock.refresh()
+            if stop.agreed():
+                stopped_by = stop.name
+                logging.warning("%s: saving a checkpoint at update %d and stopping", stopped_by, update)
+                if jax.process_index() == 0:
+                    print(f"{stopped_by} received: checkpoint at update {update}, stopping; "
+                          "run the same command to resume", flush=True)
+                save(force=True)
+                break
+    ckpt.wait()
+    writer.close()
+    return state, {"update": update, "total_updates": total, "last_checkpoint": ckpt.last_saved(),
+                   "stopped_by": stopped_by, "metrics": last}
+
+
+def train(config, workdir: str, step_wrapper: Callable = lambda f: f) -> Tuple[TrainState, Dict[str, Any]]:
+    """build + fit, holding the workdir's lock (one run per workdir)."""
+    with runtime.hold_workdir(workdir) as lock:
+        return fit(build(config, workdir), step_wrapper, lock)
+
+
+def run(config, workdir: str) -> Dict[str, Any]:
+    """Modes distill and pretrain (main.py): the summary of `train`."""
+    return train(config, workdir)[1]

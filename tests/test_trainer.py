@@ -1,0 +1,295 @@
+"""The trainer: accumulation, the fused objective, sharding, resume, learning, the frozen
+teacher, checkpoints, the config's problems."""
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracles
+from distil_jax import config as config_lib
+from distil_jax import objective, step, trainer
+from distil_jax.checkpoint import Checkpointer, params_fingerprint
+from distil_jax.masking import IGNORE_INDEX
+from distil_jax.metrics import train_flops_per_token
+from distil_jax.objective import Objective
+
+NO_DROPOUT = {"teacher.model.hidden_dropout": 0.0, "teacher.model.attention_dropout": 0.0,
+              "train.warmup_fraction": 0.0}
+
+
+# --- accumulation ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FixedMasks(Objective):
+    """Targets at fixed columns (2, 7, 12, ...) whatever the rng: the same rows get the same
+    masks however they are grouped into micro-batches."""
+
+    def mask(self, rng, input_ids, attention_mask):
+        col = jnp.arange(input_ids.shape[-1])[None, :]
+        targets = ((col % 5 == 2) & (attention_mask == 1)).astype(jnp.int32)
+        masked = jnp.where(targets == 1, self.mask_id, input_ids)
+        return masked, jnp.where(targets == 1, input_ids, IGNORE_INDEX), targets
+
+
+def test_k_micro_batches_equal_one_batch_of_k_times_the_rows(tiny, tmp_path):
+    """One update over [k, b, seq] moves the params as one over [1, k*b, seq] of the same rows
+    (same masks, no dropout, every micro-batch with as many real tokens and targets)."""
+    k, b = 4, 8
+    tr = trainer.build(tiny(**NO_DROPOUT, **{"train.batch_size": k * b, "train.micro_batch_size": b}),
+                       str(tmp_path))
+    obj = FixedMasks(**{f.name: getattr(tr.objective, f.name) for f in dataclasses.fields(Objective)})
+    update = jax.jit(functools.partial(step.train_step, model=tr.model, teacher=tr.teacher, tx=tr.tx,
+                                       schedule=tr.schedule, obj=obj))
+    ids = np.random.default_rng(0).integers(5, 128, size=(k * b, 16)).astype(np.int32)
+    batches = {"input_ids": ids.reshape(k, b, 16), "attention_mask": np.ones((k, b, 16), np.int32)}
+    one = {key: v.reshape(1, k * b, 16) for key, v in batches.items()}
+    state = tr.create(tr.initial_params())
+    after_k, metrics_k = update(state, tr.teacher_params, batches)
+    after_1, metrics_1 = update(state, tr.teacher_params, one)
+    start = jax.device_get(state.params)
+    assert not np.allclose(jax.device_get(after_1.params)["word_embeddings"]["embedding"],
+                           start["word_embeddings"]["embedding"])
+    chex.assert_trees_all_close(jax.device_get(after_k.params), jax.device_get(after_1.params),
+                                atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(metrics_k["loss"] / k, metrics_1["loss"], rtol=1e-5)
+    assert float(metrics_k["micro_steps"]) == k and float(metrics_k["updates"]) == 1.0
+
+
+def test_the_update_equals_multisteps_over_the_same_micro_batches(tiny, tmp_path, host):
+    """The step (one call per update, optax.microbatch over [k, rows, seq]) = optax.MultiSteps
+    fed one micro-batch per call, masks and dropout included, over two updates."""
+    k = 3
+    tr = trainer.build(tiny(**{"train.steps": 2, "train.batch_size": 16 * k, "train.warmup_fraction": 0.0}),
+                       str(tmp_path))
+    state = tr.create(tr.initial_params())
+    micro = [{key: v[:, :12] for key, v in next(tr.data).items()} for _ in range(2 * k)]  # one length
+    want, want_metrics = oracles.multisteps_updates(tr, state.params, state.rng, micro)
+    jitted = step.compiled_step(tr.model, tr.teacher, tr.tx, tr.schedule, tr.objective, tr.mesh,
+                                tr.state_shardings, tr.teacher_shardings)
+    for u in range(2):
+        group = micro[u * k:(u + 1) * k]
+        state, metrics = jitted(state, tr.teacher_params, {key: np.stack([m[key] for m in group]) for key in group[0]})
+        summed = jax.tree.map(lambda *x: sum(x), *want_metrics[u * k:(u + 1) * k])
+        chex.assert_trees_all_close(host({key: metrics[key] for key in summed}), host(summed), rtol=1e-4, atol=1e-6)
+    assert int(state.step) == 2
+    chex.assert_trees_all_close(host(state.params), host(want), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(host(state.params)["mlm_head"]["bias"], 0.0)
+
+
+def test_the_loop_counts_and_checkpoints_updates(tiny, tmp_path):
+    """3 micro-batches per update, stacked and padded to several lengths: checkpoints are
+    named by update, every_steps and log_every count updates."""
+    config = tiny(**{"train.steps": 3, "train.batch_size": 48, "checkpoint.every_steps": 2, "train.log_every": 2})
+    state, summary = trainer.train(config, str(tmp_path))
+    assert summary["update"] == 3 and int(state.step) == 3 and summary["last_checkpoint"] == 3
+    assert Checkpointer(str(tmp_path / "checkpoints"), keep=3).all_steps() == [2, 3]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3] and np.isfinite(records[-1]["loss"])
+    json.dumps(summary)  # JSON-safe
+
+
+# --- the objective -------------------------------------------------------------------------
+def _masked_inputs(obj, seed=3):
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 128, size=(4, 16)), jnp.int32)
+    am = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [11], [7], [16]]), jnp.int32)
+    masked, labels, targets = obj.mask(jax.random.key(seed), ids, am)
+    return masked, am, labels, targets
+
+
+@pytest.mark.parametrize("changes", [
+    {"distill.restrict_ce_to_mask": False, "distill.alpha_mse": 0.5},
+    {"distill.restrict_ce_to_mask": True},
+    {"mode": "pretrain"},
+    {"train.remat": "full"},
+    {"train.remat": "dots", "distill.restrict_ce_to_mask": True, "train.loss_chunk": 0},
+])
+def test_fused_objective_equals_whole_logits_autodiff(changes, tiny, tmp_path, host):
+    """The fused, blocked vocabulary terms (and remat) give the metrics and gradients of the
+    plain losses on whole logits differentiated by autodiff (oracles.py)."""
+    tr = trainer.build(tiny(**{"train.loss_chunk": 7, **changes}), str(tmp_path))
+    args = (tr.initial_params(), tr.teacher_params, *_masked_inputs(tr.objective), jax.random.key(4))
+    kw = dict(model=tr.model, teacher=tr.teacher, obj=tr.objective)
+    m_fused, g_fused = host(jax.jit(functools.partial(objective.loss_and_grads, **kw))(*args))
+    m_plain, g_plain = host(jax.jit(functools.partial(oracles.whole_logits_loss_and_grads, **kw))(*args))
+    assert set(m_plain) == set(m_fused)
+    chex.assert_trees_all_close(m_fused, m_plain, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+    assert float(m_plain["loss"]) > 0
+
+
+def test_bfloat16_compute_keeps_float32_master_params_and_loss(tiny, tmp_path, host):
+    """train.dtype=bfloat16: params and gradients stay float32, the teacher is stored in
+    bf16, the loss is float32 and close to the float32 step's."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        tr = trainer.build(tiny(**{"train.dtype": dtype, "teacher.dtype": dtype}), str(tmp_path / dtype))
+        masked, am, labels, targets = _masked_inputs(tr.objective)
+        params = tr.initial_params()
+        metrics, grads = jax.jit(functools.partial(objective.loss_and_grads, model=tr.model, teacher=tr.teacher,
+                                                   obj=tr.objective))(
+            params, tr.teacher_params, masked, am, labels, targets, jax.random.key(4))
+        results[dtype] = host(metrics), grads, params, tr.teacher_params
+    m16, g16, p16, t16 = results["bfloat16"]
+    assert {x.dtype for x in jax.tree.leaves(p16)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(g16)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(t16)} == {np.dtype(jnp.bfloat16)}
+    assert m16["loss"].dtype == np.float32 and np.isfinite(m16["loss"])
+    np.testing.assert_allclose(m16["loss"], results["float32"][0]["loss"], rtol=3e-2)
+
+
+def test_mlm_only_distill_runs_no_teacher_and_equals_the_same_loss_with_it(tiny, tmp_path):
+    """All teacher terms weighed 0 (the demo's MLM-only baseline): the teacher's forward is
+    skipped, the FLOPs leave it out, and the gradient is the MLM loss's alone."""
+    tr = trainer.build(tiny(**{"distill.alpha_ce": 0.0, "distill.alpha_cos": 0.0, "distill.alpha_mse": 0.0,
+                               "distill.alpha_mlm": 1.0}), str(tmp_path))
+    obj = tr.objective
+    assert not obj.weights.uses_teacher and objective.LossWeights(ce=1.0).uses_teacher
+    args = (tr.initial_params(), tr.teacher_params, *_masked_inputs(obj), jax.random.key(4))
+    m_skip, g_skip = objective.loss_and_grads(*args, model=tr.model, teacher=tr.teacher, obj=obj)
+    m_none, g_none = objective.loss_and_grads(*args, model=tr.model, teacher=None, obj=obj)
+    assert "kl_t1" not in m_skip and "loss_cos" not in m_skip
+    chex.assert_trees_all_close(g_skip, g_none)
+    np.testing.assert_allclose(m_skip["loss"], m_skip["loss_mlm"])
+    cfg = tr.teacher.config
+    assert train_flops_per_token(obj, tr.model.config, cfg, 16) == train_flops_per_token(obj, tr.model.config, None, 16)
+    full = dataclasses.replace(obj, weights=objective.LossWeights(ce=1.0, mlm=1.0))
+    assert train_flops_per_token(full, tr.model.config, cfg, 16) > train_flops_per_token(obj, tr.model.config, cfg, 16)
+
+
+# --- sharding --------------------------------------------------------------------------------
+SINGLE_DEVICE = """
+import numpy as np, jax, chex
+from distil_jax import trainer
+chex.clear_trace_counter()
+state, _ = trainer.train(config, {workdir!r}, step_wrapper=chex.assert_max_traces(n=1))
+params = jax.device_get(state.params)
+np.savez({out!r}, **{{jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}})
+"""
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: see conftest.py")
+def test_sharded_training_equals_single_device(tmp_path, tiny, tiny_source, env):
+    # The single-device reference runs in a subprocess without fake devices.
+    out = tmp_path / "single.npz"
+    code = tiny_source(**{"mesh.shape": (1, 1, 1)}) + SINGLE_DEVICE.format(workdir=str(tmp_path / "single"), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = dict(np.load(out))
+    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+        chex.clear_trace_counter()  # counted per function definition, across runs
+        state, _ = trainer.train(tiny(**{"mesh.shape": shape}), str(tmp_path / "x".join(map(str, shape))),
+                                 step_wrapper=chex.assert_max_traces(n=1))
+        flat = {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+        assert flat.keys() == single.keys()
+        for k in flat:
+            np.testing.assert_allclose(flat[k], single[k], atol=2e-5, rtol=1e-4, err_msg=f"{shape} {k}")
+
+
+# --- resume, learning, teacher --------------------------------------------------------------
+def test_resume_equals_uninterrupted(tmp_path, tiny, host):
+    n = 3
+    config = tiny(**{"train.steps": 2 * n, "checkpoint.every_steps": n, "checkpoint.async_save": True})
+    straight, _ = trainer.train(config, str(tmp_path / "a"))
+    # The same run cut at update n: remove the final checkpoint, start again.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / str(2 * n))
+    resumed, _ = trainer.train(config, str(tmp_path / "b"))
+    chex.assert_trees_all_close(host(resumed.params), host(straight.params), atol=1e-6)
+    chex.assert_trees_all_close(host(resumed.opt_state), host(straight.opt_state), atol=1e-6)
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    keys = ("step", "loss", "loss_ce", "loss_mlm", "loss_cos", "grad_norm", "lr", "mlm_accuracy")
+    a, b = read("a"), read("b")
+    assert [r["step"] for r in b] == list(range(1, 2 * n + 1))
+    for ra, rb in zip(a, b, strict=True):
+        for k in keys:
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, err_msg=f"step {ra['step']} {k}")
+
+
+def test_loss_falls_when_pretraining_on_a_fixed_corpus(tmp_path, tiny):
+    config = tiny(**{"mode": "pretrain", "train.steps": 60, "train.learning_rate": 1e-2,
+                     "train.log_every": 10, "checkpoint.every_steps": 60,
+                     "data.synthetic.num_sequences": 64})
+    trainer.train(config, str(tmp_path))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < first - 0.5, (first, last)
+
+
+def test_distillation_never_changes_the_teacher(tmp_path, tiny, host):
+    config = tiny(**{"train.steps": 4})
+    tr = trainer.build(config, str(tmp_path))
+    state, summary = trainer.fit(tr)
+    # The arrays the steps read, after training, against a teacher built afresh (same seed).
+    used = tr.teacher_params
+    assert all(not x.is_deleted() for x in jax.tree.leaves(used))  # never donated (CPU ignores donation)
+    assert params_fingerprint(used) == params_fingerprint(trainer.load_teacher(config)[1])
+    meta = json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["teacher"]["fingerprint"] == params_fingerprint(used)  # recorded, never saved
+    saved, _ = Checkpointer(str(tmp_path / "checkpoints"), keep=3).restore(4)
+    shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
+    assert shapes(saved["params"]) == shapes(host(state.params))  # the student's tensors only
+    assert summary["metrics"]["loss_ce"] >= 0 and np.isfinite(summary["metrics"]["loss"])
+    assert list((tmp_path / "tensorboard").iterdir())
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("step", "loss", "loss_ce", "loss_mlm", "loss_cos", "lr", "tokens_per_s", "kl_t1",
+                "agreement", "mlm_accuracy", "grad_norm", "sequences_per_s", "step_time_s",
+                "tflops_per_device", "mfu"):
+        assert key in record, key
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+def test_unreadable_newest_checkpoint_falls_back_to_an_older_one(tmp_path, tiny):
+    config = tiny(**{"train.steps": 4, "checkpoint.every_steps": 2})
+    trainer.train(config, str(tmp_path))
+    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name.lower():
+            f.write_bytes(b"\0" * 7)  # truncated garbage
+    state, step_ = trainer.build(config, str(tmp_path)).restore_or_init()
+    assert step_ == 2 and int(state.step) == 2
+
+
+# --- config ----------------------------------------------------------------------------------
+def test_every_problem_is_listed_before_anything_runs(tiny):
+    c = tiny(**{"train.batch_size": 30, "distill.temperature": 0.0, "distill.alpha_ce": -1.0,
+                "data.seq_len": 64, "student.hidden_size": 48, "student.num_heads": 4})
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c, num_devices=1)
+    msg = str(e.value)
+    for needle in ("batch_size 30 is not a multiple of train.micro_batch_size 16",
+                   "temperature must be > 0", "alpha_ce is negative",
+                   "seq_len 64 is longer than the teacher's 32 position embeddings",
+                   "student.hidden_size 48 differs from the teacher's 32",
+                   "alpha_cos > 0 needs equal widths"):
+        assert needle in msg, (needle, msg)
+    zero = tiny(**{f"distill.alpha_{k}": 0.0 for k in ("ce", "mlm", "cos", "mse")})
+    with pytest.raises(config_lib.ConfigError, match="all 0"):
+        config_lib.validate(zero, num_devices=1)
+    dp = tiny(**{"mesh.shape": (-1, 1, 1), "train.micro_batch_size": 12, "train.batch_size": 24})
+    with pytest.raises(config_lib.ConfigError, match="not a multiple of the data-parallel size 8"):
+        config_lib.validate(dp, num_devices=8)
+    # A teacher's architecture is an input: validation reads no file.
+    far = tiny(**{"teacher.path": "/no/such/teacher"})
+    config_lib.validate(far, num_devices=1)
+    with pytest.raises(config_lib.ConfigError, match="longer than the teacher's 8 position"):
+        config_lib.validate(far, num_devices=1, teacher=config_lib.BertConfig(max_position_embeddings=8))
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__))), "configs")) if f.endswith(".py")))
+def test_every_config_loads_and_validates(name, config_file):
+    module = config_file(name)
+    c = module.get_config()
+    assert module.__doc__ and "python -m distil_jax.main" in module.__doc__ and f"{name}.py" in module.__doc__
+    # A teacher dir or hub name is not at hand offline: validate against its architecture.
+    teacher = None if not c.teacher.path else config_lib.BertConfig()
+    config_lib.validate(c, num_devices=8, teacher=teacher)
