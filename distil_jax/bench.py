@@ -357,7 +357,7 @@ def _shape_flags(p) -> None:
                    "train: 0 compiles only (memory)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--teacher_dtype", default="", help="default: --dtype")
-    p.add_argument("--loss_chunk", type=int, default=None, help="rows per loss block; 0: whole logits")
+    p.add_argument("--loss_chunk", type=int, default=None, help="rows per block of the vocabulary terms; 0: one block")
     p.add_argument("--restrict_ce_to_mask", action="store_true")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--attention", default="", choices=("", "xla", "cudnn"))

@@ -1,6 +1,6 @@
 """Orbax checkpoints: the train state, the data iterator's position and the run's identity.
 
-One composite item per update, named by the update: `state` (student params, optimizer
+One composite item per saved update, named by the update: `state` (student params, optimizer
 state, update count, rng), `data` (the iterator's state, JSON) and `meta` (mode, the
 model's type and config, the teacher's path and fingerprint, the tokenizer's directory,
 the config). The teacher's params are never saved. `load_model(workdir)` reads the
@@ -142,7 +142,11 @@ class Checkpointer:
         logging.warning("%s; training goes on and saves again at the next checkpoint step", message)
 
     def close(self) -> None:
-        self._manager.close()
+        """Release the manager (after `wait`; on the way out of an error, a failure here is only logged)."""
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001 - cleanup: the error that got us here matters more
+            logging.warning("closing the checkpoint manager of %s: %s", self.directory, e)
 
     def read_meta(self, step: int) -> Dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -217,27 +221,45 @@ def model_from_meta(meta: Dict[str, Any]) -> MaskedLM:
     return module_cls(config_cls(**fields))
 
 
-def load_model(workdir: str, step: Optional[int] = None):
-    """(module, params, meta) of the newest checkpoint in WORKDIR/checkpoints (or of update
-    `step`), from its metadata alone: the params restored on this process's first device,
-    nothing else."""
+def saved_steps(workdir: str):
+    """The updates of the complete checkpoints in WORKDIR/checkpoints (none: [])."""
     directory = epath.Path(runtime.absolute(os.path.join(workdir, "checkpoints")))
-    steps = sorted(ocp.path.step.checkpoint_steps(directory)) if directory.exists() else []
+    return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.exists() else []
+
+
+def load_model(workdir: str, step: Optional[int] = None):
+    """(module, params, meta) of the newest readable checkpoint in WORKDIR/checkpoints (or of
+    update `step`), from its metadata alone: the params restored on this process's first
+    device, nothing else; an unreadable newest one is skipped for the next older."""
+    directory = epath.Path(runtime.absolute(os.path.join(workdir, "checkpoints")))
+    steps = saved_steps(workdir)
     if not steps or (step is not None and step not in steps):
         raise NoCheckpointError(os.fspath(directory) + ("" if step is None else f" for update {step}"))
-    manager = ocp.CheckpointManager(directory, item_handlers={
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
+    errors = []
     try:
-        step = steps[-1] if step is None else step
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        module = model_from_meta(meta)
-        saved = manager.item_metadata(step)["state"].tree["params"]
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
+        for candidate in reversed(steps if step is None else [step]):
+            try:
+                return _read_model(manager, candidate)
+            except Exception as e:  # noqa: BLE001 - corrupt or truncated files
+                logging.warning("checkpoint %d in %s cannot be read (%s: %s); trying an older one",
+                                candidate, directory, type(e).__name__, e)
+                errors.append(f"{candidate}: {type(e).__name__}: {str(e)[:200]}")
     finally:
         manager.close()
+    raise CheckpointMismatch(f"no checkpoint in {directory} can be read ({'; '.join(errors)}). "
+                             "Nothing was deleted; move the directory away to start afresh")
+
+
+def _read_model(manager, step: int):
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    module = model_from_meta(meta)
+    saved = manager.item_metadata(step)["state"].tree["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
     return module, restored["state"]["params"], {**meta, "step": step}

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from distil_jax.models import BertConfig, EncoderConfig
+from distil_jax.objective import LossWeights
 
 # What `python -m distil_jax.main` runs for each config.mode (main.py dispatches).
 TRAIN_MODES = ("distill", "pretrain")
@@ -105,9 +106,10 @@ def defaults() -> ml_collections.ConfigDict:
         batch_size=32, max_len=128, classes=6, seed=0))
     # The embedded demo's stages (modes demo and ablate, apps/demo.py); its fine-tuning uses
     # the finetune group. teacher: "shipped" (the package's, distil_jax/assets/demo_teacher),
-    # "train" (pretrained in the workdir for teacher_steps) or a Hugging Face directory.
+    # "train" (pretrained in the workdir by the shipped one's recipe for teacher_steps
+    # updates) or a Hugging Face directory.
     c.demo = ml_collections.ConfigDict(dict(
-        teacher="shipped", teacher_steps=1000, teacher_learning_rate=1e-3, student_steps=500,
+        teacher="shipped", teacher_steps=7000, student_steps=500,
         student_learning_rate=5e-4, mlm_only_baseline=True, inference_batches=8, examples=6))
     # export.dtype: the Hugging Face weights' dtype (bfloat16 halves the files).
     c.export = ml_collections.ConfigDict(dict(dir="", dtype="float32"))
@@ -220,14 +222,15 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
     if not 0 <= t.warmup_fraction < 1:
         problems.append(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
 
+    if t.log_every < 1:
+        problems.append(f"train.log_every must be >= 1 (updates per logged window), got {t.log_every}")
     d = c.distill
-    alphas = {k: d[k] for k in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse")}
-    for k, v in alphas.items():
+    weights = {f.name: getattr(d, f"alpha_{f.name}") for f in dataclasses.fields(LossWeights)}
+    for name, v in weights.items():
         if v < 0:
-            problems.append(f"distill.{k} is negative ({v}); loss weights must be >= 0")
-    if c.mode == "distill" and all(v == 0 for v in alphas.values()):
-        problems.append("distill.alpha_ce, alpha_mlm, alpha_cos and alpha_mse are all 0: "
-                        "nothing to train on")
+            problems.append(f"distill.alpha_{name} is negative ({v}); loss weights must be >= 0")
+    if c.mode == "distill" and not any(weights.values()):
+        problems.append(f"distill.{', '.join('alpha_' + n for n in weights)} are all 0: nothing to train on")
     if d.temperature <= 0:
         problems.append(f"distill.temperature must be > 0, got {d.temperature}")
     m = c.masking
@@ -237,6 +240,11 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
         problems.append("masking.word_mask/word_keep/word_rand must be >= 0 with a positive sum")
     if c.data.source not in ("corpus", "synthetic"):
         problems.append(f"data.source {c.data.source!r} is not 'corpus' or 'synthetic'")
+    if c.data.pad_multiple < 1:
+        problems.append(f"data.pad_multiple must be >= 1, got {c.data.pad_multiple}")
+    if c.eval.passes < 1 or c.eval.batches < 0 or c.eval.batch_size < 1:
+        problems.append(f"eval.passes ({c.eval.passes}) and eval.batch_size ({c.eval.batch_size}) must be "
+                        f">= 1 and eval.batches ({c.eval.batches}) >= 0 (0: the whole held-out split)")
     if c.data.seq_len < MIN_SEQ_LEN:
         problems.append(f"data.seq_len must be at least {MIN_SEQ_LEN} (sequences of "
                         f"{MIN_SEQ_LEN - 1} tokens or fewer are dropped), got {c.data.seq_len}")

@@ -59,7 +59,7 @@ def device_peak_tflops(override: float = 0.0) -> Optional[float]:
 
 # --- a logging window's means ------------------------------------------------------------
 _PER_UPDATE = ("grad_norm", "lr")
-_COUNTS = ("updates", "skipped_updates", "micro_steps", "real_tokens", "targets")
+_COUNTS = ("updates", "skipped_updates", "finite_micro_batches", "real_tokens", "targets")
 
 
 def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequences: int,
@@ -68,7 +68,7 @@ def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequenc
 
     Loss terms are means over the finite micro-batches (None if none was), grad_norm and
     lr over the applied updates."""
-    micro, updates = sums["micro_steps"], max(sums["updates"], 1.0)
+    micro, updates = sums["finite_micro_batches"], max(sums["updates"], 1.0)
     out = {k: v / micro if micro else None for k, v in sums.items() if k not in _PER_UPDATE + _COUNTS}
     out.update({k: sums[k] / updates for k in _PER_UPDATE})
     out["skipped_updates"] = sums["skipped_updates"]
@@ -156,8 +156,10 @@ class MetricWriter:
             self._bar.update(steps)
 
     def close(self) -> None:
+        """Close the files (once; later calls do nothing)."""
         if not self.enabled:
             return
+        self.enabled = False
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

@@ -3,9 +3,9 @@
 `chain(clip_by_global_norm, adamw(schedule))` on the mean gradient of an update's
 micro-batches; no weight decay on biases and LayerNorm. An update whose gradient is
 not finite (NaN or inf in any micro-batch) is skipped whole: neither params nor AdamW's
-moments move, the schedule goes on, and the skip is counted in the optimizer state
-(`skip_counts`). `train.max_consecutive_skips` skips in a row stop the run
-(`check_skips`).
+moments (nor its step count, so the schedule resumes where it stopped) move, and the
+skip is counted in the optimizer state (`skip_counts`). `train.max_consecutive_skips`
+skips in a row stop the run (`too_many_skips` is its error).
 """
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ def skip_counts(opt_state):
     return opt_state.total_notfinite, opt_state.notfinite_count
 
 
-def check_skips(consecutive: int, limit: int, update: int, last_checkpoint: Optional[str]) -> None:
-    """Stop the run after `limit` non-finite updates in a row (train.max_consecutive_skips)."""
-    if consecutive >= limit:
-        raise NonFiniteError(
-            f"{consecutive} updates in a row (the last at update {update}) had a non-finite loss "
-            f"or gradients and were skipped (train.max_consecutive_skips={limit}); stopping. "
-            f"Last checkpoint: {last_checkpoint or 'none'}. Lower train.learning_rate or check "
-            "the data, then run the same command to resume")
+def too_many_skips(consecutive: int, limit: int, update: int, last_checkpoint: Optional[str]) -> NonFiniteError:
+    """The error that stops a run after `limit` non-finite updates in a row."""
+    return NonFiniteError(
+        f"{consecutive} updates in a row (the last at update {update}) had a non-finite loss "
+        f"or gradients and were skipped (train.max_consecutive_skips={limit}); stopping. "
+        f"Last checkpoint: {last_checkpoint or 'none'}. Lower train.learning_rate or check "
+        "the data, then run the same command to resume")

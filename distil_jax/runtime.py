@@ -31,10 +31,11 @@ import signal
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -140,17 +141,28 @@ class WorkdirLock:
     Taken with an exclusive create, so of two starts one wins. A lock whose process is
     gone is taken over: on the same host when its pid no longer runs (a `kill -9`'s
     successor starts), on another host when it has not been refreshed for
-    `stale_after_s` (the holder refreshes it while it runs: `refresh()`). Re-entrant in
-    one process (the demo's stages train in their own workdirs under its lock). On a
-    bucket the check and the write are not atomic: two starts within a second may both
-    pass. Used by process 0 of a run; `release()` removes it.
+    `stale_after_s` (while held, a thread refreshes it every `refresh_s`). Taking a lock
+    this process already holds (main takes the workdir's, then training takes it again)
+    counts up and releases at the last `release`. On a bucket the check and the write
+    are not atomic: two starts within a second may both pass. Process 0 of a run holds
+    it (`hold_workdir`).
     """
 
-    def __init__(self, workdir: str, stale_after_s: float = 600.0):
+    _held: Dict[str, "WorkdirLock"] = {}  # path -> the lock this process holds there
+    _registry = threading.Lock()
+
+    def __init__(self, workdir: str, stale_after_s: float = 600.0, refresh_s: float = 60.0):
         self.path = epath.Path(workdir) / "lock"
-        self.stale_after_s = stale_after_s
-        self._held = False
-        self._last_refresh = 0.0
+        self.stale_after_s, self.refresh_s = stale_after_s, refresh_s
+        self._depth = 0
+        self._stop = threading.Event()
+
+    @classmethod
+    def of(cls, workdir: str) -> "WorkdirLock":
+        """The lock of `workdir`: the one this process holds there, or a new one."""
+        key = os.fspath(epath.Path(absolute(workdir)) / "lock")
+        with cls._registry:
+            return cls._held.get(key) or cls(workdir)
 
     @staticmethod
     def _me() -> dict:
@@ -171,8 +183,7 @@ class WorkdirLock:
             except PermissionError:  # another user's live process
                 return False
             return False
-        age = time.time() - self.path.stat().mtime
-        return age > self.stale_after_s
+        return time.time() - self.path.stat().mtime > self.stale_after_s
 
     def _write_exclusive(self, record: dict) -> bool:
         text = json.dumps(record)
@@ -190,19 +201,22 @@ class WorkdirLock:
         return True
 
     def acquire(self) -> "WorkdirLock":
+        if self._depth:
+            self._depth += 1
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = self._me()
-        record = {**me, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        record = {**self._me(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         for _ in range(3):  # a stale lock removed between two starts: try again
             if self._write_exclusive(record):
-                self._held = True
-                self._last_refresh = time.monotonic()
+                self._depth = 1
+                with self._registry:
+                    self._held[os.fspath(self.path)] = self
+                self._stop.clear()
+                threading.Thread(target=self._keep_fresh, name="workdir-lock", daemon=True).start()
                 return self
             holder = self._holder()
             if holder is None:
                 continue
-            if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                return self  # this process holds it already (nested): not ours to release
             if not self._gone(holder):
                 raise WorkdirBusy(
                     f"{self.path.parent} is in use by process {holder.get('pid')} on host "
@@ -213,18 +227,26 @@ class WorkdirLock:
             self.path.unlink(missing_ok=True)  # its process is gone: take it over
         raise WorkdirBusy(f"could not take {self.path}: other processes keep taking it")
 
-    def refresh(self, every_s: float = 60.0) -> None:
-        """Mark the lock alive (for a start on another host); cheap to call every step."""
-        if self._held and time.monotonic() - self._last_refresh > every_s:
-            self._last_refresh = time.monotonic()
-            if is_remote(os.fspath(self.path)):
-                self.path.write_text(self.path.read_text())
-            else:
-                os.utime(self.path)
+    def _keep_fresh(self) -> None:
+        """Mark the lock alive for a start on another host (`_gone` reads its age)."""
+        while not self._stop.wait(self.refresh_s):
+            try:
+                if is_remote(os.fspath(self.path)):
+                    self.path.write_text(self.path.read_text())
+                else:
+                    os.utime(self.path)
+            except OSError as e:  # a missing lock is recreated by nobody: say so once
+                logging.warning("could not refresh %s: %s", self.path, e)
+                return
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
+        if not self._depth:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._stop.set()
+            with self._registry:
+                self._held.pop(os.fspath(self.path), None)
             self.path.unlink(missing_ok=True)
 
     def __enter__(self):
@@ -237,20 +259,20 @@ class WorkdirLock:
 
 @contextlib.contextmanager
 def hold_workdir(workdir: str):
-    """The workdir's lock for this run, taken by process 0 (`WorkdirLock`); every process
-    raises WorkdirBusy when process 0 could not take it."""
-    lock = WorkdirLock(workdir)
+    """The workdir's lock for this run, taken by process 0 (`WorkdirLock`); with several
+    processes, all of them raise when process 0 could not take it."""
+    lock = WorkdirLock.of(workdir)
     error = None
     if jax.process_index() == 0:
         try:
             lock.acquire()
-        except WorkdirBusy as e:
+        except Exception as e:  # noqa: BLE001 - the other processes must hear of any failure
             error = e
     if jax.process_count() > 1:
         refused = int(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
         if refused and error is None:
-            error = WorkdirBusy(f"{workdir} is in use by another run (process 0 could not take its "
-                                "lock; its log names the holder)")
+            error = WorkdirBusy(f"{workdir} could not be taken for this run by process 0 (its log "
+                                "names the reason)")
     if error is not None:
         raise error
     try:

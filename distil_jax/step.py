@@ -44,15 +44,15 @@ def tree_all_finite(tree) -> jax.Array:
 def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj: Objective):
     """Mask with `rng`, then (gradients, metrics) of one micro-batch.
 
-    A non-finite micro-batch's metrics are zeroed and `micro_steps` (0 or 1) says which
-    were finite; `real_tokens` and `targets` count what the means divide by."""
+    A non-finite micro-batch's metrics are zeroed and `finite_micro_batches` (0 or 1) says
+    whether it was finite; `real_tokens` and `targets` count what the means divide by."""
     mask_rng, dropout_rng = jax.random.split(rng)
     am = batch["attention_mask"]
     masked, labels, targets = obj.mask(mask_rng, batch["input_ids"], am)
     metrics, grads = objective.loss_and_grads(params, teacher_params, masked, am, labels, targets,
                                               dropout_rng, model=model, teacher=teacher, obj=obj)
     metrics, finite = finite_metrics(metrics)
-    counts = {"micro_steps": finite, "real_tokens": jnp.sum(am).astype(jnp.float32),
+    counts = {"finite_micro_batches": finite, "real_tokens": jnp.sum(am).astype(jnp.float32),
               "targets": jnp.sum(targets).astype(jnp.float32)}
     return grads, {**metrics, **counts}
 
@@ -73,10 +73,12 @@ def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx
     grad_sum, metrics = summed(jnp.arange(k), batches)
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    skipped = (optim.skip_counts(new_opt)[0] - optim.skip_counts(state.opt_state)[0]).astype(jnp.float32)
+    skipped_before = optim.skip_counts(state.opt_state)[0]
+    skipped = (optim.skip_counts(new_opt)[0] - skipped_before).astype(jnp.float32)
     applied = 1.0 - skipped
+    # AdamW's schedule counts the applied updates only (a skipped one leaves its state as it was).
     metrics.update(grad_norm=jnp.where(applied > 0, optax.tree.norm(grads), 0.0),
-                   lr=applied * schedule(state.step), updates=applied, skipped_updates=skipped)
+                   lr=applied * schedule(state.step - skipped_before), updates=applied, skipped_updates=skipped)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
 
@@ -84,8 +86,7 @@ def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx
 def compiled_step(model, teacher, tx, schedule, obj: Objective, mesh, state_shardings,
                   teacher_shardings, step_wrapper: Callable = lambda f: f):
     """The jitted update: (state, teacher_params, batches) -> (state, metrics), the state's
-    buffers donated. `step_wrapper` wraps the pure step before jit: the seam tests use
-    (chex.assert_max_traces, fault injection)."""
+    buffers donated. `step_wrapper` wraps the pure step before jit (e.g. a trace counter)."""
     def step_fn(state, teacher_params, batches):
         return train_step(state, teacher_params, batches, model=model, teacher=teacher, tx=tx,
                           schedule=schedule, obj=obj)

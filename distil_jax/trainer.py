@@ -12,6 +12,7 @@ updates and checkpointing every `checkpoint.every_steps` updates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -132,10 +133,6 @@ def build(config, workdir: str, process_index: Optional[int] = None,
     data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
                                      vocab_size=model.config.vocab_size, workdir=workdir,
                                      keep_together=accumulation)
-    if vocab.vocab_size > model.config.vocab_size:  # fewer is fine: an embedding table padded up
-        raise config_lib.ConfigError(
-            f"the data's vocabulary has {vocab.vocab_size} tokens, more than the model's "
-            f"{model.config.vocab_size}; prepare the data with the teacher's tokenizer")
 
     teacher_params = teacher_sh = None
     if teacher is not None:
@@ -182,14 +179,12 @@ def _sums(acc, metrics):
     return metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
 
 
-def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f,
-        lock: Optional[runtime.WorkdirLock] = None) -> Tuple[TrainState, Dict[str, Any]]:
+def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f) -> Tuple[TrainState, Dict[str, Any]]:
     """Train until the config's last update (or a SIGTERM/SIGINT), checkpointing on the way.
 
     Returns (state, summary): summary is JSON-safe (the update reached, the last
     checkpoint, how the run stopped, the last window's metrics). `step_wrapper` wraps the
-    pure step before jit (tests: chex.assert_max_traces, fault injection); `lock`, the
-    workdir's, is refreshed as the run goes."""
+    pure step before jit (e.g. chex.assert_max_traces, or a fault injector)."""
     tr, config = trainer, trainer.config
     ckpt, total, k = tr.checkpointer, tr.total_updates, tr.accumulation
     state, _ = tr.restore_or_init()
@@ -200,7 +195,7 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f,
     teacher_config = None if tr.teacher is None else tr.teacher.config
     peak = device_peak_tflops(config.train.peak_tflops)
     rows = k * config.train.micro_batch_size
-    window, flops, sequences, last, stopped_by = None, 0.0, 0, {}, None
+    window, flops, sequences, last, stopped_by, saved_at = None, 0.0, 0, {}, None, None
     window_start = time.perf_counter()
     all_finite = jax.jit(tree_all_finite)
 
@@ -209,13 +204,17 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f,
         return None if step is None else f"update {step} in {ckpt.directory}"
 
     def save(force=False):
+        nonlocal saved_at
         if not bool(all_finite(state)):  # never a non-finite state in a checkpoint
             ckpt.wait()
             raise optim.NonFiniteError(f"the train state at update {update} is not finite; it was not "
                                        f"saved. Last checkpoint: {last_checkpoint() or 'none'}")
         ckpt.save(update, state, tr.data.get_state(), tr.meta(), force=force)
+        saved_at = update
 
-    with runtime.PreemptionFlag() as stop:
+    with runtime.PreemptionFlag() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(ckpt.close)  # also on an error: no manager or writer left open
+        cleanup.callback(writer.close)
         while update < total:
             local = data_lib.next_update(tr.data, k, tr.vocab.pad_id)
             state, metrics = jitted(state, tr.teacher_params, parallel.global_batch(local, tr.mesh))
@@ -227,7 +226,7 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f,
             writer.advance()
             # One host sync per update, so that a run of NaNs stops where it happens.
             skipped_total, consecutive = (int(x) for x in jax.device_get(optim.skip_counts(state.opt_state)))
-            too_many = consecutive >= config.train.max_consecutive_skips
+            too_many = consecutive >= config.train.max_consecutive_skips  # the one comparison
             checkpoint_due = update % config.checkpoint.every_steps == 0 or update == total
             if update % config.train.log_every == 0 or checkpoint_due or too_many:
                 sums = {key: float(v) for key, v in jax.device_get(window).items()}
@@ -238,30 +237,28 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f,
                 window, flops, sequences, window_start = None, 0.0, 0, time.perf_counter()
             if too_many:
                 ckpt.wait()  # the last checkpoint is complete before the run stops
-                writer.close()
-                optim.check_skips(consecutive, config.train.max_consecutive_skips, update, last_checkpoint())
+                raise optim.too_many_skips(consecutive, config.train.max_consecutive_skips, update,
+                                           last_checkpoint())
             if checkpoint_due:
                 save()
-            if lock is not None:
-                lock.refresh()
             if stop.agreed():
                 stopped_by = stop.name
                 logging.warning("%s: saving a checkpoint at update %d and stopping", stopped_by, update)
                 if jax.process_index() == 0:
                     print(f"{stopped_by} received: checkpoint at update {update}, stopping; "
                           "run the same command to resume", flush=True)
-                save(force=True)
+                if saved_at != update:
+                    save(force=True)
                 break
-    ckpt.wait()
-    writer.close()
+        ckpt.wait()
     return state, {"update": update, "total_updates": total, "last_checkpoint": ckpt.last_saved(),
                    "stopped_by": stopped_by, "metrics": last}
 
 
 def train(config, workdir: str, step_wrapper: Callable = lambda f: f) -> Tuple[TrainState, Dict[str, Any]]:
     """build + fit, holding the workdir's lock (one run per workdir)."""
-    with runtime.hold_workdir(workdir) as lock:
-        return fit(build(config, workdir), step_wrapper, lock)
+    with runtime.hold_workdir(workdir):
+        return fit(build(config, workdir), step_wrapper)
 
 
 def run(config, workdir: str) -> Dict[str, Any]:

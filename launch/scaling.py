@@ -2,15 +2,15 @@
 
     python launch/scaling.py [--mfu=0.4] [--tokens_per_word=1.3]
 
-FLOPs per token are metrics.py's (the trainer's MFU uses the same): student forward +
-backward (3x forward) plus teacher forward, logits at every position (L_ce covers every
-real token). The corpus size is the BERT paper's word count times an assumed WordPiece
+FLOPs per token are metrics.py's forward FLOPs, counted as the trainer's MFU counts them:
+student forward + backward (3x forward) plus teacher forward, logits at every position
+(the reference's L_ce covers every real token). The corpus size is the BERT paper's word count times an assumed WordPiece
 ratio; `manifest.json` of a prepared corpus gives the real token count.
 """
 
 import argparse
 
-from distil_jax.metrics import PEAK_TFLOPS, step_flops_per_token
+from distil_jax.metrics import PEAK_TFLOPS, forward_flops_per_token
 from distil_jax.models import BertConfig
 from distil_jax.student_init import student_config_from_teacher
 
@@ -32,8 +32,8 @@ def main():
     teacher = BertConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
                          intermediate_size=3072, max_position_embeddings=512)
     student = student_config_from_teacher(teacher, num_layers=6)
-    per_token = step_flops_per_token(student, teacher, args.seq_len)
-    student_part = step_flops_per_token(student, None, args.seq_len)
+    student_part = 3 * forward_flops_per_token(student, args.seq_len)
+    per_token = student_part + forward_flops_per_token(teacher, args.seq_len)
     tokens = args.epochs * args.words * args.tokens_per_word
     per_update = args.batch * args.seq_len
     total = tokens * per_token

@@ -3,6 +3,7 @@ with every field, and its numbers are consistent with each other."""
 
 import json
 import math
+import os
 
 import pytest
 
@@ -85,7 +86,6 @@ def test_bench_data(capsys):
 
 
 def test_bench_train_on_a_config_file_takes_its_shapes(capsys):
-    import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (r,) = _records(capsys, ["train", "--config", os.path.join(root, "configs", "tiny.py"), "--steps", "1"])
     assert (r["teacher_layers"], r["student_layers"], r["hidden"], r["vocab"]) == (4, 2, 64, 256)

@@ -3,8 +3,13 @@
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
+
+from distil_jax.metrics import forward_flops_per_token
+from distil_jax.models import BertConfig
+from distil_jax.student_init import student_config_from_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -120,3 +125,15 @@ def test_bad_arguments_are_named(name, args, message):
     rc, out, err = script(name, *args)
     assert rc == 2 and message in err, (rc, err)
     assert not out  # nothing was run or printed as run
+
+
+def test_scaling_costs_the_papers_recipe_with_the_trainers_flops():
+    """launch/scaling.py runs and its FLOPs are metrics.py's: 3 x student forward + teacher forward."""
+    proc = subprocess.run([sys.executable, os.path.join(LAUNCH, "scaling.py")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 8 x V100 (paper) |" in proc.stdout and "| 90.0 |" in proc.stdout
+    teacher = BertConfig()
+    student = student_config_from_teacher(teacher, num_layers=6)
+    per_token = 3 * forward_flops_per_token(student, 512) + forward_flops_per_token(teacher, 512)
+    assert f"model FLOPs per token: {per_token / 1e9:.3f} G" in proc.stdout

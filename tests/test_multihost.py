@@ -33,15 +33,6 @@ PARAMS_ATOL = 1e-6
 LOSS_RTOL = 1e-6
 
 
-def tiny_config():
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    try:
-        import tiny
-    finally:
-        sys.path.pop(0)
-    return with_changes(tiny.get_config(), **CHANGES)
-
-
 def launch_local(workdir, num_processes=2, devices=4):
     """launch/local.sh: num_processes processes of `devices` fake CPU devices each (the
     session's compilation cache is in the environment: a second launch loads the step)."""
@@ -82,7 +73,10 @@ def resume_from(src, update, dst):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, config_file):
+    def tiny_config():  # what launch_local runs: configs/tiny.py with FLAGS
+        return with_changes(config_file("tiny").get_config(), **CHANGES)
+
     base = tmp_path_factory.mktemp("multihost")
     two, one = base / "two", base / "one"
     t0 = time.perf_counter()

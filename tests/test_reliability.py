@@ -223,6 +223,31 @@ def test_a_nan_update_is_skipped_and_counted(tmp_path, tiny, host, micro_batches
         == [(0, 0, 0), (1, 1, 1), (0, 1, 0)]
     assert records[1]["loss"] is None and records[1]["grad_norm"] == 0  # no finite micro-batch to average
     assert np.isfinite(records[2]["loss"]) and records[2]["grad_norm"] > 0
+    # AdamW's schedule does not count the skip: update 3 runs at the rate update 2 would have had.
+    schedule = optim.learning_rate_schedule(config.train.learning_rate, 3, config.train.warmup_fraction)
+    assert records[0]["lr"] == pytest.approx(float(schedule(0))) and records[1]["lr"] == 0
+    assert records[2]["lr"] == pytest.approx(float(schedule(1)))
+
+
+def signal_at(update, signum=signal.SIGTERM):
+    """A step wrapper that signals this process while update `update` (1-based) runs."""
+    def wrap(step_fn):
+        def signalled(state, teacher_params, batches):
+            jax.debug.callback(lambda s: os.kill(os.getpid(), signum) if int(s) + 1 == update else None,
+                               state.step)
+            return step_fn(state, teacher_params, batches)
+        return signalled
+    return wrap
+
+
+def test_a_signal_on_a_checkpoint_update_saves_once_and_stops(tmp_path, tiny):
+    """SIGTERM during update 2, which is due a checkpoint anyway: one save, a clean stop."""
+    config = tiny(**{"train.steps": 6, "checkpoint.every_steps": 2})
+    _, summary = trainer.train(config, str(tmp_path), step_wrapper=signal_at(2))
+    assert summary["stopped_by"] == "SIGTERM" and summary["update"] == 2 and summary["last_checkpoint"] == 2
+    assert _finished_steps(tmp_path) == [2]
+    _, resumed = trainer.train(config, str(tmp_path))
+    assert resumed["update"] == 6 and resumed["stopped_by"] is None
 
 
 def test_nans_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tmp_path, tiny, host):

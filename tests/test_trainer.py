@@ -61,7 +61,7 @@ def test_k_micro_batches_equal_one_batch_of_k_times_the_rows(tiny, tmp_path):
     chex.assert_trees_all_close(jax.device_get(after_k.params), jax.device_get(after_1.params),
                                 atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(metrics_k["loss"] / k, metrics_1["loss"], rtol=1e-5)
-    assert float(metrics_k["micro_steps"]) == k and float(metrics_k["updates"]) == 1.0
+    assert float(metrics_k["finite_micro_batches"]) == k and float(metrics_k["updates"]) == 1.0
 
 
 def test_the_update_equals_multisteps_over_the_same_micro_batches(tiny, tmp_path, host):

@@ -17,11 +17,12 @@ import json
 import os
 from typing import Dict
 
+import jax
 from matplotlib.figure import Figure
 
 from distil_jax import hf, trainer
 from distil_jax.apps import demo, evaluate
-from distil_jax.checkpoint import load_model
+from distil_jax.checkpoint import load_model, saved_steps
 
 VARIANTS = (
     ("triple loss", {}),
@@ -54,7 +55,8 @@ def run(config, workdir: str) -> Dict:
         cfg = demo.stage_config(plan.student, **changes)
         # The triple loss is the demo's own student: its run is reused.
         run_dir = plan.runs["student"][1] if not changes else os.path.join(workdir, "ablation", _slug(name))
-        trainer.train(cfg, run_dir)
+        if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
+            trainer.train(cfg, run_dir)
         models[name] = load_model(run_dir)[:2]
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f]
@@ -69,12 +71,13 @@ def run(config, workdir: str) -> Dict:
                      "change_points": -100 * change["difference"], "change_se_points": 100 * change["se"],
                      "paper_glue_change": PAPER_GLUE_CHANGE.get(name)})
     table = format_table(rows, results["teacher"]["mlm_accuracy"], results["teacher"]["targets"])
-    with open(os.path.join(workdir, "ablation.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(workdir, "ablation.json"), "w") as f:
-        json.dump({"rows": rows, "teacher": results["teacher"]}, f, indent=2)
-    plot_curves(curves, os.path.join(workdir, "ablation.png"))
-    print(table, flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "ablation.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(workdir, "ablation.json"), "w") as f:
+            json.dump({"rows": rows, "teacher": results["teacher"]}, f, indent=2)
+        plot_curves(curves, os.path.join(workdir, "ablation.png"))
+        print(table, flush=True)
     return {"rows": rows, "table": os.path.join(workdir, "ablation.md"),
             "plot": os.path.join(workdir, "ablation.png")}
 

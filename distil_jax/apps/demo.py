@@ -43,6 +43,11 @@ from distil_jax.data.sources import EmbeddedSource
 from distil_jax.data.tokenizer import load_tokenizer
 
 MODELS = ("teacher", "student", "student_mlm_only")
+# How the shipped teacher was pretrained (configs/demo_teacher.py, 7000 updates): what
+# demo.teacher="train" runs for demo.teacher_steps updates.
+TEACHER_RECIPE = {"train.batch_size": 64, "train.micro_batch_size": 64, "train.learning_rate": 1e-3,
+                  "train.warmup_fraction": 0.05, "train.weight_decay": 0.01, "train.grad_clip": 1.0,
+                  "train.seed": 0, "masking.smoothing": 0.0}
 MLM_ONLY = {"distill.alpha_ce": 0.0, "distill.alpha_cos": 0.0, "distill.alpha_mse": 0.0,
             "distill.alpha_mlm": 1.0}
 # Fill-mask probes shown before the held-out sentences (the first is the README's).
@@ -112,8 +117,7 @@ def make_plan(config, workdir: str) -> Plan:
     elif d.teacher == "train":
         teacher_hf = os.path.join(teacher_dir, "hf")
         pretrain = stage_config(config, mode="pretrain", **{
-            "data.dir": data_dir, "teacher.path": "", "train.steps": d.teacher_steps,
-            "train.learning_rate": d.teacher_learning_rate, "export.dir": teacher_hf})
+            **TEACHER_RECIPE, "data.dir": data_dir, "teacher.path": "", "train.steps": d.teacher_steps})
     else:
         teacher_hf = d.teacher
     student = stage_config(config, mode="distill", **{

@@ -130,7 +130,7 @@ def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, clusters: np.ndarr
     ids, inverse = np.unique(clusters, return_inverse=True)
     per_sequence = np.bincount(inverse, weights=d - mean)
     s = len(ids)
-    se = math.sqrt(float(np.sum(per_sequence ** 2)) / n ** 2 * s / max(s - 1, 1))
+    se = math.sqrt(float(np.sum(per_sequence ** 2)) / n ** 2 * s / (s - 1)) if s > 1 else float("nan")
     return {"difference": float(mean), "se": se, "se_iid": float(d.std(ddof=1) / math.sqrt(n)),
             "targets": n, "sequences": s, "only_first": int((d > 0).sum()), "only_second": int((d < 0).sum())}
 
@@ -168,7 +168,8 @@ def inference_seconds(module, params, batches: List[Batch], repeats: int = 3) ->
 def held_out_batches(config, workdir: str, vocab_size: int) -> Tuple[List[Batch], object]:
     """The held-out split's batches in order (the first `eval.batches`; 0: all), and the VocabInfo."""
     it, vocab = make_data(config, "eval", config.eval.batch_size, vocab_size=vocab_size, workdir=workdir)
-    count = config.eval.batches or getattr(it, "batches_per_epoch", 1)
+    whole = it.batches_per_epoch  # no more: a second pass would count sequences twice
+    count = min(config.eval.batches, whole) if config.eval.batches else whole
     return [next(it) for _ in range(count)], vocab
 
 

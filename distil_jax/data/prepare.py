@@ -98,9 +98,9 @@ def resolve_tokenizer(config, out_dir: str, sources, vocab_size: Optional[int] =
     """The dataset's tokenizer: `data.tokenizer`, the teacher's, already saved here, or trained
     on the corpus (with `vocab_size` entries, default teacher.model.vocab_size).
 
-    A directory prepared with another tokenizer than the one asked for is refused; a given
-    tokenizer is checked against the corpus and the teacher (`check_tokenizer`), a trained
-    one against the size asked for."""
+    A directory prepared with another tokenizer than the one asked for is refused; a
+    trained one is checked against the size asked for (a given one, by `check_tokenizer`,
+    before shards are written)."""
     saved = os.path.join(out_dir, "tokenizer")
     asked = config.data.tokenizer
     if not asked and config.teacher.path and config.mode != "pretrain":
@@ -112,7 +112,6 @@ def resolve_tokenizer(config, out_dir: str, sources, vocab_size: Optional[int] =
                 f"{out_dir} was prepared with another tokenizer (hash {tokenizer_hash(load_tokenizer(saved))}) "
                 f"than {asked} (hash {tokenizer_hash(tok)}); its token ids would mean other words. "
                 "Nothing was changed; set data.dir to another directory")
-        check_tokenizer(tok, asked, sources, vocab_size, from_teacher=not config.data.tokenizer)
         return tok
     if os.path.isdir(saved):
         return load_tokenizer(saved)
@@ -181,12 +180,6 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
     sources = {name: make_source(spec) for name, spec in specs.items()}
     os.makedirs(out_dir, exist_ok=True)
     tok = resolve_tokenizer(config, out_dir, sources, teacher_vocab_size)
-    if teacher_vocab_size is not None and len(tok) > teacher_vocab_size:
-        raise DataError(f"the tokenizer in {out_dir} has {len(tok)} tokens, more than the teacher's "
-                        f"vocabulary of {teacher_vocab_size}: use the teacher's tokenizer (data.tokenizer "
-                        "empty and teacher.path set, or data.tokenizer=TEACHER_DIR)")
-    if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
-        tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
     seq_len = config.data.seq_len
     fingerprint = hashlib.sha256(json.dumps({
         "format": FORMAT_VERSION, "tokenizer": tokenizer_hash(tok), "seq_len": seq_len,
@@ -202,6 +195,11 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
         raise DataError(f"{out_dir} holds a dataset prepared from other inputs (fingerprint "
                         f"{manifest['fingerprint']}, these inputs give {fingerprint}: another tokenizer, "
                         "seq_len or corpus). Nothing was changed; set data.dir to another directory")
+    given = config.data.tokenizer or (config.teacher.path if config.mode != "pretrain" else "")
+    if given:  # before anything is written: the tokenizer must fit the teacher and the corpus
+        check_tokenizer(tok, given, sources, teacher_vocab_size, from_teacher=not config.data.tokenizer)
+    if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
+        tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
 
     ids = dict(cls=tok.cls_token_id, sep=tok.sep_token_id, unk=tok.unk_token_id)
     dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.int32
