@@ -67,14 +67,18 @@ def _forward(module):
     return jax.jit(lambda params, ids, am: module.apply({"params": params}, ids, am).logits)
 
 
-def _per_target(logits, labels, targets):
-    """(hit, negative log-likelihood) at each target, flattened in batch order."""
+@jax.jit
+def _stats(logits, labels, am, ref_logits):
+    """Per position: hit and negative log-likelihood of the label; against the reference
+    logits (when given): KL(reference || model) at T=1 and top-1 agreement, summed over real tokens."""
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     label = jnp.clip(labels, 0, logits.shape[-1] - 1)
     nll = -jnp.take_along_axis(log_p, label[..., None], axis=-1)[..., 0]
     hit = jnp.argmax(logits, axis=-1) == labels
-    sel = np.asarray(targets).astype(bool)
-    return np.asarray(hit)[sel], np.asarray(nll)[sel]
+    n_real = jnp.sum(am).astype(jnp.float32)
+    kl = losses.kd_loss(logits, ref_logits, am, 1.0) * n_real
+    agree = losses.accuracy(logits, jnp.argmax(ref_logits, -1), am) * n_real
+    return hit, nll, kl, agree, n_real
 
 
 def evaluate_models(models: Dict[str, Tuple[object, object]], batches: List[Batch],
@@ -88,18 +92,18 @@ def evaluate_models(models: Dict[str, Tuple[object, object]], batches: List[Batc
     clusters = []
     for b in batches:
         ids, am, labels, targets = b["masked_ids"], b["attention_mask"], b["labels"], b["targets"]
-        clusters.append(np.broadcast_to(b["sequence"][:, None], targets.shape)[targets.astype(bool)])
+        sel = targets.astype(bool)
+        clusters.append(np.broadcast_to(b["sequence"][:, None], targets.shape)[sel])
         logits = {name: forwards[name](models[name][1], ids, am) for name in models}
         ref = logits.get(reference) if reference else None
         for name, lg in logits.items():
-            hit, nll = _per_target(lg, labels, targets)
-            hits[name].append(hit)
-            nlls[name].append(nll)
+            hit, nll, kl, agree, n_real = jax.device_get(_stats(lg, labels, am, lg if ref is None else ref))
+            hits[name].append(hit[sel])
+            nlls[name].append(nll[sel])
             if ref is not None:
-                n_r = float(am.sum())
-                sums[name]["real"] += n_r
-                sums[name]["kl"] += float(losses.kd_loss(lg, ref, am, 1.0)) * n_r
-                sums[name]["agree"] += float(losses.accuracy(lg, jnp.argmax(ref, -1), am)) * n_r
+                sums[name]["real"] += float(n_real)
+                sums[name]["kl"] += float(kl)
+                sums[name]["agree"] += float(agree)
     hits = {name: np.concatenate(h) for name, h in hits.items()}
     results = {}
     for name in models:
