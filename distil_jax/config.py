@@ -110,7 +110,7 @@ def defaults() -> ml_collections.ConfigDict:
     # updates) or a Hugging Face directory.
     c.demo = ml_collections.ConfigDict(dict(
         teacher="shipped", teacher_steps=7000, student_steps=500,
-        student_learning_rate=5e-4, mlm_only_baseline=True, inference_batches=8, examples=6,
+        student_learning_rate=1e-3, mlm_only_baseline=True, inference_batches=8, examples=6,
         # mode ablate: the variants to run (names of apps/ablate.py:VARIANTS; empty: all).
         ablations=()))
     # export.dtype: the Hugging Face weights' dtype (bfloat16 halves the files).

@@ -39,6 +39,17 @@ WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang loud s
          "green trees near old stone houses by the quiet river").split()
 
 
+# The longest files first: the README's `-n 2 --dist loadfile` hands whole files to two
+# workers in collection order, and a long file taken last would run alone at the end.
+LONGEST_FIRST = ("test_trainer.py", "test_main.py", "test_demo.py", "test_reliability.py",
+                 "test_multihost.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("DISTIL_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -10,9 +10,11 @@ import transformers
 from distil_jax import assets
 from distil_jax.apps import ablate
 
-# The demo made small enough for CI: the shipped teacher, sequences of 64, fewer updates.
+# The demo made small enough for CI: the shipped teacher, sequences of 64, 150 updates
+# instead of 500, 8 held-out batches instead of all, one epoch of fine-tuning.
 REDUCED = [
     "--config.data.seq_len=64", "--config.data.length_buckets=(32,64)", "--config.demo.student_steps=150",
+    "--config.eval.batches=8",
     "--config.finetune.epochs=1", "--config.finetune.max_len=32", "--config.demo.examples=2",
     "--config.checkpoint.every_steps=1000", "--config.demo.inference_batches=2",
 ]
@@ -50,11 +52,13 @@ def test_reduced_demo_goes_the_demos_directions(demo_dir):
                                        "finetune", "examples"}
     assert s["student_parameters"] < s["teacher_parameters"] and s["teacher"] == "shipped"
     # The directions of the full demo's targets (README): the distilled student beats its
-    # MLM-only twin on the same masks by more than its paired standard error, keeps most of
-    # the teacher, and is closer to it.
+    # MLM-only twin on the same masks by more than twice its paired standard error, keeps
+    # most of the teacher (the full run's 500 updates keep 90.7%; 150 keep about 87%), is
+    # closer to it, and fine-tunes at least as well as the twin.
     assert s["teacher_mlm_accuracy"] >= 5 * s["most_frequent_token_accuracy"], s
     assert s["distillation_gain"] > 2 * s["distillation_gain_se"] > 0, s
-    assert s["retention"] >= 0.9, s
+    assert s["retention"] >= 0.8, s
+    assert s["student_finetune_accuracy"] >= s["student_mlm_only_finetune_accuracy"], s
     assert s["kl_teacher_student"] < s["student_mlm_only_kl_teacher"], s
     assert s["agreement"] > s["student_mlm_only_agreement"], s
     gain = s["comparisons"]["student - student_mlm_only"]
