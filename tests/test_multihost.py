@@ -24,14 +24,15 @@ from distil_jax import metrics, parallel, runtime, trainer
 from distil_jax.checkpoint import load_model
 from distil_jax.config import with_changes
 
+from conftest import TINY
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 updates of 2 micro-batches of 16 sequences of 16 tokens; checkpoints at updates 2 and 4.
 # The model of the suite's tiny config (conftest.TINY): a shape does not matter here, and a
 # smaller program compiles faster in each of the processes.
 CHANGES = {"train.steps": 4, "train.log_every": 1, "checkpoint.every_steps": 2, "checkpoint.keep": 5,
-           "data.seq_len": 16, "data.synthetic.num_sequences": 128, "teacher.model.vocab_size": 128,
-           "teacher.model.hidden_size": 32, "teacher.model.num_layers": 2, "teacher.model.intermediate_size": 64,
-           "teacher.model.max_position_embeddings": 32, "student.num_layers": 1}
+           "data.seq_len": 16, "data.synthetic.num_sequences": 128,
+           **{k: v for k, v in TINY.items() if k.startswith(("teacher.model.", "student."))}}
 FLAGS = [f"--config.{k}={v}" for k, v in CHANGES.items()]
 PARAMS_ATOL = 1e-6
 LOSS_RTOL = 1e-6

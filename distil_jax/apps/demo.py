@@ -247,8 +247,7 @@ def example_sentences(tokenizer, count: int, seed: int) -> List[Dict[str, str]]:
 def fill_mask_examples(tokenizer, models, count: int, seed: int, top_k: int = 3) -> List[Dict]:
     """Each model's top-k tokens at the [MASK] of the probes and of held-out sentences."""
     cases = [{"text": p, "answer": ""} for p in PROBES] + example_sentences(tokenizer, count, seed)
-    forwards = {name: jax.jit(lambda p, ids, am, m=module: m.apply({"params": p}, ids, am).logits)
-                for name, (module, _) in models.items()}
+    forwards = {name: evaluate.forward(module) for name, (module, _) in models.items()}
     rows = []
     for case in cases:
         enc = tokenizer(case["text"], return_tensors="np")

@@ -63,7 +63,8 @@ def fixed_masked_batches(batches: List[Batch], vocab, seed: int, passes: int = 7
     return out
 
 
-def _forward(module):
+def forward(module):
+    """The jitted MLM logits of `module`: (params, input_ids, attention_mask) -> logits."""
     return jax.jit(lambda params, ids, am: module.apply({"params": params}, ids, am).logits)
 
 
@@ -85,7 +86,7 @@ def evaluate_models(models: Dict[str, Tuple[object, object]], batches: List[Batc
                     reference: Optional[str] = None):
     """(metrics per model, per-target hits per model, each target's sequence) on the same
     masked batches (see module docstring)."""
-    forwards = {name: _forward(module) for name, (module, _) in models.items()}
+    forwards = {name: forward(module) for name, (module, _) in models.items()}
     hits = {name: [] for name in models}
     nlls = {name: [] for name in models}
     sums = {name: dict(kl=0.0, agree=0.0, real=0.0) for name in models}
@@ -157,14 +158,14 @@ def most_frequent_accuracy(batches: List[Batch], token_counts: np.ndarray, speci
 
 def inference_seconds(module, params, batches: List[Batch], repeats: int = 3) -> float:
     """Best-of-`repeats` wall time of a forward pass over `batches` (compiled beforehand)."""
-    forward = _forward(module)
+    logits = forward(module)
     for b in batches:  # compile every shape first
-        forward(params, b["input_ids"], b["attention_mask"]).block_until_ready()
+        logits(params, b["input_ids"], b["attention_mask"]).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for b in batches:
-            forward(params, b["input_ids"], b["attention_mask"]).block_until_ready()
+            logits(params, b["input_ids"], b["attention_mask"]).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return best
 
