@@ -5,6 +5,13 @@ hub, and one persistent compilation cache for the whole session, which the subpr
 the tests start (main, launch scripts, kills) inherit: a program compiled once is
 loaded from it afterwards. The cache lives in a temporary directory of this session
 (removed at its end), so every run of the suite starts cold and measures the same.
+
+Compiling is most of what this suite does on a CPU (a tiny model's train step is ~15,000
+lines of optimised HLO and took 60% of the in-process tests' time), so XLA's CPU
+backend generates its code at optimisation level 0 (`FAST_COMPILE`): the step compiles
+in about half the time and runs slower. Only the code generation changes: the reduced
+demo's figures came out identical at both levels. The demo trains for real and runs at
+the default level (`run_main(..., optimised=True)`).
 """
 
 import importlib.util
@@ -15,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (xdist workers inherit it)
@@ -151,20 +159,20 @@ def tiny_tokenizer():
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def subprocess_env(**extra):
+def subprocess_env(optimised=False, **extra):
     """The environment of a subprocess the tests start: one CPU device, this checkout first,
-    the session's compilation cache."""
-    return dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, **extra)
+    the session's compilation cache, `FAST_COMPILE` unless `optimised`."""
+    return dict(os.environ, XLA_FLAGS="" if optimised else FAST_COMPILE, PYTHONPATH=ROOT, **extra)
 
 
 @pytest.fixture(scope="session")
 def run_main():
-    """`run_main(config, workdir, *flags, expect_ok=True, timeout=600)`: `python -m
-    distil_jax.main` in a subprocess; the parsed JSON result, or the process when
+    """`run_main(config, workdir, *flags, expect_ok=True, timeout=600, optimised=False)`:
+    `python -m distil_jax.main` in a subprocess; the parsed JSON result, or the process when
     expect_ok is False."""
-    def run(config, workdir, *flags, expect_ok=True, timeout=600):
+    def run(config, workdir, *flags, expect_ok=True, timeout=600, optimised=False):
         proc = subprocess.run([sys.executable, "-m", "distil_jax.main", f"--config={config}",
-                               f"--workdir={workdir}", *flags], cwd=ROOT, env=subprocess_env(),
+                               f"--workdir={workdir}", *flags], cwd=ROOT, env=subprocess_env(optimised),
                               capture_output=True, text=True, timeout=timeout)
         if not expect_ok:
             return proc

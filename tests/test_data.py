@@ -221,6 +221,7 @@ def test_training_on_a_prepared_corpus_resumes_exactly(tmp_path, corpus):
     c.teacher.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                            max_position_embeddings=32)
     c.data.dir = str(tmp_path / "data")
+    c.data.length_buckets = (32,)  # one compiled step (each length is one)
     c.train.update(steps=6, epochs=0, batch_size=16, micro_batch_size=8, seed=0, log_every=1)
     c.checkpoint.every_steps = 3
     c.mesh.shape = (-1, 1, 1)

@@ -75,7 +75,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, env, host):
     straight = _start(straight_dir, straight_log, env)  # runs beside the killed ones
 
     rng = np.random.default_rng(8)
-    kinds = ["after checkpoint"] * 4 + ["during checkpoint write"]
+    kinds = ["after checkpoint"] * 2 + ["during checkpoint write"]
     rng.shuffle(kinds)
     kills = []
     with open(tmp_path / "killed.log", "w") as log:
@@ -100,7 +100,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, env, host):
                     _kill(proc)
                     kills.append((kind, resumed_from, _records(killed_dir)[-1]["step"]))
                 break
-        assert len(kills) == 5 and any(k[0] == "during checkpoint write" for k in kills), kills
+        assert len(kills) == 3 and any(k[0] == "during checkpoint write" for k in kills), kills
         done = _start(killed_dir, log, env)
         assert done.wait(timeout=600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
     assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]

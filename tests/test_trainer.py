@@ -154,8 +154,9 @@ def test_mlm_only_distill_runs_no_teacher_and_equals_the_same_loss_with_it(tiny,
     obj = tr.objective
     assert not obj.weights.uses_teacher and objective.LossWeights(ce=1.0).uses_teacher
     args = (tr.initial_params(), tr.teacher_params, *_masked_inputs(obj), jax.random.key(4))
-    m_skip, g_skip = objective.loss_and_grads(*args, model=tr.model, teacher=tr.teacher, obj=obj)
-    m_none, g_none = objective.loss_and_grads(*args, model=tr.model, teacher=None, obj=obj)
+    grads_with = lambda teacher: jax.jit(functools.partial(  # noqa: E731
+        objective.loss_and_grads, model=tr.model, teacher=teacher, obj=obj))(*args)
+    (m_skip, g_skip), (m_none, g_none) = grads_with(tr.teacher), grads_with(None)
     assert "kl_t1" not in m_skip and "loss_cos" not in m_skip
     chex.assert_trees_all_close(g_skip, g_none)
     np.testing.assert_allclose(m_skip["loss"], m_skip["loss_mlm"])
@@ -226,16 +227,16 @@ def test_loss_falls_when_pretraining_on_a_fixed_corpus(tmp_path, tiny):
 
 
 def test_distillation_never_changes_the_teacher(tmp_path, tiny, host):
-    config = tiny(**{"train.steps": 4})
+    config = tiny(**{"train.steps": 6, "checkpoint.every_steps": 3})  # the resume test's program
     tr = trainer.build(config, str(tmp_path))
     state, summary = trainer.fit(tr)
     # The arrays the steps read, after training, against a teacher built afresh (same seed).
     used = tr.teacher_params
     assert all(not x.is_deleted() for x in jax.tree.leaves(used))  # never donated (CPU ignores donation)
     assert params_fingerprint(used) == params_fingerprint(trainer.load_teacher(config)[1])
-    meta = json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    meta = json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["teacher"]["fingerprint"] == params_fingerprint(used)  # recorded, never saved
-    saved, _ = Checkpointer(str(tmp_path / "checkpoints"), keep=3).restore(4)
+    saved, _ = Checkpointer(str(tmp_path / "checkpoints"), keep=3).restore(6)
     shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
     assert shapes(saved["params"]) == shapes(host(state.params))  # the student's tensors only
     assert summary["metrics"]["loss_ce"] >= 0 and np.isfinite(summary["metrics"]["loss"])
@@ -249,13 +250,13 @@ def test_distillation_never_changes_the_teacher(tmp_path, tiny, host):
 
 # --- checkpoints -----------------------------------------------------------------------------
 def test_unreadable_newest_checkpoint_falls_back_to_an_older_one(tmp_path, tiny):
-    config = tiny(**{"train.steps": 4, "checkpoint.every_steps": 2})
+    config = tiny(**{"train.steps": 6, "checkpoint.every_steps": 3})  # the resume test's program
     trainer.train(config, str(tmp_path))
-    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+    for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name.lower():
             f.write_bytes(b"\0" * 7)  # truncated garbage
     state, step_ = trainer.build(config, str(tmp_path)).restore_or_init()
-    assert step_ == 2 and int(state.step) == 2
+    assert step_ == 3 and int(state.step) == 3
 
 
 # --- config ----------------------------------------------------------------------------------
