@@ -5,11 +5,14 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import safetensors.torch
 
-from distil_jax import hf
+from distil_jax import hf, main
+from distil_jax.config import with_changes
+from distil_jax.data import DataError
 from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, init_params
 
 torch = pytest.importorskip("torch")
@@ -288,26 +291,30 @@ def test_a_vocab_txt_only_directory_loads_as_transformers_loads_it(tmp_path):
     np.testing.assert_allclose(_ours(tmp_path, ids, am), _bert_mlm_logits(tmp_path, ids, am), atol=1e-4)
 
 
-def test_distillation_from_a_research_teacher_end_to_end(tmp_path, tiny, run_main):
+def test_distillation_from_a_research_teacher_end_to_end(tmp_path, config_file):
     """The custom multi-task teacher with a vocab.txt-only, case-sensitive tokenizer: refused
     with the cause under the default lowercasing, then distilled with data.lowercase=False
-    for a few updates, and the student exported for AutoModelForMaskedLM."""
+    for a few updates, and the student exported for AutoModelForMaskedLM (through
+    main.run, what the command line runs)."""
     teacher = tmp_path / "teacher"
     _vocab_txt_only_teacher(teacher)
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(CASED_WORDS, 24)) + " ." for _ in range(300)) + "\n")
-    flags = [f"--config.teacher.path={teacher}", "--config.data.source=corpus", "--config.data.seq_len=32",
-             f"--config.data.sources={{'mine': {{'kind': 'text', 'files': ['{corpus}']}}}}",
-             "--config.student.num_layers=1", "--config.train.steps=3", "--config.train.batch_size=16",
-             "--config.train.micro_batch_size=16", "--config.checkpoint.every_steps=3"]
-    refused = run_main("configs/tiny.py", tmp_path / "lower", *flags, expect_ok=False)
-    assert refused.returncode != 0 and "data.lowercase=False" in refused.stderr
+    changes = {"teacher.path": str(teacher), "data.source": "corpus", "data.seq_len": 32,
+               "data.sources": ml_collections.ConfigDict({"mine": {"kind": "text", "files": [str(corpus)]}}),
+               "student.num_layers": 1, "train.steps": 3, "train.batch_size": 16,
+               "train.micro_batch_size": 16, "checkpoint.every_steps": 3}
+
+    def run(workdir, **more):
+        return main.run(with_changes(config_file("tiny").get_config(), **changes, **more), str(workdir))
+
+    with pytest.raises(DataError, match=r"data\.lowercase=False"):
+        run(tmp_path / "lower")
     assert not (tmp_path / "lower" / "checkpoints").exists()
-    out = run_main("configs/tiny.py", tmp_path / "run", *flags, "--config.data.lowercase=False")
+    out = run(tmp_path / "run", **{"data.lowercase": False})
     assert out["update"] == 3 and np.isfinite(out["metrics"]["loss"])
-    export = run_main("configs/tiny.py", tmp_path / "run", *flags, "--config.data.lowercase=False",
-                      "--config.mode=export")["export_dir"]
+    export = run(tmp_path / "run", **{"data.lowercase": False, "mode": "export"})["export_dir"]
     student = transformers.AutoModelForMaskedLM.from_pretrained(export)
     tok = transformers.AutoTokenizer.from_pretrained(export)
     assert type(student).__name__ == "DistilBertForMaskedLM" and student.config.n_layers == 1

@@ -38,10 +38,10 @@ PARAMS_ATOL = 1e-6
 LOSS_RTOL = 1e-6
 
 
-def launch_local(workdir, num_processes=2, devices=4):
+def launch_local(workdir, env, num_processes=2, devices=4):
     """launch/local.sh: num_processes processes of `devices` fake CPU devices each (the
-    session's compilation cache is in the environment: a second launch loads the step)."""
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+    session's compilation cache is in the environment `env`: a second launch loads the
+    step; local.sh keeps its XLA_FLAGS and sets the device count)."""
     proc = subprocess.run(
         ["bash", "launch/local.sh", f"--num_processes={num_processes}",
          f"--devices_per_process={devices}", f"--python={sys.executable}",
@@ -78,14 +78,14 @@ def resume_from(src, update, dst):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, config_file):
+def runs(tmp_path_factory, config_file, env):
     def tiny_config():  # what launch_local runs: configs/tiny.py with FLAGS
         return with_changes(config_file("tiny").get_config(), **CHANGES)
 
     base = tmp_path_factory.mktemp("multihost")
     two, one = base / "two", base / "one"
     t0 = time.perf_counter()
-    stdout = launch_local(two)
+    stdout = launch_local(two, env())
     timings = {"two_processes_s": time.perf_counter() - t0}
     result = json.loads(stdout[stdout.index("\n{") + 1:])
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def runs(tmp_path_factory, config_file):
     timings["one_process_s"] = time.perf_counter() - t0
     # A restart of both processes from the single process's checkpoint at update 2.
     t0 = time.perf_counter()
-    launch_local(resume_from(one, 2, base / "one_then_two"))
+    launch_local(resume_from(one, 2, base / "one_then_two"), env())
     timings["two_resumed_s"] = time.perf_counter() - t0
     # One process from the two processes' checkpoint at update 2.
     one_after_two = resume_from(two, 2, base / "two_then_one")
@@ -151,17 +151,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _main(tmp_path, *flags, timeout=120):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+def _main(tmp_path, env, *flags, timeout=120):
     return subprocess.run([sys.executable, "-m", "distil_jax.main", "--config=configs/tiny.py",
-                           f"--workdir={tmp_path}", *flags], cwd=ROOT, env=env, capture_output=True,
+                           f"--workdir={tmp_path}", *flags], cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
-def test_missing_coordinator_fails_within_the_timeout(tmp_path):
+def test_missing_coordinator_fails_within_the_timeout(tmp_path, env):
     port, timeout = _free_port(), 5
     start = time.monotonic()
-    proc = _main(tmp_path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+    proc = _main(tmp_path, env, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                  "--process_id=1", f"--initialization_timeout={timeout}")
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
@@ -187,8 +186,8 @@ def test_bad_flags_name_the_problem(flags, message):
     assert not parallel.distributed_problems(**args)  # no flags: auto-detection, or one process
 
 
-def test_bad_flags_stop_main_before_training(tmp_path):
-    proc = _main(tmp_path, "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=5")
+def test_bad_flags_stop_main_before_training(tmp_path, env):
+    proc = _main(tmp_path, env, "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=5")
     assert proc.returncode != 0
     assert "--process_id must be in [0, --num_processes), got 5 of 2" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -204,10 +203,10 @@ time.sleep(120)
 """
 
 
-def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout():
+def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(env):
     address, heartbeat = f"127.0.0.1:{_free_port()}", 4
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT,
-               JAX_PLATFORMS="cpu")
+    env = env(JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
     procs = [subprocess.Popen([sys.executable, "-c", JOIN_AND_WAIT, address, str(i), str(heartbeat)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in (0, 1)]
@@ -258,10 +257,10 @@ with PreemptionFlag() as stop:
 """
 
 
-def test_a_signal_to_one_process_stops_all_at_the_same_step():
+def test_a_signal_to_one_process_stops_all_at_the_same_step(env):
     """SIGTERM to process 1 only, in the middle of the gathers that agree on stopping."""
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env = env(JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-c", STEP_UNTIL_SIGNALLED, address, str(i)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in (0, 1)]
