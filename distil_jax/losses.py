@@ -70,6 +70,56 @@ def accuracy(logits, labels, weights) -> jax.Array:
     return _mean_over_rows(hit, weights)
 
 
+# --- terms inside the encoders (TinyBERT, MiniLM, MiniLMv2) -----------------------------
+def hidden_mse_loss(student_hidden, teacher_hidden, weights) -> jax.Array:
+    """Mean over rows with weight 1 of the squared difference averaged over the hidden
+    dimensions (TinyBERT's MSE on hidden states, with padding left out)."""
+    diff = student_hidden.astype(jnp.float32) - teacher_hidden.astype(jnp.float32)
+    return _mean_over_rows(jnp.mean(diff * diff, axis=-1), weights)
+
+
+def attention_scores(query, key) -> jax.Array:
+    """Scaled dot products [B, H, S, S] in float32 of query and key [B, S, H, d]."""
+    q, k = query.astype(jnp.float32), key.astype(jnp.float32)
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
+
+
+def attention_kl(student_scores, teacher_scores, attention_mask) -> jax.Array:
+    """KL(teacher || student) of the softmaxes over the real keys of scores [B, H, S, S],
+    summed over keys, averaged over heads and over the real query tokens.
+
+    A padded key never enters a softmax (it gets probability 0 in both); a padded query
+    row has weight 0."""
+    keep = attention_mask[:, None, None, :].astype(bool)
+    lowest = jnp.finfo(jnp.float32).min
+    log_t = jax.nn.log_softmax(jnp.where(keep, teacher_scores.astype(jnp.float32), lowest), axis=-1)
+    log_s = jax.nn.log_softmax(jnp.where(keep, student_scores.astype(jnp.float32), lowest), axis=-1)
+    per_query = jnp.sum(jnp.where(keep, jnp.exp(log_t) * (log_t - log_s), 0.0), axis=-1)  # [B, H, S]
+    return _mean_over_rows(jnp.mean(per_query, axis=1), attention_mask)
+
+
+def relation_heads(x, heads: int) -> jax.Array:
+    """[B, S, H, d] (a layer's heads) or [B, S, D] -> [B, S, heads, D / heads]: the heads
+    concatenated and re-split into `heads` relation heads (MiniLMv2)."""
+    b, s = x.shape[:2]
+    return x.reshape(b, s, heads, -1)
+
+
+def relation_loss(student_vectors, teacher_vectors, attention_mask, heads: int) -> jax.Array:
+    """MiniLMv2's self-attention relation loss, summed over the pairs of vectors given
+    (a layer's queries, keys and values: Q-Q, K-K and V-V relations).
+
+    Each of a pair is re-split into `heads` relation heads of its own width (d_r = D /
+    heads, so the two models' widths and head counts may differ), relation =
+    softmax(X X^T / sqrt(d_r)) over the real tokens, and the pair's term is
+    `attention_kl` of the two relations."""
+    total = jnp.zeros((), jnp.float32)
+    for s, t in zip(student_vectors, teacher_vectors):
+        s_r, t_r = relation_heads(s, heads), relation_heads(t, heads)
+        total = total + attention_kl(attention_scores(s_r, s_r), attention_scores(t_r, t_r), attention_mask)
+    return total
+
+
 # --- the vocabulary-sized losses, fused with the projection and chunked over rows ------
 def project(features, embedding, bias) -> jax.Array:
     """Logits of `features` [N, D] under a tied head: features @ embedding.T + bias, in float32."""

@@ -240,3 +240,100 @@ def test_chunked_memory_grows_with_the_chunk_not_with_rows_times_vocab():
     assert big <= 1.2 * small, (small, big)
     assert 1.6 * small <= wide <= 2.4 * small, (small, wide)
     assert big < big_logits_bytes / 8, (big, big_logits_bytes)
+
+
+# --- the layer-pair terms (TinyBERT, MiniLM, MiniLMv2) ---------------------------------
+def _ref_attention_kl(s_scores, t_scores, am):
+    """float64: per head KL(teacher || student) of softmaxes over the real keys, mean over
+    heads and real queries. Padded keys are removed from the arrays, not masked."""
+    total, rows = 0.0, 0
+    for b in range(am.shape[0]):
+        real = np.flatnonzero(am[b])
+        s = np.asarray(s_scores, np.float64)[b][:, real][:, :, real]  # [H, R, R]
+        t = np.asarray(t_scores, np.float64)[b][:, real][:, :, real]
+        lt, ls = _log_softmax64(t), _log_softmax64(s)
+        total += (np.exp(lt) * (lt - ls)).sum(-1).mean(0).sum()
+        rows += len(real)
+    return total / max(rows, 1)
+
+
+def _ref_scores(q, k):
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    return np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+
+
+def _ref_relation(s_xs, t_xs, am, heads):
+    total = 0.0
+    for s, t in zip(s_xs, t_xs):
+        split = lambda x: np.asarray(x, np.float64).reshape(*x.shape[:2], heads, -1)  # noqa: E731
+        total += _ref_attention_kl(_ref_scores(split(s), split(s)), _ref_scores(split(t), split(t)), am)
+    return total
+
+
+def _layer_inputs(seed, b=3, s=6, heads=(2, 4), dims=(8, 16)):
+    """Student and teacher queries, keys, values [B, S, H, d] of different shapes, and an
+    attention mask with padding at the ends of the rows."""
+    rng = np.random.default_rng(seed)
+    make = lambda h, d: [rng.normal(size=(b, s, h, d // h)).astype(np.float32) for _ in range(3)]  # noqa: E731
+    am = np.ones((b, s), np.int32)
+    am[1, s - 2:] = 0
+    am[-1, 2:] = 0
+    return make(heads[0], dims[0]), make(heads[1], dims[1]), am
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layer_terms_match_float64_reference(seed):
+    (sq, sk, sv), (tq, tk, tv), am = _layer_inputs(seed)
+    rng = np.random.default_rng(seed + 10)
+    hs, ht = rng.normal(size=(3, 6, 16)).astype(np.float32), rng.normal(size=(3, 6, 16)).astype(np.float32)
+    want_mse = (((hs.astype(np.float64) - ht) ** 2).mean(-1) * am).sum() / am.sum()
+    np.testing.assert_allclose(losses.hidden_mse_loss(hs, ht, am), want_mse, rtol=1e-5)
+    tq2, tk2 = rng.normal(size=sq.shape).astype(np.float32), rng.normal(size=sk.shape).astype(np.float32)
+    np.testing.assert_allclose(
+        losses.attention_kl(losses.attention_scores(sq, sk), losses.attention_scores(tq2, tk2), am),
+        _ref_attention_kl(_ref_scores(sq, sk), _ref_scores(tq2, tk2), am), rtol=1e-5)
+    for heads in (1, 2, 4):  # relation heads independent of either model's (2 and 4) and widths (8 and 16)
+        np.testing.assert_allclose(losses.relation_loss([sq, sk, sv], [tq, tk, tv], am, heads),
+                                   _ref_relation([sq, sk, sv], [tq, tk, tv], am, heads), rtol=1e-5)
+
+
+def test_layer_term_gradients_match_float64_finite_differences():
+    (sq, sk, sv), (tq, tk, tv), am = _layer_inputs(2, b=3, s=4, dims=(4, 8))
+    direction = [np.random.default_rng(i).normal(size=x.shape) for i, x in enumerate((sq, sk, sv))]
+    grads = jax.grad(lambda xs: losses.relation_loss(xs, [tq, tk, tv], am, 2))([jnp.asarray(x) for x in (sq, sk, sv)])
+    analytic = sum(float(np.sum(np.asarray(g, np.float64) * d)) for g, d in zip(grads, direction))
+    eps = 1e-6
+    moved = lambda sign: [x.astype(np.float64) + sign * eps * d for x, d in zip((sq, sk, sv), direction)]  # noqa: E731
+    numeric = (_ref_relation(moved(1), [tq, tk, tv], am, 2) - _ref_relation(moved(-1), [tq, tk, tv], am, 2)) / (2 * eps)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-6)
+    hs, ht = (np.random.default_rng(7 + i).normal(size=(3, 4, 8)).astype(np.float32) for i in range(2))
+    g = np.asarray(jax.grad(lambda x: losses.hidden_mse_loss(x, ht, am))(jnp.asarray(hs)))
+    np.testing.assert_allclose(g, 2 * (hs - ht) / 8 * am[..., None] / am.sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_padding_never_enters_a_relation_or_an_attention_term():
+    (sq, sk, sv), (tq, tk, tv), am = _layer_inputs(3)
+    pad = am[..., None, None] == 0
+    noise = lambda x, i: np.where(pad, np.random.default_rng(i).normal(size=x.shape) * 100, x)  # noqa: E731
+    a = losses.relation_loss([sq, sk, sv], [tq, tk, tv], am, 2)
+    b = losses.relation_loss([noise(x, i) for i, x in enumerate((sq, sk, sv))],
+                             [noise(x, i + 3) for i, x in enumerate((tq, tk, tv))], am, 2)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    grads = jax.grad(lambda q: losses.attention_kl(losses.attention_scores(q, sk),
+                                                   losses.attention_scores(tq[..., :2, :], tk[..., :2, :]),
+                                                   am))(jnp.asarray(sq[..., :2, :4]))
+    chex.assert_tree_all_finite(grads)
+    assert float(jnp.abs(jnp.where(pad, grads, 0.0)).max()) == 0.0  # a padded query gets no gradient
+
+
+def test_a_model_related_to_itself_has_zero_loss_and_head_order_does_not_matter_with_one_relation_head():
+    _, (tq, tk, tv), am = _layer_inputs(4)
+    assert float(losses.relation_loss([tq, tk, tv], [tq, tk, tv], am, 4)) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.attention_kl(losses.attention_scores(tq, tk), losses.attention_scores(tq, tk), am)) == \
+        pytest.approx(0.0, abs=1e-6)
+    (sq, sk, sv), _, _ = _layer_inputs(5)
+    permuted = [x[:, :, [2, 0, 3, 1]] for x in (tq, tk, tv)]  # the teacher's 4 heads in another order
+    one = lambda t: losses.relation_loss([sq, sk, sv], t, am, 1)  # noqa: E731
+    np.testing.assert_allclose(one(permuted), one([tq, tk, tv]), rtol=1e-5)
+    assert abs(float(losses.relation_loss([sq, sk, sv], permuted, am, 2))
+               - float(losses.relation_loss([sq, sk, sv], [tq, tk, tv], am, 2))) > 1e-4  # two heads do see it

@@ -2,8 +2,8 @@
 
 from distil_jax.models.bert import Bert, BertConfig
 from distil_jax.models.distilbert import DistilBert, DistilBertConfig
-from distil_jax.models.layers import (EncoderConfig, MaskedLM, MaskedLMOutput, init_params,
-                                      logical_axes)
+from distil_jax.models.layers import (EncoderConfig, MaskedLM, MaskedLMOutput, apply_recording,
+                                      init_params, logical_axes)
 
 __all__ = ["Bert", "BertConfig", "DistilBert", "DistilBertConfig", "EncoderConfig",
-           "MaskedLM", "MaskedLMOutput", "init_params", "logical_axes"]
+           "MaskedLM", "MaskedLMOutput", "apply_recording", "init_params", "logical_axes"]

@@ -29,6 +29,12 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
+# What a layer records when applied with mutable=[INTERMEDIATES] (flax `sow`): per layer,
+# the attention's queries q, keys k, values v and context [B, S, H, d] and the feed-forward
+# activation [B, S, F], for the layer-pair losses and pruning. Otherwise the records are
+# no-ops: a step that reads none compiles to the program it would be without them.
+INTERMEDIATES = "intermediates"
+
 # train.remat -> what the backward pass may keep of each encoder layer's activations.
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -136,6 +142,8 @@ class SelfAttention(nn.Module):
             kernel_init=kernel_init(cfg, ("embed", "heads", "kv")),
             bias_init=zeros_init(("heads", "kv")))
         query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
+        for name, v in (("q", query), ("k", key), ("v", value)):
+            self.sow(INTERMEDIATES, name, v)
         keep = attention_mask[:, None, None, :].astype(bool)
         if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
             # No dropout on the probabilities and no probabilities to return: the fused
@@ -150,6 +158,7 @@ class SelfAttention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
             context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
+        self.sow(INTERMEDIATES, "context", context)  # [B, S, H, d], before the output projection
         out = nn.DenseGeneral(
             features=cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
             param_dtype=self.param_dtype, name="out",
@@ -183,6 +192,7 @@ class EncoderLayer(nn.Module):
         h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=kernel_init(cfg, ("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), **kw)(x)
         h = ACTIVATIONS[cfg.hidden_act](h)
+        self.sow(INTERMEDIATES, "ffn", h)
         h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=kernel_init(cfg, ("mlp", "embed")),
                      bias_init=zeros_init(("embed",)), **kw)(h)
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
@@ -342,3 +352,15 @@ def logical_axes(model: MaskedLM, seq_len: int = 8):
     ids = jnp.zeros((1, seq_len), jnp.int32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
     return nn.get_partition_spec(boxed)["params"]
+
+
+def apply_recording(model: MaskedLM, params, *args, **kwargs):
+    """`model.apply` that also returns what each encoder layer recorded: (output, records),
+    records[i] = {q, k, v, context, ffn} of layer i (0-based; see INTERMEDIATES)."""
+    out, state = model.apply({"params": params}, *args, mutable=[INTERMEDIATES], **kwargs)
+    encoder = state[INTERMEDIATES]["encoder"]
+    records = []
+    for i in range(model.config.num_layers):
+        layer = encoder[f"layer_{i}"]
+        records.append({**{k: v[0] for k, v in layer["attention"].items()}, "ffn": layer["ffn"][0]})
+    return out, tuple(records)
