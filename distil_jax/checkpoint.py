@@ -33,6 +33,7 @@ from etils import epath
 
 from distil_jax import runtime
 from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, MaskedLM
+from distil_jax.objective import model_params
 
 # meta["model"]["type"] -> (module, config): what load_model builds.
 MODEL_TYPES = {"Bert": (Bert, BertConfig), "DistilBert": (DistilBert, DistilBertConfig)}
@@ -256,7 +257,7 @@ def load_model(workdir: str, step: Optional[int] = None):
 def _read_model(manager, step: int):
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     module = model_from_meta(meta)
-    saved = manager.item_metadata(step)["state"].tree["params"]
+    saved = model_params(manager.item_metadata(step)["state"].tree["params"])  # no projections
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from distil_jax.models import BertConfig, EncoderConfig
-from distil_jax.objective import LossWeights
+from distil_jax.objective import LAYER_TERMS, LossWeights, layer_terms
 
 # What `python -m distil_jax.main` runs for each config.mode (main.py dispatches).
 TRAIN_MODES = ("distill", "pretrain")
-MODES = TRAIN_MODES + ("prepare", "eval", "export", "finetune", "demo", "ablate")
+MODES = TRAIN_MODES + ("prepare", "eval", "export", "finetune", "demo", "ablate", "shapes")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+STUDENT_INITS = ("teacher", "random", "prune")
 MIN_SEQ_LEN = 12  # the reference drops sequences of 11 tokens or fewer
 # The rules flax's lm1b example uses, with the batch over both data-parallel axes.
 DEFAULT_RULES = (
@@ -54,14 +55,23 @@ def defaults() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict(dict(
         path="", dtype="float32", model=_bert_fields()))
 
-    # The student: DistilBERT of the teacher's width; 0 means "the teacher's value".
+    # The student: DistilBERT; sizes 0 mean "the teacher's value". init: "teacher" (copy
+    # the layers of layer_map; the teacher's width only), "random", or "prune" (the
+    # teacher cut to the student's width by activation importance on prune_batches
+    # batches of the training corpus, then the layers of layer_map; student_init.py).
     c.student = ml_collections.ConfigDict(dict(
         num_layers=6, init="teacher", layer_map=(), vocab_transform=True,
-        fold_token_type=True, hidden_size=0, num_heads=0, intermediate_size=0))
+        fold_token_type=True, hidden_size=0, num_heads=0, intermediate_size=0, prune_batches=8))
 
+    # layer_terms: layer-pair terms, each (kind,), (kind, teacher_layer, student_layer) or
+    # (kind, teacher_layer, student_layer, weight); kinds hidden_mse, hidden_cos (TinyBERT;
+    # through a learned projection across widths), attention_kl (MiniLM; equal head
+    # counts), relation (MiniLMv2: Q-Q, K-K, V-V in relation_heads heads, 0: the
+    # teacher's head count). Layers: 0 the embeddings, i encoder layer i (1-based), -1
+    # the last (objective.py).
     c.distill = ml_collections.ConfigDict(dict(
         temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.0,
-        restrict_ce_to_mask=False))
+        restrict_ce_to_mask=False, layer_terms=(), relation_heads=0))
     c.masking = ml_collections.ConfigDict(dict(
         mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1, smoothing=0.7))
 
@@ -112,7 +122,10 @@ def defaults() -> ml_collections.ConfigDict:
         teacher="shipped", teacher_steps=7000, student_steps=500,
         student_learning_rate=1e-3, mlm_only_baseline=True, inference_batches=8, examples=6,
         # mode ablate: the variants to run (names of apps/ablate.py:VARIANTS; empty: all).
-        ablations=()))
+        ablations=(),
+        # mode shapes (apps/shapes.py): the narrow student; 0: the teacher's depth, half
+        # its width, heads and feed-forward size.
+        narrow=dict(num_layers=0, hidden_size=0, num_heads=0, intermediate_size=0)))
     # export.dtype: the Hugging Face weights' dtype (bfloat16 halves the files).
     c.export = ml_collections.ConfigDict(dict(dir="", dtype="float32"))
     return c
@@ -199,11 +212,11 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
     if c.mode == "pretrain" and c.teacher.path:
         problems.append("mode 'pretrain' trains a BERT from scratch with the sizes in teacher.model; "
                         f"teacher.path must be empty (got {c.teacher.path!r})")
-    if c.student.init not in ("teacher", "random"):
-        problems.append(f"student.init {c.student.init!r} is not 'teacher' or 'random'")
+    if c.student.init not in STUDENT_INITS:
+        problems.append(f"student.init {c.student.init!r} is not one of {STUDENT_INITS}")
 
     t = c.train
-    if c.mode in ("demo", "ablate"):
+    if c.mode in ("demo", "ablate", "shapes"):
         if c.demo.teacher_steps <= 0 or c.demo.student_steps <= 0:
             problems.append("demo.teacher_steps and demo.student_steps must be positive")
     elif c.mode in TRAIN_MODES and t.steps <= 0 and t.epochs <= 0:
@@ -227,12 +240,13 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
     if t.log_every < 1:
         problems.append(f"train.log_every must be >= 1 (updates per logged window), got {t.log_every}")
     d = c.distill
-    weights = {f.name: getattr(d, f"alpha_{f.name}") for f in dataclasses.fields(LossWeights)}
+    weights = {name: getattr(d, f"alpha_{name}") for name in LossWeights.SCALARS}
     for name, v in weights.items():
         if v < 0:
             problems.append(f"distill.alpha_{name} is negative ({v}); loss weights must be >= 0")
-    if c.mode == "distill" and not any(weights.values()):
-        problems.append(f"distill.{', '.join('alpha_' + n for n in weights)} are all 0: nothing to train on")
+    if c.mode == "distill" and not any(weights.values()) and not d.layer_terms:
+        problems.append(f"distill.{', '.join('alpha_' + n for n in weights)} are all 0 and there are no "
+                        "distill.layer_terms: nothing to train on")
     if d.temperature <= 0:
         problems.append(f"distill.temperature must be > 0, got {d.temperature}")
     m = c.masking
@@ -315,11 +329,15 @@ def _model_problems(c, teacher: EncoderConfig) -> List[str]:
     if sizes["hidden_size"] % sizes["num_heads"]:
         problems.append(f"student hidden_size {sizes['hidden_size']} is not divisible by "
                         f"num_heads {sizes['num_heads']}")
+    if c.student.init == "prune":
+        problems += _prune_problems(c, sizes, teacher)
     if c.student.init == "teacher":
         for k, v in sizes.items():
             if v != getattr(teacher, k):
                 problems.append(f"student.{k} {v} differs from the teacher's {getattr(teacher, k)}: "
-                                "student.init='teacher' copies teacher weights, so sizes must match")
+                                "student.init='teacher' copies teacher weights, so sizes must match "
+                                "(student.init='prune' cuts them to a smaller size)")
+    if c.student.init in ("teacher", "prune"):
         if c.student.num_layers > teacher.num_layers:
             problems.append(f"student.num_layers {c.student.num_layers} > teacher's "
                             f"{teacher.num_layers}: cannot initialise from the teacher")
@@ -328,7 +346,38 @@ def _model_problems(c, teacher: EncoderConfig) -> List[str]:
                             f"{c.student.num_layers} teacher layers")
     if c.distill.alpha_cos > 0 and sizes["hidden_size"] != teacher.hidden_size:
         problems.append(f"distill.alpha_cos > 0 needs equal widths (the cosine loss compares "
-                        f"hidden states): student {sizes['hidden_size']}, teacher {teacher.hidden_size}")
+                        f"hidden states): student {sizes['hidden_size']}, teacher {teacher.hidden_size}; "
+                        "use distill.layer_terms=(('hidden_cos',),) to compare them through a projection")
+    return problems + _layer_term_problems(c, sizes, teacher)
+
+
+def _layer_term_problems(c, sizes, teacher: EncoderConfig) -> List[str]:
+    try:
+        terms = layer_terms(c.distill.layer_terms, teacher.num_layers, c.student.num_layers)
+    except ValueError as e:
+        return [str(e)]
+    problems = []
+    heads = c.distill.relation_heads or teacher.num_heads
+    if any(t.kind == "relation" for t in terms):
+        for who, width in (("student", sizes["hidden_size"]), ("teacher", teacher.hidden_size)):
+            if heads < 1 or width % heads:
+                problems.append(f"distill.relation_heads {heads} does not divide the {who}'s width {width}")
+    if any(LAYER_TERMS[t.kind].needs_equal_heads for t in terms) and sizes["num_heads"] != teacher.num_heads:
+        problems.append(f"distill.layer_terms: attention_kl compares heads one to one, but the student has "
+                        f"{sizes['num_heads']} and the teacher {teacher.num_heads}; use 'relation' "
+                        "(any head counts) instead")
+    return problems
+
+
+def _prune_problems(c, sizes, teacher: EncoderConfig) -> List[str]:
+    problems = [f"student.{k} {v} is larger than the teacher's {getattr(teacher, k)}: pruning only removes"
+                for k, v in sizes.items() if v > getattr(teacher, k)]
+    if sizes["hidden_size"] // sizes["num_heads"] != teacher.head_dim:
+        problems.append(f"student.init='prune' keeps whole heads of the teacher's head size {teacher.head_dim}: "
+                        f"student hidden_size / num_heads must be {teacher.head_dim}, got "
+                        f"{sizes['hidden_size']} / {sizes['num_heads']}")
+    if c.student.prune_batches < 1:
+        problems.append(f"student.prune_batches must be >= 1, got {c.student.prune_batches}")
     return problems
 
 

@@ -10,7 +10,15 @@ and beyond):
   reads: the MLM targets, and for the KL every real token or, with
   `restrict_ce_to_mask`, the targets only;
 - representation terms (L_cos) compare the encoders' outputs: one entry each in
-  `REPRESENTATION_TERMS`, name -> loss(student output, teacher output, attention mask).
+  `REPRESENTATION_TERMS`, name -> loss(student output, teacher output, attention mask);
+- layer-pair terms (TinyBERT, MiniLM, MiniLMv2) compare a teacher layer with a student
+  layer: `LossWeights.layers` holds `LayerTerm`s (kind, teacher layer, student layer,
+  weight), one entry per kind in `LAYER_TERMS`. Layers are numbered as in the papers:
+  0 is the embeddings' output (hidden kinds only), i the output (or the self-attention)
+  of encoder layer i, 1-based. A hidden-state term between models of different widths
+  goes through a learned linear projection of the student's states onto the teacher's
+  width (TinyBERT), trained with the student under params["projections"] and dropped
+  at export.
 
 A term with weight 0 is still reported when its inputs exist (a metric), and costs
 nothing more than its inputs; the teacher runs only when a term with a positive weight
@@ -21,39 +29,66 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import losses
 from distil_jax.masking import mask_tokens, token_probs_from_counts
-from distil_jax.models import MaskedLMOutput
+from distil_jax.models import MaskedLM, MaskedLMOutput, apply_recording
+
+PROJECTIONS = "projections"  # params[PROJECTIONS]: the hidden-state terms' projections
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTerm:
+    """One layer-pair term: `kind` (a key of LAYER_TERMS) between two layers, weighted."""
+
+    kind: str
+    teacher_layer: int
+    student_layer: int
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        """The key of its projection and, as loss_<name>, of its metric."""
+        return f"{self.kind}_{self.teacher_layer}_{self.student_layer}"
 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """The weight of each term (the paper's alphas); 0 leaves a term out of the gradient."""
+    """The weight of each term (the paper's alphas, and the layer-pair terms); 0 leaves a
+    term out of the gradient."""
 
     ce: float = 0.0  # KL(teacher_T || student_T) x T^2 over the vocabulary
     mlm: float = 0.0  # cross-entropy at the MLM targets
     cos: float = 0.0  # 1 - cos(student, teacher) of the last hidden states
     mse: float = 0.0  # squared error of the logits
+    layers: Tuple[LayerTerm, ...] = ()
 
-    TEACHER_TERMS = ("ce", "cos", "mse")  # class constant: the terms that read the teacher
+    SCALARS = ("ce", "mlm", "cos", "mse")  # class constants: the config's alpha_<name>
+    TEACHER_TERMS = ("ce", "cos", "mse")  # the scalar terms that read the teacher
 
     @classmethod
-    def from_config(cls, config) -> "LossWeights":
+    def from_config(cls, config, teacher_layers: int = 0, student_layers: int = 0) -> "LossWeights":
         if config.mode == "pretrain":
             return cls(mlm=1.0)
         d = config.distill
-        return cls(ce=d.alpha_ce, mlm=d.alpha_mlm, cos=d.alpha_cos, mse=d.alpha_mse)
+        layers = layer_terms(d.layer_terms, teacher_layers, student_layers) if d.layer_terms else ()
+        return cls(ce=d.alpha_ce, mlm=d.alpha_mlm, cos=d.alpha_cos, mse=d.alpha_mse, layers=layers)
 
     @property
     def uses_teacher(self) -> bool:
         """Whether any term with a positive weight reads the teacher."""
-        return any(getattr(self, name) for name in self.TEACHER_TERMS)
+        return any(getattr(self, name) for name in self.TEACHER_TERMS) or any(t.weight for t in self.layers)
+
+    @property
+    def records_layers(self) -> bool:
+        """Whether a term reads what the layers record (queries, keys, values)."""
+        return any(LAYER_TERMS[t.kind].reads_records for t in self.layers)
 
 
 def _cosine_of_last_hidden(student: MaskedLMOutput, teacher: MaskedLMOutput, attention_mask):
@@ -63,6 +98,132 @@ def _cosine_of_last_hidden(student: MaskedLMOutput, teacher: MaskedLMOutput, att
 # Terms on the encoders' outputs: LossWeights field -> loss(student, teacher, attention mask);
 # the metric is reported as loss_<name>.
 REPRESENTATION_TERMS: Dict[str, Callable] = {"cos": _cosine_of_last_hidden}
+
+
+@flax.struct.dataclass
+class Pass:
+    """What a layer-pair term may read of one model's forward pass."""
+
+    out: MaskedLMOutput
+    records: Optional[tuple] = None  # per layer, what it recorded (models.apply_recording)
+
+    def attention(self, layer: int) -> Dict[str, jax.Array]:
+        return self.records[layer - 1]
+
+
+def _projected(hidden, projection):
+    if projection is None:
+        return hidden
+    return (jnp.einsum("bsd,de->bse", hidden.astype(jnp.float32), projection["kernel"])
+            + projection["bias"])
+
+
+def _hidden_mse(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+    return losses.hidden_mse_loss(_projected(s.out.hidden_states[term.student_layer], projection),
+                                  t.out.hidden_states[term.teacher_layer], mask)
+
+
+def _hidden_cos(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+    return losses.cosine_loss(_projected(s.out.hidden_states[term.student_layer], projection),
+                              t.out.hidden_states[term.teacher_layer], mask)
+
+
+def _attention_kl(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+    a, b = s.attention(term.student_layer), t.attention(term.teacher_layer)
+    return losses.attention_kl(losses.attention_scores(a["q"], a["k"]),
+                               losses.attention_scores(b["q"], b["k"]), mask)
+
+
+def _relation(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+    a, b = s.attention(term.student_layer), t.attention(term.teacher_layer)
+    qkv = ("q", "k", "v")
+    return losses.relation_loss([a[k] for k in qkv], [b[k] for k in qkv], mask, obj.relation_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """A kind of layer-pair term: its loss, and what it reads."""
+
+    loss: Callable  # (student Pass, teacher Pass, term, attention mask, projection or None, obj)
+    hidden: bool  # compares hidden states (layer 0 = embeddings allowed; projected across widths)
+    reads_records: bool  # reads the layers' queries, keys, values
+    needs_equal_heads: bool = False
+
+
+LAYER_TERMS: Dict[str, LayerKind] = {
+    "hidden_mse": LayerKind(_hidden_mse, hidden=True, reads_records=False),  # TinyBERT
+    "hidden_cos": LayerKind(_hidden_cos, hidden=True, reads_records=False),
+    "attention_kl": LayerKind(_attention_kl, hidden=False, reads_records=True,  # MiniLM, per head
+                              needs_equal_heads=True),
+    "relation": LayerKind(_relation, hidden=False, reads_records=True),  # MiniLMv2: Q-Q, K-K, V-V
+}
+
+
+def default_teacher_layer(kind: str, teacher_layers: int) -> int:
+    """The teacher layer of a term given without layers: the last; for the attention kinds
+    of a teacher deeper than 12 layers an upper-middle one, 7/8 of the depth (21 of 24),
+    which MiniLMv2 found better than the last for large teachers."""
+    if LAYER_TERMS[kind].hidden or teacher_layers <= 12:
+        return teacher_layers
+    return int(round(teacher_layers * 7 / 8))
+
+
+def layer_terms(entries: Sequence, teacher_layers: int, student_layers: int) -> Tuple[LayerTerm, ...]:
+    """`distill.layer_terms` resolved: each entry (kind,), (kind, teacher layer, student
+    layer) or (kind, teacher layer, student layer, weight); a negative layer counts from
+    the end (-1: the last); without layers, `default_teacher_layer` onto the student's
+    last. ValueError names every bad entry."""
+    terms, problems = [], []
+    for entry in entries:
+        entry = tuple(entry)
+        if not entry or entry[0] not in LAYER_TERMS or len(entry) not in (1, 3, 4):
+            problems.append(f"{entry!r}: want (kind,), (kind, teacher_layer, student_layer) or "
+                            f"(kind, teacher_layer, student_layer, weight), kind one of {tuple(LAYER_TERMS)}")
+            continue
+        kind = entry[0]
+        t, s = (entry[1], entry[2]) if len(entry) >= 3 else (default_teacher_layer(kind, teacher_layers),
+                                                             student_layers)
+        weight = float(entry[3]) if len(entry) == 4 else 1.0
+        lowest = 0 if LAYER_TERMS[kind].hidden else 1
+        resolved = []
+        for layer, count, who in ((t, teacher_layers, "teacher"), (s, student_layers, "student")):
+            layer = int(layer) + count + 1 if int(layer) < 0 else int(layer)
+            if not lowest <= layer <= count:
+                problems.append(f"{entry!r}: {who} layer {layer} is not in {lowest}..{count}"
+                                + (" (0 is the embeddings)" if lowest == 0 else " (encoder layers are 1-based)"))
+            resolved.append(layer)
+        if weight < 0:
+            problems.append(f"{entry!r}: the weight must be >= 0")
+        terms.append(LayerTerm(kind, resolved[0], resolved[1], weight))
+    names = [term.name for term in terms]
+    problems += [f"{n} is given twice" for n in sorted(set(names)) if names.count(n) > 1]
+    if problems:
+        raise ValueError("distill.layer_terms: " + "; ".join(problems))
+    return tuple(terms)
+
+
+def init_projections(rng, weights: LossWeights, student_width: int, teacher_width: int,
+                     stddev: float = 0.02) -> Dict[str, Dict[str, jax.Array]]:
+    """Fresh projections [student width -> teacher width] of the hidden-state terms between
+    models of different widths (none otherwise): kernel ~ N(0, stddev), bias 0."""
+    if student_width == teacher_width:
+        return {}
+    names = [t.name for t in weights.layers if LAYER_TERMS[t.kind].hidden]
+    keys = jax.random.split(rng, max(len(names), 1))
+    return {n: {"kernel": stddev * jax.random.normal(k, (student_width, teacher_width), jnp.float32),
+                "bias": jnp.zeros((teacher_width,), jnp.float32)} for n, k in zip(names, keys)}
+
+
+def model_params(params):
+    """The student's own params of a trained tree (what is exported), without projections."""
+    return {k: v for k, v in params.items() if k != PROJECTIONS}
+
+
+def forward(model: MaskedLM, params, masked_ids, attention_mask, records: bool, **kwargs) -> Pass:
+    """One model's forward pass as the terms read it (no vocabulary projection)."""
+    if records:
+        return Pass(*apply_recording(model, params, masked_ids, attention_mask, compute_logits=False, **kwargs))
+    return Pass(model.apply({"params": params}, masked_ids, attention_mask, compute_logits=False, **kwargs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +239,16 @@ class Objective:
     special_ids: tuple
     token_probs: np.ndarray = dataclasses.field(hash=False, compare=False)
     loss_chunk: int = 0  # rows per block of the vocabulary terms; 0: one block
+    relation_heads: int = 1  # MiniLMv2's relation heads (the relation terms)
 
     @classmethod
-    def from_config(cls, config, vocab) -> "Objective":
+    def from_config(cls, config, vocab, teacher=None, student=None) -> "Objective":
+        """From the config; `teacher` / `student` (model configs) resolve the layer terms."""
         d, m = config.distill, config.masking
-        return cls(weights=LossWeights.from_config(config), temperature=d.temperature,
+        weights = LossWeights.from_config(config, getattr(teacher, "num_layers", 0),
+                                          getattr(student, "num_layers", 0))
+        heads = d.relation_heads or getattr(teacher, "num_heads", 1)
+        return cls(weights=weights, temperature=d.temperature, relation_heads=heads,
                    restrict_ce_to_mask=d.restrict_ce_to_mask,
                    masking=dict(mask_prop=m.mask_prop, word_mask=m.word_mask, word_keep=m.word_keep,
                                 word_rand=m.word_rand),
@@ -141,26 +307,34 @@ def vocabulary_terms(obj: Objective, s_hidden, s_head, t_hidden, t_head, labels,
 def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, targets,
                    dropout_rng, *, model, teacher, obj: Objective):
     """(metrics, gradients) of one masked micro-batch; the teacher runs outside the gradient."""
-    teacher_out = t_head = None
-    if teacher is not None and obj.weights.uses_teacher:  # no teacher forward when no term reads it
-        teacher_out = jax.lax.stop_gradient(teacher.apply(
-            {"params": teacher_params}, masked_ids, attention_mask, deterministic=True,
-            compute_logits=False))
+    w = obj.weights
+    teacher_pass = t_head = None
+    if teacher is not None and w.uses_teacher:  # no teacher forward when no term reads it
+        teacher_pass = jax.lax.stop_gradient(forward(teacher, teacher_params, masked_ids, attention_mask,
+                                                     w.records_layers, deterministic=True))
         t_head = lambda h: teacher.apply({"params": teacher_params}, h,  # noqa: E731
                                          method=type(teacher).head_inputs)
 
     def loss_fn(p):
-        out = model.apply({"params": p}, masked_ids, attention_mask, deterministic=False,
-                          rngs={"dropout": dropout_rng}, compute_logits=False)
-        s_head = lambda h: model.apply({"params": p}, h, method=type(model).head_inputs)  # noqa: E731
-        t_hidden = None if teacher_out is None else teacher_out.last_hidden_state
+        student, projections = model_params(p), p.get(PROJECTIONS, {})
+        s_pass = forward(model, student, masked_ids, attention_mask, w.records_layers and teacher_pass is not None,
+                         deterministic=False, rngs={"dropout": dropout_rng})
+        out = s_pass.out
+        s_head = lambda h: model.apply({"params": student}, h, method=type(model).head_inputs)  # noqa: E731
+        t_hidden = None if teacher_pass is None else teacher_pass.out.last_hidden_state
         loss, terms = vocabulary_terms(obj, out.last_hidden_state, s_head, t_hidden, t_head, labels,
                                        targets, attention_mask)
-        if teacher_out is not None:
-            for name, term in REPRESENTATION_TERMS.items():
-                value = term(out, teacher_out, attention_mask)
+        if teacher_pass is not None:
+            same_width = out.last_hidden_state.shape == teacher_pass.out.last_hidden_state.shape
+            for name, term in REPRESENTATION_TERMS.items() if same_width else ():  # else weight 0 (config)
+                value = term(out, teacher_pass.out, attention_mask)
                 terms[f"loss_{name}"] = value
-                loss = loss + getattr(obj.weights, name) * value
+                loss = loss + getattr(w, name) * value
+            for term in w.layers:
+                value = LAYER_TERMS[term.kind].loss(s_pass, teacher_pass, term, attention_mask,
+                                                    projections.get(term.name), obj)
+                terms[f"loss_{term.name}"] = value
+                loss = loss + term.weight * value
         return loss, {**terms, "loss": loss}
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

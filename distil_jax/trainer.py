@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from distil_jax import config as config_lib
 from distil_jax import data as data_lib
@@ -29,9 +32,10 @@ from distil_jax import hf, optim, parallel, runtime
 from distil_jax.checkpoint import Checkpointer, params_fingerprint
 from distil_jax.metrics import MetricWriter, device_peak_tflops, train_flops_per_token, window_summary
 from distil_jax.models import Bert, DistilBert, MaskedLM, init_params, logical_axes
-from distil_jax.objective import Objective
+from distil_jax.objective import PROJECTIONS, Objective, init_projections, model_params
 from distil_jax.step import TrainState, compiled_step, tree_all_finite
-from distil_jax.student_init import init_student_from_teacher, student_config_from_teacher
+from distil_jax.student_init import (activation_importance, init_student_from_teacher,
+                                     student_config_from_teacher)
 
 
 def load_teacher(config) -> Tuple[MaskedLM, Any]:
@@ -57,6 +61,24 @@ def validated(config) -> None:
         except (OSError, ValueError) as e:
             found.append(f"teacher: {e}")
     config_lib.validate(config, num_devices=jax.device_count(), teacher=teacher, more=found)
+
+
+def calibration_importance(config, workdir: str, teacher: MaskedLM, teacher_params, process_index: int,
+                           process_count: int) -> Dict[str, Any]:
+    """The teacher's activation importance (student_init.py) on the first
+    `student.prune_batches` training batches, in float32: each process reads its rows of
+    them, and the sums over all rows are gathered, so every process prunes alike."""
+    data, _ = data_lib.make_data(config, "train", config.train.micro_batch_size, process_index, process_count,
+                                 vocab_size=teacher.config.vocab_size, workdir=workdir)
+    batches = [next(data) for _ in range(config.student.prune_batches)]
+    logging.info("pruning the teacher to the student's shape by activation importance on %d batches",
+                 len(batches))
+
+    def over_processes(sums):
+        if process_count == 1:
+            return sums
+        return {k: np.sum(multihost_utils.process_allgather(v), axis=0) for k, v in sums.items()}
+    return activation_importance(type(teacher)(teacher.config), teacher_params, batches, over_processes)
 
 
 @dataclasses.dataclass
@@ -140,27 +162,43 @@ def build(config, workdir: str, process_index: Optional[int] = None,
             jax.eval_shape(lambda: teacher_params32), logical_axes(teacher), mesh, rules)
         teacher_params = jax.device_put(
             jax.tree.map(lambda x: x.astype(teacher.dtype), teacher_params32), teacher_sh)
-    param_sh = parallel.logical_shardings(jax.eval_shape(lambda: init_params(model, jax.random.key(0))),
-                                          logical_axes(model), mesh, rules)
+    obj = Objective.from_config(config, vocab, None if teacher is None else teacher.config, model.config)
+    # The hidden-state terms' projections across widths train with the student (replicated).
+    new_projections = functools.partial(
+        init_projections, weights=obj.weights, student_width=model.config.hidden_size,
+        teacher_width=model.config.hidden_size if teacher is None else teacher.config.hidden_size,
+        stddev=model.config.initializer_range)
+
+    def with_projections(student, rng):
+        projections = new_projections(jax.random.fold_in(rng, 1))
+        return {**student, PROJECTIONS: projections} if projections else student
+
+    abstract_params = jax.eval_shape(lambda r: with_projections(init_params(model, r), r), jax.random.key(0))
+    param_sh = parallel.logical_shardings(model_params(abstract_params), logical_axes(model), mesh, rules)
+    if PROJECTIONS in abstract_params:
+        param_sh[PROJECTIONS] = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_params[PROJECTIONS])
 
     def initial_params():
-        if teacher is not None and config.student.init == "teacher":
-            host = init_student_from_teacher(
-                teacher_params32, teacher.config, model.config,
-                layer_map=tuple(config.student.layer_map) or None,
-                vocab_transform=config.student.vocab_transform,
-                fold_token_type=config.student.fold_token_type,
-                rng=jax.random.key(t.seed + 2))
-            return jax.device_put(host, param_sh)
-        init = jax.jit(lambda rng: init_params(model, rng), out_shardings=param_sh)
-        return init(jax.random.key(t.seed + 2))
+        rng = jax.random.key(t.seed + 2)
+        if teacher is None or config.student.init == "random":
+            return jax.jit(lambda r: with_projections(init_params(model, r), r), out_shardings=param_sh)(rng)
+        importance = None
+        if config.student.init == "prune":
+            importance = calibration_importance(config, workdir, teacher, teacher_params32, process_index,
+                                                process_count)
+        host = init_student_from_teacher(
+            teacher_params32, teacher.config, model.config,
+            layer_map=tuple(config.student.layer_map) or None,
+            vocab_transform=config.student.vocab_transform,
+            fold_token_type=config.student.fold_token_type, rng=rng, importance=importance)
+        return jax.device_put(with_projections(host, rng), param_sh)
 
     total = t.steps if t.steps > 0 else max(1, t.epochs * data.sequences_per_epoch // t.batch_size)
     tx, schedule = optim.make_optimizer(t, int(total))
     replicated = parallel.replicated(mesh)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
                                                    jax.random.PRNGKey(0)),
-                              jax.eval_shape(initial_params))
+                              abstract_params)
     opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
                                               transform_non_params=lambda _: replicated)
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
@@ -169,7 +207,7 @@ def build(config, workdir: str, process_index: Optional[int] = None,
                         config.checkpoint.async_save, config.checkpoint.on_save_error)
     return Trainer(config=config, workdir=workdir, mesh=mesh, model=model, teacher=teacher,
                    teacher_params=teacher_params, teacher_ref=teacher_ref, vocab=vocab, data=data,
-                   objective=Objective.from_config(config, vocab), tx=tx, schedule=schedule,
+                   objective=obj, tx=tx, schedule=schedule,
                    state_shardings=state_sh, teacher_shardings=teacher_sh, abstract_state=abstract,
                    checkpointer=ckpt, total_updates=int(total), accumulation=accumulation,
                    initial_params=initial_params)

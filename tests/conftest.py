@@ -51,7 +51,7 @@ WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang loud s
 # hands whole files to two workers in collection order (two each to start with), and a
 # long file taken last would run alone at the end.
 LONGEST_FIRST = ("test_demo.py", "test_trainer.py", "test_main.py", "test_reliability.py",
-                 "test_multihost.py", "test_bench.py", "test_data.py", "test_hf.py")
+                 "test_multihost.py", "test_bench.py", "test_shapes.py", "test_data.py", "test_hf.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -77,6 +77,11 @@ TINY = {"teacher.model.vocab_size": 128, "teacher.model.hidden_size": 32, "teach
         "teacher.model.max_position_embeddings": 32, "student.num_layers": 1, "data.seq_len": 16,
         "data.synthetic.num_sequences": 256, "train.steps": 3, "train.batch_size": 32,
         "train.micro_batch_size": 16, "train.log_every": 1, "mesh.shape": (-1, 1, 1)}
+
+
+# A student of half the tiny teacher's width, heads and feed-forward, cut from it by pruning.
+NARROW = {"student.hidden_size": 16, "student.num_heads": 2, "student.intermediate_size": 32,
+          "student.init": "prune", "student.prune_batches": 2, "distill.alpha_cos": 0.0}
 
 
 def tiny_config(**overrides):

@@ -3,6 +3,8 @@
 - `whole_logits_loss_and_grads`: the objective from whole [B, S, V] logits (the plain
   losses.py functions) differentiated by autodiff: the oracle of the fused, blocked
   vocabulary terms and their closed-form gradient (objective.py).
+  The layer-pair terms are written out again (`layer_terms`), the attention KL from the
+  models' own attention probabilities rather than from their queries and keys.
 - `multisteps_updates`: accumulation as `optax.MultiSteps` does it, one micro-batch per
   call: the oracle of the update over stacked micro-batches (step.py).
 """
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from distil_jax import losses, step
+from distil_jax.models import apply_recording
 from distil_jax.objective import REPRESENTATION_TERMS
 
 
@@ -29,7 +32,8 @@ def whole_logits_terms(obj, out, teacher_out, labels, targets, attention_mask):
         if w.mse:
             terms["loss_mse"] = losses.mse_loss(logits, t_logits, ce_rows)
             weights["loss_mse"] = w.mse
-        for name, term in REPRESENTATION_TERMS.items():
+        same_width = out.last_hidden_state.shape == teacher_out.last_hidden_state.shape
+        for name, term in REPRESENTATION_TERMS.items() if same_width else ():
             terms[f"loss_{name}"] = term(out, jax.lax.stop_gradient(teacher_out), attention_mask)
             weights[f"loss_{name}"] = getattr(w, name)
         s_const = jax.lax.stop_gradient(logits)
@@ -39,17 +43,60 @@ def whole_logits_terms(obj, out, teacher_out, labels, targets, attention_mask):
     return loss, {**terms, **metrics, "loss": loss}
 
 
+def _attention_kl_of_probabilities(p_s, p_t, attention_mask):
+    """KL(teacher || student) of the models' own attention probabilities [B, H, S, S]."""
+    keep = attention_mask[:, None, None, :].astype(bool)
+    safe = lambda p: jnp.log(jnp.where(keep, p, 1.0))  # noqa: E731
+    per_query = jnp.sum(jnp.where(keep, p_t * (safe(p_t) - safe(p_s)), 0.0), axis=-1)
+    w = attention_mask.astype(jnp.float32)
+    return jnp.sum(jnp.mean(per_query, axis=1) * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def layer_terms(obj, s_out, s_records, t_out, t_records, projections, attention_mask):
+    """The layer-pair terms written out: hidden states from the outputs, attention from the
+    models' own probabilities (output_attentions), relations from the recorded q, k, v."""
+    terms, weights = {}, {}
+    for term in obj.weights.layers:
+        key = f"loss_{term.name}"
+        if term.kind.startswith("hidden"):
+            h = s_out.hidden_states[term.student_layer]
+            proj = projections.get(term.name)
+            if proj is not None:
+                h = h @ proj["kernel"] + proj["bias"]
+            fn = losses.hidden_mse_loss if term.kind == "hidden_mse" else losses.cosine_loss
+            terms[key] = fn(h, t_out.hidden_states[term.teacher_layer], attention_mask)
+        elif term.kind == "attention_kl":
+            terms[key] = _attention_kl_of_probabilities(s_out.attentions[term.student_layer - 1],
+                                                        t_out.attentions[term.teacher_layer - 1], attention_mask)
+        else:
+            a, b = s_records[term.student_layer - 1], t_records[term.teacher_layer - 1]
+            terms[key] = losses.relation_loss([a[k] for k in "qkv"], [b[k] for k in "qkv"], attention_mask,
+                                              obj.relation_heads)
+        weights[key] = term.weight
+    return terms, weights
+
+
 def whole_logits_loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, targets,
                                 dropout_rng, *, model, teacher, obj):
     """objective.loss_and_grads, computed from whole logits by autodiff."""
-    teacher_out = None
+    teacher_out = t_records = None
+    layered = bool(obj.weights.layers)
     if teacher is not None and obj.weights.uses_teacher:
-        teacher_out = teacher.apply({"params": teacher_params}, masked_ids, attention_mask, deterministic=True)
+        teacher_out, t_records = apply_recording(teacher, teacher_params, masked_ids, attention_mask,
+                                                 deterministic=True, output_attentions=layered)
+        teacher_out, t_records = jax.lax.stop_gradient((teacher_out, t_records))
 
     def loss_fn(p):
-        out = model.apply({"params": p}, masked_ids, attention_mask, deterministic=False,
-                          rngs={"dropout": dropout_rng})
-        return whole_logits_terms(obj, out, teacher_out, labels, targets, attention_mask)
+        student = {k: v for k, v in p.items() if k != "projections"}
+        out, records = apply_recording(model, student, masked_ids, attention_mask, deterministic=False,
+                                       rngs={"dropout": dropout_rng}, output_attentions=layered)
+        loss, metrics = whole_logits_terms(obj, out, teacher_out, labels, targets, attention_mask)
+        if teacher_out is not None and layered:
+            terms, weights = layer_terms(obj, out, records, teacher_out, t_records, p.get("projections", {}),
+                                         attention_mask)
+            loss = loss + sum(weights[k] * v for k, v in terms.items())
+            metrics = {**metrics, **terms, "loss": loss}
+        return loss, metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return metrics, grads

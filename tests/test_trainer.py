@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import oracles
+from conftest import NARROW
 from distil_jax import config as config_lib
 from distil_jax import objective, step, trainer
 from distil_jax.checkpoint import Checkpointer, params_fingerprint
@@ -98,6 +99,7 @@ def test_the_loop_counts_and_checkpoints_updates(tiny, tmp_path):
 
 
 # --- the objective -------------------------------------------------------------------------
+
 def _masked_inputs(obj, seed=3):
     ids = jnp.asarray(np.random.default_rng(0).integers(5, 128, size=(4, 16)), jnp.int32)
     am = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [11], [7], [16]]), jnp.int32)
@@ -111,6 +113,11 @@ def _masked_inputs(obj, seed=3):
     {"mode": "pretrain"},
     {"train.remat": "full"},
     {"train.remat": "dots", "distill.restrict_ce_to_mask": True, "train.loss_chunk": 0},
+    # Layer-pair terms: a narrow pruned student (projections across widths), and one of the
+    # teacher's width and heads (attention distributions compared head by head).
+    {**NARROW, "distill.layer_terms": (("relation",), ("hidden_mse", 0, 0, 0.5), ("hidden_cos", -1, -1))},
+    {"distill.layer_terms": (("attention_kl", 2, 1), ("hidden_mse", 1, 1), ("relation", 1, 1, 0.3)),
+     "distill.relation_heads": 2},
 ])
 def test_fused_objective_equals_whole_logits_autodiff(changes, tiny, tmp_path, host):
     """The fused, blocked vocabulary terms (and remat) give the metrics and gradients of the
