@@ -2,7 +2,8 @@
 
 evaluate (held-out MLM metrics on fixed masks, paired comparisons), export (a checkpoint
 as a Hugging Face directory), finetune (a downstream task), demo (the embedded default
-end to end), ablate (the paper's Table 4 at small scale). Each has
+end to end), ablate (the paper's Table 4 at small scale), shapes (students of another
+shape: layer-pair terms and pruning, at small scale). Each has
 `run(config, workdir) -> dict` and reads models through `checkpoint.load_model` or
 `hf.load_hf_model`: none builds an optimizer, a teacher or a train loader to read weights.
 """

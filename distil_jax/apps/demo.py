@@ -88,7 +88,7 @@ def _exported(path: str) -> bool:
     return os.path.exists(os.path.join(path, "model.safetensors"))
 
 
-def _count(params) -> int:
+def count_parameters(params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
@@ -181,7 +181,7 @@ def run(config, workdir: str) -> Dict:
     evaluation = _cached(os.path.join(workdir, "eval.json"), clock, "evaluate",
                          lambda: _evaluate(plan.student, workdir, models))
     finetuned = _cached(os.path.join(workdir, "finetune.json"), clock, "finetune",
-                        lambda: _finetune(config, tokenizer, models) if config.finetune.epochs > 0 else {})
+                        lambda: finetune_models(config, tokenizer, models) if config.finetune.epochs > 0 else {})
     examples = _cached(os.path.join(workdir, "examples.json"), clock, "examples",
                        lambda: fill_mask_examples(tokenizer, models, config.demo.examples, config.train.seed))
     summary = _summary(evaluation, finetuned, examples, clock.times, dirs, config)
@@ -199,11 +199,12 @@ def _evaluate(student_config, workdir, models) -> Dict:
     timing = batches[: student_config.demo.inference_batches]
     seconds = {name: evaluate.inference_seconds(models[name][0], models[name][1], timing)
                for name in ("teacher", "student")}
-    return {**found, "parameters": {n: _count(p) for n, (_, p) in models.items()},
+    return {**found, "parameters": {n: count_parameters(p) for n, (_, p) in models.items()},
             "inference_seconds": seconds, "inference_sequences": int(sum(len(b["input_ids"]) for b in timing))}
 
 
-def _finetune(config, tokenizer, models) -> Dict:
+def finetune_models(config, tokenizer, models) -> Dict:
+    """Each model fine-tuned on stdlib_packages (config.finetune): scores and paired comparisons."""
     ft = config.finetune
     train_set, held, names = finetune.stdlib_packages_data(tokenizer, ft.classes, ft.max_len)
     out = {"task": "stdlib_packages", "classes": names, "train": int(len(train_set["labels"])),
