@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import transformers
 
-from distil_jax import assets, hf, main
-from distil_jax.apps import ablate, shapes
+from distil_jax import assets, main
+from distil_jax.apps import ablate
 from distil_jax.config import with_changes
 
 # The demo made small enough for CI: the shipped teacher, sequences of 32 (one length, one
@@ -102,28 +102,4 @@ def test_ablation_table_with_paired_errors(demo_dir, run_main):
     without_ce = rows["without L_ce"]
     assert without_ce["change_points"] < -2 * without_ce["change_se_points"], without_ce
     assert np.isfinite([r["perplexity"] for r in rows.values()]).all()
-
-
-def test_students_of_another_shape_table(demo_dir, config_file):
-    """Mode shapes on the demo's corpus and teacher, each row trained 3 updates (CI's time):
-    the rows, the comparisons with paired errors, and pruning's head start over random init."""
-    config = with_changes(config_file("demo").get_config(), **{
-        **REDUCED, "mode": "shapes", "demo.student_steps": 3, "eval.batches": 2, "finetune.epochs": 0,
-        "demo.inference_batches": 1, "student.prune_batches": 2})
-    main.run(config, str(demo_dir))
-    out = json.loads((demo_dir / "shapes.json").read_text())
-    rows = {r["model"]: r for r in out["rows"]}
-    assert list(rows)[:6] == ["teacher", shapes.HALF_DEPTH, shapes.MLM_ONLY, shapes.KD, shapes.KD_RELATIONS,
-                              shapes.KD_HIDDEN] and len(rows) == 7
-    pruned = list(rows)[-1]
-    assert pruned.startswith("prune init") and out["best_objective"] in shapes.variants(config, hf.read_config(assets.DEMO_TEACHER))
-    narrow, teacher = rows[shapes.KD], rows["teacher"]
-    assert (narrow["layers"], narrow["width"], narrow["heads"]) == (4, 128, 2)
-    assert narrow["non_embedding_parameters"] / teacher["non_embedding_parameters"] == pytest.approx(0.25, abs=0.01)
-    assert set(out["comparisons"]) == {f"{shapes.KD_RELATIONS} - {shapes.KD}", f"{shapes.KD_HIDDEN} - {shapes.KD}",
-                                       f"{shapes.KD} - {shapes.MLM_ONLY}", f"{pruned} - {out['best_objective']}"}
-    gain = out["comparisons"][f"{pruned} - {out['best_objective']}"]
-    assert gain["difference"] > 3 * gain["se"], gain  # the pruned teacher starts far ahead
-    table = (demo_dir / "shapes.md").read_text()
-    assert pruned in table and "± " in table and "per million parameters" in table
 

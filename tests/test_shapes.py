@@ -5,15 +5,15 @@ import json
 import shutil
 
 import chex
-import jax
 import numpy as np
 import pytest
 
 from conftest import NARROW
 from distil_jax import config as config_lib
-from distil_jax import hf, trainer
-from distil_jax.apps import export
+from distil_jax import assets, hf, main, trainer
+from distil_jax.apps import export, shapes
 from distil_jax.checkpoint import load_model
+from distil_jax.config import with_changes
 from distil_jax.models import BertConfig
 from distil_jax.objective import LayerTerm, LossWeights, layer_terms
 
@@ -106,3 +106,30 @@ def test_the_minilm_config_is_a_valid_relation_only_student_of_bert_base(config_
     weights = LossWeights.from_config(config, 12, config.student.num_layers)
     assert weights.layers == (LayerTerm("relation", 12, 6),) and weights.uses_teacher
     assert (weights.ce, weights.mlm, weights.cos) == (0.0, 0.0, 0.0)
+
+
+def test_students_of_another_shape_table(tmp_path, config_file):
+    """Mode shapes on the demo's corpus and shipped teacher in a fresh workdir (its demo
+    student first), each student trained 3 updates on sequences of 32 (CI's time): the
+    rows, the comparisons with paired errors, and pruning's head start over random init."""
+    config = with_changes(config_file("demo").get_config(), **{
+        "mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "demo.student_steps": 3,
+        "eval.batches": 2, "finetune.epochs": 0, "demo.inference_batches": 1, "student.prune_batches": 2,
+        "checkpoint.every_steps": 1000, "demo.mlm_only_baseline": False})
+    main.run(config, str(tmp_path))
+    out = json.loads((tmp_path / "shapes.json").read_text())
+    rows = {r["model"]: r for r in out["rows"]}
+    assert list(rows)[:6] == ["teacher", shapes.HALF_DEPTH, shapes.MLM_ONLY, shapes.KD, shapes.KD_RELATIONS,
+                              shapes.KD_HIDDEN] and len(rows) == 7
+    pruned = list(rows)[-1]
+    assert pruned.startswith("prune init") and out["best_objective"] in shapes.variants(config, hf.read_config(assets.DEMO_TEACHER))
+    narrow, teacher = rows[shapes.KD], rows["teacher"]
+    assert (narrow["layers"], narrow["width"], narrow["heads"]) == (4, 128, 2)
+    assert narrow["non_embedding_parameters"] / teacher["non_embedding_parameters"] == pytest.approx(0.25, abs=0.01)
+    assert set(out["comparisons"]) == {f"{shapes.KD_RELATIONS} - {shapes.KD}", f"{shapes.KD_HIDDEN} - {shapes.KD}",
+                                       f"{shapes.KD} - {shapes.MLM_ONLY}", f"{pruned} - {out['best_objective']}"}
+    gain = out["comparisons"][f"{pruned} - {out['best_objective']}"]
+    assert gain["difference"] > 3 * gain["se"], gain  # the pruned teacher starts far ahead
+    table = (tmp_path / "shapes.md").read_text()
+    assert pruned in table and "± " in table and "per million parameters" in table
+
