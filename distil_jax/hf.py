@@ -112,15 +112,16 @@ _POOLER = [("{base}.pooler.dense.weight", "pooler/kernel", "linear"),
 
 def param_table(config: EncoderConfig) -> List[Tuple[str, str, Optional[str]]]:
     """Every (HF name, our '/'-joined path, transform) of a model with this config."""
-    model_type = _model_type(config)
-    embeddings, prefix, layer, head, _ = _ARCHS[model_type]
+    arch = model_type(config)
+    embeddings, prefix, layer, head, _ = _ARCHS[arch]
     rows = list(embeddings)
     for i in range(config.num_layers):
         rows += [(prefix.format(i=i) + hf, f"encoder/layer_{i}/{ours}", t) for hf, ours, t in layer]
     rows += head
     if isinstance(config, BertConfig) and config.add_pooler:
-        rows += [(hf.format(base=model_type), ours, t) for hf, ours, t in _POOLER]
+        rows += [(hf.format(base=arch), ours, t) for hf, ours, t in _POOLER]
     return rows
+
 
 
 def _to_ours(kind: Optional[str], x: np.ndarray, config: EncoderConfig) -> np.ndarray:
@@ -154,7 +155,7 @@ def _to_hf(kind: Optional[str], x: np.ndarray, config: EncoderConfig) -> np.ndar
 
 
 # --- configs ----------------------------------------------------------------------
-def _model_type(config: EncoderConfig) -> str:
+def model_type(config: EncoderConfig) -> str:
     if isinstance(config, DistilBertConfig):
         return "distilbert"
     if isinstance(config, BertConfig):
@@ -198,8 +199,8 @@ def config_from_hf(hf: Dict[str, Any]) -> EncoderConfig:
 
 def config_to_hf(config: EncoderConfig) -> Dict[str, Any]:
     """A config.json dict that transformers reads back as the same architecture."""
-    model_type = _model_type(config)
-    if model_type == "distilbert":
+    arch = model_type(config)
+    if arch == "distilbert":
         return dict(
             architectures=["DistilBertForMaskedLM"], model_type="distilbert",
             vocab_size=config.vocab_size, dim=config.hidden_size, n_layers=config.num_layers,
@@ -210,8 +211,8 @@ def config_to_hf(config: EncoderConfig) -> Dict[str, Any]:
             initializer_range=config.initializer_range, sinusoidal_pos_embds=False,
             tie_word_embeddings=True, qa_dropout=0.1, seq_classif_dropout=0.2)
     return dict(
-        architectures=["BertForMaskedLM" if model_type == "bert" else "RobertaForMaskedLM"],
-        model_type=model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        architectures=["BertForMaskedLM" if arch == "bert" else "RobertaForMaskedLM"],
+        model_type=arch, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
         max_position_embeddings=config.max_position_embeddings,
@@ -329,7 +330,7 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
     them, as transformers does; a tensor it needs that is missing or of the wrong shape
     is an error naming it."""
     table = param_table(config)
-    _, _, _, _, ignorable = _ARCHS[_model_type(config)]
+    _, _, _, _, ignorable = _ARCHS[model_type(config)]
     module = DistilBert if isinstance(config, DistilBertConfig) else Bert
     shapes = jax.eval_shape(lambda: init_params(module(config), jax.random.key(0)))
     missing = [hf for hf, _, _ in table if hf not in state]
@@ -339,7 +340,7 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
     if missing or wrong:
         found = ([f"missing {_brief(missing)}"] if missing else []) + ([f"wrong shape {_brief(wrong)}"] if wrong else [])
         raise ValueError(
-            f"the checkpoint does not hold a {_model_type(config)} masked LM of the architecture its "
+            f"the checkpoint does not hold a {model_type(config)} masked LM of the architecture its "
             f"config.json gives ({config.num_layers} layers, width {config.hidden_size}, vocabulary "
             f"{config.vocab_size}): {'; '.join(found)}. Pass a checkpoint whose config.json matches "
             "its weights")
@@ -347,7 +348,7 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
     unused = sorted(k for k in state if k not in known and k not in ignorable)
     if unused:
         logging.warning("%d tensors of the checkpoint are not part of a %s masked LM and are "
-                        "ignored: %s", len(unused), _model_type(config), _brief(unused, 20))
+                        "ignored: %s", len(unused), model_type(config), _brief(unused, 20))
     params: Params = {}
     for hf, ours, kind in table:
         _set(params, ours, jnp.asarray(_to_ours(kind, state[hf], config), param_dtype))
@@ -373,23 +374,28 @@ def load_hf_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
     return module(config, dtype=dtype, param_dtype=param_dtype), params
 
 
-def state_dict_from_params(params: Params, config: EncoderConfig, dtype=np.float32) -> Dict[str, np.ndarray]:
-    """HF tensors (PyTorch layout, float32 unless `dtype` says otherwise) from our params."""
+def state_dict_from_params(params: Params, config: EncoderConfig, dtype=np.float32, table=None) -> Dict[str, np.ndarray]:
+    """HF tensors (PyTorch layout, float32 unless `dtype` says otherwise) from our params,
+    by `table` (default: the masked LM's, `param_table`)."""
     return {hf: np.ascontiguousarray(_to_hf(kind, np.asarray(_get(params, ours), np.float32), config)).astype(dtype)
-            for hf, ours, kind in param_table(config)}
+            for hf, ours, kind in (table or param_table(config))}
 
 
-def save_hf_model(params: Params, config: EncoderConfig, out_dir: str, tokenizer=None,
-                  dtype=np.float32) -> str:
-    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads."""
+def write_hf_dir(hf_config: Dict[str, Any], state: Dict[str, np.ndarray], out_dir: str, tokenizer=None) -> str:
+    """config.json, model.safetensors (PyTorch-layout tensors) and the tokenizer's files in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
-    safetensors.numpy.save_file(state_dict_from_params(params, config, dtype),
-                                os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    safetensors.numpy.save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         if not hasattr(tokenizer, "save_pretrained"):
             raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}; pass a "
                             "transformers tokenizer (e.g. PreTrainedTokenizerFast)")
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def save_hf_model(params: Params, config: EncoderConfig, out_dir: str, tokenizer=None,
+                  dtype=np.float32) -> str:
+    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads."""
+    return write_hf_dir(config_to_hf(config), state_dict_from_params(params, config, dtype), out_dir, tokenizer)

@@ -2,7 +2,7 @@
 
 Parses the ml_collections config (overrides: --config.a.b=value) and starts what
 `config.mode` names (`APPS`): training (distill, pretrain; trainer.py), data
-preparation, and the apps (eval, export, finetune, demo, ablate, shapes; apps/). One run per
+preparation, and the apps (eval, export, finetune, demo, ablate, shapes, deploy; apps/). One run per
 workdir: a second start on a workdir in use is refused, naming the first.
 
 Several processes (hosts, or one per GPU) run the same command: on a TPU VM or in a
@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from distil_jax import parallel, runtime, trainer
-from distil_jax.apps import ablate, demo, evaluate, export, finetune, shapes
+from distil_jax.apps import ablate, demo, deploy, evaluate, export, finetune, shapes
 from distil_jax.checkpoint import CheckpointMismatch, CheckpointSaveError, NoCheckpointError
 from distil_jax.config import ConfigError
 from distil_jax.data import DataError
@@ -49,7 +49,7 @@ FLAGS = flags.FLAGS
 APPS = {
     "distill": trainer.run, "pretrain": trainer.run, "prepare": run_prepare,
     "eval": evaluate.run, "export": export.run, "finetune": finetune.run,
-    "demo": demo.run, "ablate": ablate.run, "shapes": shapes.run,
+    "demo": demo.run, "ablate": ablate.run, "shapes": shapes.run, "deploy": deploy.run,
 }
 # Errors whose message says what is wrong and what to do: printed without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointMismatch, CheckpointSaveError, NoCheckpointError,

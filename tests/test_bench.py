@@ -91,3 +91,22 @@ def test_bench_train_on_a_config_file_takes_its_shapes(capsys):
     assert (r["teacher_layers"], r["student_layers"], r["hidden"], r["vocab"]) == (4, 2, 64, 256)
     assert (r["batch"], r["seq"]) == (16, 32)  # configs/tiny.py's micro-batch and seq_len
     _finite_positive(r, "step_s", "tokens_per_s")
+
+
+def test_bench_deploy_times_both_runtimes_and_precisions(capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    (r,) = _records(capsys, ["deploy", "--teacher_layers", "2", "--student_layers", "1", "--hidden", "32",
+                             "--heads", "4", "--ffn", "64", "--vocab", "256", "--seq", "16", "--batch", "4",
+                             "--steps", "2", "--pause", "0"])
+    assert r["bench"] == "deploy" and r["threads"] == 2 and r["student_params"] < r["teacher_params"]
+    for name in ("teacher", "student"):
+        for runtime, precision in (("torch", "fp32"), ("torch", "int8"), ("onnx", "fp32"), ("onnx", "int8")):
+            key = f"{name}_{runtime}_{precision}"
+            _finite_positive(r, f"{key}_latency_ms", f"{key}_sequences_per_s")
+        _finite_positive(r, f"{name}_onnx_fp32_mb", f"{name}_onnx_int8_mb")
+    assert r["speedup_onnx_fp32_latency"] == pytest.approx(r["teacher_onnx_fp32_latency_ms"]
+                                                           / r["student_onnx_fp32_latency_ms"])
+    assert r["speedup_onnx_int8_student_vs_fp32_teacher_latency"] == pytest.approx(
+        r["teacher_onnx_fp32_latency_ms"] / r["student_onnx_int8_latency_ms"])
+    assert r["student_int8_over_teacher_fp32_file"] == pytest.approx(r["student_onnx_int8_mb"] / r["teacher_onnx_fp32_mb"])

@@ -103,3 +103,27 @@ def test_ablation_table_with_paired_errors(demo_dir, run_main):
     assert without_ce["change_points"] < -2 * without_ce["change_se_points"], without_ce
     assert np.isfinite([r["perplexity"] for r in rows.values()]).all()
 
+
+
+def test_deploy_scores_the_demos_models_in_onnx_runtime(demo_dir, config_file):
+    """Mode deploy on the demo's models: ONNX fp32 scores as JAX does on the same masks and
+    examples, int8 is a small cost in a quarter of the file, the classifier loads in a pipeline."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    main.run(with_changes(config_file("demo").get_config(), **REDUCED, mode="deploy"), str(demo_dir))
+    out = json.loads((demo_dir / "deploy.json").read_text())
+    assert "| student | onnx int8 |" in (demo_dir / "deploy.md").read_text()
+    for name in ("teacher", "student"):
+        m = out["models"][name]
+        assert m["max_difference"] < 1e-4 and m["task"]["max_difference"] < 1e-4
+        same = m["mlm_comparisons"]["onnx fp32 - jax"]
+        assert same["targets"] == out["held_out_targets"] and same["only_first"] + same["only_second"] <= 2, same
+        cost = m["mlm_comparisons"]["onnx int8 - onnx fp32"]
+        assert abs(cost["difference"]) < 0.03 and cost["se"] > 0, cost
+        assert m["bytes"]["int8"] < 0.35 * m["bytes"]["fp32"], m["bytes"]
+        task = m["task"]
+        assert abs(task["accuracy"]["onnx fp32"] - task["accuracy"]["jax"]) <= 1 / task["held_out"]
+    assert out["student_int8_over_teacher_fp32_bytes"] < 0.3
+    classifier = transformers.pipeline("text-classification", model=out["models"]["student"]["task"]["hf_dir"])
+    labels = json.loads((demo_dir / "deploy" / "student_classifier" / "config.json").read_text())["id2label"]
+    assert classifier("Return the JSON encoding of an object.")[0]["label"] in labels.values()

@@ -51,7 +51,7 @@ def test_easy_task_reaches_high_accuracy():
                                           intermediate_size=64, max_position_embeddings=32,
                                           hidden_dropout=0.0, attention_dropout=0.0))
     params = init_params(encoder, jax.random.key(0))
-    result, predictions = finetune.finetune(encoder, params, train, held, 2, ("accuracy", "f1"), epochs=8,
+    result, predictions, _ = finetune.finetune(encoder, params, train, held, 2, ("accuracy", "f1"), epochs=8,
                                             learning_rate=3e-3, batch_size=32)
     assert result["accuracy"] > 0.9, result
     assert result["accuracy"] == np.mean(predictions == held["labels"])

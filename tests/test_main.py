@@ -7,6 +7,7 @@ function the command line ends in, in this process: a process start costs second
 imports each time.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -67,6 +68,10 @@ def test_every_mode(tmp_path, main, run_here):
     half = run_here(tmp_path, **half_changes)["export_dir"]
     assert os.path.getsize(os.path.join(half, "model.safetensors")) < 0.6 * os.path.getsize(
         os.path.join(export, "model.safetensors"))
+    if importlib.util.find_spec("onnxscript") and importlib.util.find_spec("onnxruntime"):  # the deploy extra
+        onnx = run_here(tmp_path, mode="export", **{"export.onnx": "int8"})["onnx"]
+        assert onnx["fp32"]["path"] == os.path.join(export, "onnx", "model.onnx") and onnx["fp32"]["max_difference"] < 1e-4
+        assert os.path.getsize(onnx["int8"]["path"]) < os.path.getsize(onnx["fp32"]["path"])
 
     pre = run_here(tmp_path / "pretrain", mode="pretrain")
     assert pre["update"] == 4 and "loss_ce" not in pre["metrics"]
@@ -76,10 +81,10 @@ def test_every_mode(tmp_path, main, run_here):
 
 def test_bad_config_lists_problems_before_compiling(tmp_path, main):
     proc = main(tmp_path, "--config.train.batch_size=30", "--config.distill.temperature=0",
-                "--config.data.seq_len=0", expect_ok=False)
+                "--config.data.seq_len=0", "--config.export.onnx=int4", expect_ok=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "batch_size 30 is not a multiple" in proc.stderr and "temperature must be > 0" in proc.stderr
-    assert "data.seq_len must be at least 12" in proc.stderr
+    assert "data.seq_len must be at least 12" in proc.stderr and "export.onnx 'int4' is not one of" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 

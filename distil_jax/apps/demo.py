@@ -211,7 +211,7 @@ def finetune_models(config, tokenizer, models) -> Dict:
            "held_out": int(len(held["labels"])), "models": {}}
     hits = {}
     for name, (module, params) in models.items():
-        scores, predictions = finetune.finetune(module, params, train_set, held, len(names), ("accuracy",),
+        scores, predictions, _ = finetune.finetune(module, params, train_set, held, len(names), ("accuracy",),
                                                 ft.epochs, ft.learning_rate, batch_size=ft.batch_size, seed=ft.seed)
         out["models"][name] = scores
         hits[name] = (np.asarray(predictions) == held["labels"]).astype(np.float64)

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,16 @@ def forward(module):
     return jax.jit(lambda params, ids, am: module.apply({"params": params}, ids, am).logits)
 
 
+def as_forward(model) -> Callable:
+    """A model to evaluate: (module, params), or already a forward (input_ids,
+    attention_mask) -> logits (an exported model in ONNX Runtime, say)."""
+    if callable(model):
+        return model
+    module, params = model
+    logits = forward(module)
+    return lambda ids, am: logits(params, ids, am)
+
+
 @jax.jit
 def _stats(logits, labels, am, ref_logits):
     """Per position: hit and negative log-likelihood of the label; against the reference
@@ -82,11 +92,10 @@ def _stats(logits, labels, am, ref_logits):
     return hit, nll, kl, agree, n_real
 
 
-def evaluate_models(models: Dict[str, Tuple[object, object]], batches: List[Batch],
-                    reference: Optional[str] = None):
+def evaluate_models(models: Dict[str, object], batches: List[Batch], reference: Optional[str] = None):
     """(metrics per model, per-target hits per model, each target's sequence) on the same
-    masked batches (see module docstring)."""
-    forwards = {name: forward(module) for name, (module, _) in models.items()}
+    masked batches (see module docstring); a model is what `as_forward` takes."""
+    forwards = {name: as_forward(model) for name, model in models.items()}
     hits = {name: [] for name in models}
     nlls = {name: [] for name in models}
     sums = {name: dict(kl=0.0, agree=0.0, real=0.0) for name in models}
@@ -95,7 +104,7 @@ def evaluate_models(models: Dict[str, Tuple[object, object]], batches: List[Batc
         ids, am, labels, targets = b["masked_ids"], b["attention_mask"], b["labels"], b["targets"]
         sel = targets.astype(bool)
         clusters.append(np.broadcast_to(b["sequence"][:, None], targets.shape)[sel])
-        logits = {name: forwards[name](models[name][1], ids, am) for name in models}
+        logits = {name: forwards[name](ids, am) for name in models}
         ref = logits.get(reference) if reference else None
         for name, lg in logits.items():
             hit, nll, kl, agree, n_real = jax.device_get(_stats(lg, labels, am, lg if ref is None else ref))
@@ -146,6 +155,14 @@ def paired_comparisons(hits: Dict[str, np.ndarray], clusters: np.ndarray) -> Dic
             for a, b in itertools.combinations(hits, 2)}
 
 
+def pair(pairs: Dict[str, Dict[str, float]], a: str, b: str) -> Dict[str, float]:
+    """a - b from `paired_comparisons`, which holds each pair in the order the models came."""
+    if f"{a} - {b}" in pairs:
+        return pairs[f"{a} - {b}"]
+    c = pairs[f"{b} - {a}"]
+    return {**c, "difference": -c["difference"], "only_first": c["only_second"], "only_second": c["only_first"]}
+
+
 def most_frequent_accuracy(batches: List[Batch], token_counts: np.ndarray, special_ids) -> Tuple[int, float]:
     """(token, accuracy) of always predicting the most frequent non-special training token."""
     counts = np.asarray(token_counts, np.float64).copy()
@@ -178,11 +195,12 @@ def held_out_batches(config, workdir: str, vocab_size: int) -> Tuple[List[Batch]
     return [next(it) for _ in range(count)], vocab
 
 
-def compare_on_held_out(config, workdir: str, models: Dict[str, Tuple[object, object]],
-                        reference: Optional[str] = "teacher"):
-    """Every model on the same fixed masks, the paired comparisons and the most-frequent-token
-    baseline: ({"models", "comparisons", "most_frequent_token"}, the unmasked batches)."""
-    vocab_size = next(iter(models.values()))[0].config.vocab_size
+def compare_on_held_out(config, workdir: str, models: Dict[str, object],
+                        reference: Optional[str] = "teacher", vocab_size: int = 0):
+    """Every model (what `as_forward` takes) on the same fixed masks, the paired comparisons
+    and the most-frequent-token baseline: ({"models", "comparisons", "most_frequent_token"},
+    the unmasked batches). `vocab_size` defaults to the first (module, params) model's."""
+    vocab_size = vocab_size or next(m[0].config.vocab_size for m in models.values() if not callable(m))
     batches, vocab = held_out_batches(config, workdir, vocab_size)
     m = config.masking
     masked = fixed_masked_batches(batches, vocab, config.eval.seed, config.eval.passes,

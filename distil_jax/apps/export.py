@@ -5,17 +5,21 @@
 The newest checkpoint in DIR/checkpoints becomes `export.dir` (default DIR/hf): a
 student as DistilBertForMaskedLM, a pretrained BERT as BertForMaskedLM, with the
 tokenizer of its data, in `export.dtype` (float32, or bfloat16 for half the size).
+`export.onnx=fp32` adds `onnx/model.onnx` (checked against transformers within 1e-4),
+`export.onnx=int8` that and its int8 quantization `onnx/model_quantized.onnx`
+(onnx_export.py; `python -m distil_jax.onnx_export HF_DIR` does the same for any
+Hugging Face directory).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict
 
 import jax
 
 from distil_jax import config as config_lib
-from distil_jax import hf
+from distil_jax import hf, onnx_export
 from distil_jax.checkpoint import load_model
 from distil_jax.data import prepared_dir
 from distil_jax.data.tokenizer import load_tokenizer
@@ -42,6 +46,9 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str = "float32", config
     return out_dir
 
 
-def run(config, workdir: str) -> Dict[str, Optional[str]]:
+def run(config, workdir: str) -> Dict:
     out_dir = config.export.dir or os.path.join(workdir, "hf")
-    return {"export_dir": export_checkpoint(workdir, out_dir, config.export.dtype, config)}
+    result = {"export_dir": export_checkpoint(workdir, out_dir, config.export.dtype, config)}
+    if config.export.onnx and jax.process_index() == 0:
+        result["onnx"] = onnx_export.export(out_dir, int8=config.export.onnx == "int8")
+    return result

@@ -7,9 +7,11 @@
 needs no data. Writes DIR/finetune.json.
 
 A head on the first token ([CLS]): dense + tanh + dropout + dense (BERT's pooler and
-classifier; DistilBERT's pre_classifier + classifier), trained with the encoder by
-AdamW. Metrics as GLUE defines them per task: Matthews correlation (CoLA), F1 and
-accuracy (MRPC, QQP), Pearson and Spearman (STS-B), accuracy (the others).
+classifier), dense + ReLU + dropout + dense for DistilBERT (its pre_classifier and
+classifier), as transformers' *ForSequenceClassification, trained with the encoder by
+AdamW; `hf_heads.save_hf_classifier` exports it as that class. Metrics as GLUE defines
+them per task: Matthews correlation (CoLA), F1 and accuracy (MRPC, QQP), Pearson and
+Spearman (STS-B), accuracy (the others).
 `stdlib_packages` is an offline task with real labels: which standard-library package
 a docstring comes from.
 """
@@ -30,7 +32,7 @@ import numpy as np
 import optax
 from etils import epy
 
-from distil_jax import hf
+from distil_jax import hf, hf_heads
 from distil_jax.apps.export import checkpoint_tokenizer
 from distil_jax.checkpoint import load_model
 from distil_jax.data.sources import docstrings, held_out, stdlib_files
@@ -176,7 +178,8 @@ class SequenceClassifier(nn.Module):
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
         out = self.encoder(input_ids, attention_mask, deterministic=deterministic, compute_logits=False)
         h = out.last_hidden_state[:, 0]
-        h = jnp.tanh(nn.Dense(h.shape[-1], name="pre_classifier")(h))
+        activation = jnp.tanh if hf_heads.classifier_activation(self.encoder.config) == "tanh" else nn.relu
+        h = activation(nn.Dense(h.shape[-1], name="pre_classifier")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return nn.Dense(self.num_labels, name="classifier")(h)
 
@@ -188,9 +191,10 @@ def encoder_params(mlm_params):
 
 def finetune(encoder: MaskedLM, mlm_params, train: Arrays, held_out: Arrays, num_labels: int,
              metrics: Sequence[str], epochs: int = 3, learning_rate: float = 2e-4,
-             batch_size: int = 32, seed: int = 0, warmup_fraction: float = 0.1) -> Tuple[Dict[str, float], np.ndarray]:
+             batch_size: int = 32, seed: int = 0, warmup_fraction: float = 0.1) -> Tuple[Dict[str, float], np.ndarray, Tuple]:
     """Fine-tune encoder + head: (the held-out metrics after the last epoch, the held-out
-    predictions, for paired comparisons of models on the same examples)."""
+    predictions, for paired comparisons of models on the same examples, and the fine-tuned
+    (SequenceClassifier, params))."""
     model = SequenceClassifier(encoder, num_labels)
     rng = jax.random.key(seed)
     init = model.init(rng, train["input_ids"][:1], train["attention_mask"][:1])["params"]
@@ -229,7 +233,7 @@ def finetune(encoder: MaskedLM, mlm_params, train: Arrays, held_out: Arrays, num
                                                  held_out["attention_mask"][i: i + 256]))
                               for i in range(0, len(held_out["labels"]), 256)])
     predictions = outputs[:, 0] if regression else outputs.argmax(-1)
-    return task_metrics(metrics, predictions, held_out["labels"]), predictions
+    return task_metrics(metrics, predictions, held_out["labels"]), predictions, (model, params)
 
 
 def task_data(task: str, tokenizer, config) -> Tuple[Arrays, Arrays, int, tuple, list]:
@@ -258,7 +262,7 @@ def run(config, workdir: str) -> Dict:
                                     "(synthetic data): fine-tune a Hugging Face directory instead "
                                     "(finetune.model)")
     train, held, num_labels, metrics, _ = task_data(f.task, tokenizer, config)
-    scores, _ = finetune(encoder, params, train, held, num_labels, metrics, f.epochs, f.learning_rate,
+    scores, _, _ = finetune(encoder, params, train, held, num_labels, metrics, f.epochs, f.learning_rate,
                          f.batch_size, f.seed)
     result = {"model": f.model or workdir, "task": f.task, **scores}
     if jax.process_index() == 0:

@@ -115,8 +115,8 @@ def run(config, workdir: str) -> Dict:
                       "finetune_accuracy": tuned.get("models", {}).get(name, {}).get("accuracy"),
                       "speedup": seconds["teacher"] / max(seconds[name], 1e-9)})
     wanted = [(KD_RELATIONS, KD), (KD_HIDDEN, KD), (KD, MLM_ONLY), (pruned, best)]
-    comparisons = {f"{a} - {b}": _pair(pairs, a, b) for a, b in wanted}
-    finetune_pairs = {f"{a} - {b}": _pair(tuned["comparisons"], a, b) for a, b in wanted} if tuned else {}
+    comparisons = {f"{a} - {b}": evaluate.pair(pairs, a, b) for a, b in wanted}
+    finetune_pairs = {f"{a} - {b}": evaluate.pair(tuned["comparisons"], a, b) for a, b in wanted} if tuned else {}
     out = {"rows": table, "comparisons": comparisons, "finetune_comparisons": finetune_pairs,
            "best_objective": best, "held_out_targets": results["teacher"]["targets"],
            "finetune_task": tuned.get("task"), "updates": plan.student.train.steps}
@@ -128,14 +128,6 @@ def run(config, workdir: str) -> Dict:
             json.dump(out, f, indent=2)
         print(text, flush=True)
     return {"table": os.path.join(workdir, "shapes.md"), "comparisons": comparisons}
-
-
-def _pair(pairs: Dict[str, Dict[str, float]], a: str, b: str) -> Dict[str, float]:
-    """a - b from paired_comparisons, which holds each pair in one order only."""
-    if f"{a} - {b}" in pairs:
-        return pairs[f"{a} - {b}"]
-    c = pairs[f"{b} - {a}"]
-    return {**c, "difference": -c["difference"], "only_first": c["only_second"], "only_second": c["only_first"]}
 
 
 def format_table(out: Dict) -> str:

@@ -1,0 +1,142 @@
+"""Deployment: ONNX exports equal transformers on shapes they were not traced at, int8 stays
+close and small, ONNX Runtime plugs into the same held-out evaluation, and fine-tuned
+classifiers export as *ForSequenceClassification with equal logits."""
+
+import collections
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from distil_jax import hf, hf_heads, onnx_export
+from distil_jax.apps import evaluate, finetune
+from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+VOCAB = 96
+CONFIGS = {
+    "bert": BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                       max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0),
+    "distilbert": DistilBertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                                   intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0,
+                                   attention_dropout=0.0),
+}
+
+
+def _module(arch):
+    return (Bert if arch == "bert" else DistilBert)(CONFIGS[arch])
+
+
+def _noisy(params, seed):
+    """Random LayerNorms and biases too, so that every mapped tensor matters."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _padded(rows, seq, seed):
+    x = onnx_export.random_inputs(VOCAB, rows, seq, seed=seed, pad=seq // 2)
+    return x["input_ids"], x["attention_mask"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A BERT teacher and a DistilBERT student as Hugging Face dirs, each exported (fp32, int8)."""
+    out = {}
+    for i, arch in enumerate(CONFIGS):
+        module = _module(arch)
+        params = jax.device_get(_noisy(init_params(module, jax.random.key(i)), i))
+        hf_dir = hf.save_hf_model(params, module.config, str(tmp_path_factory.mktemp(arch)))
+        out[arch] = (module, params, hf_dir, onnx_export.export(hf_dir))
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_onnx_equals_transformers_on_other_shapes(exported, arch):
+    _, _, hf_dir, files = exported[arch]
+    assert files["fp32"]["path"] == os.path.join(hf_dir, "onnx", "model.onnx")
+    sess = onnx_export.session(files["fp32"]["path"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert all(isinstance(d, str) for i in sess.get_inputs() for d in i.shape)  # dynamic batch and sequence
+    model = onnx_export.load_torch_model(hf_dir)
+    ours, theirs = onnx_export.onnx_forward(sess), onnx_export.torch_forward(model, "logits")
+    for rows, seq in ((1, 5), (4, 50), (2, 64)):  # the export traced (2, 16)
+        ids, am = _padded(rows, seq, seed=rows)
+        got, want = ours(ids, am), theirs(ids, am)
+        assert got.shape == (rows, seq, VOCAB)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_failed_check_keeps_what_was_there(exported, tmp_path):
+    _, _, hf_dir, _ = exported["distilbert"]
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"an earlier export")
+    with pytest.raises(onnx_export.ExportMismatch, match="nothing was written"):
+        onnx_export.export_onnx(hf_dir, str(out), atol=0.0)  # float32 ONNX vs PyTorch is never exact
+    assert (out / "model.onnx").read_bytes() == b"an earlier export"
+    assert sorted(os.listdir(out)) == ["model.onnx"]
+
+
+def test_int8_is_smaller_and_agrees_with_fp32(exported):
+    module, _, _, files = exported["bert"]
+    assert files["int8"]["bytes"] < files["fp32"]["bytes"]  # at this size the graph outweighs the weights
+    ops = {k: collections.Counter(n.op_type for n in onnx.load(files[k]["path"]).graph.node) for k in files}
+    # Every product with a weight is int8; the two per layer between activations (QK^T, PV) stay float.
+    assert ops["int8"]["MatMulInteger"] == ops["fp32"]["MatMul"] - 2 * module.config.num_layers > 0
+    ids, am = _padded(8, 32, seed=3)
+    fp32 = onnx_export.onnx_forward(onnx_export.session(files["fp32"]["path"]))(ids, am)
+    int8 = onnx_export.onnx_forward(onnx_export.session(files["int8"]["path"]))(ids, am)
+    real = am.astype(bool)
+    assert not np.allclose(int8, fp32, atol=1e-4)  # it is quantized
+    # ...but close: the logits correlate and the top-1 token mostly agrees.
+    assert np.corrcoef(int8[real].ravel(), fp32[real].ravel())[0, 1] > 0.99
+    assert np.mean(int8.argmax(-1)[real] == fp32.argmax(-1)[real]) > 0.8
+
+
+def test_onnx_runtime_in_the_held_out_evaluation_scores_as_jax(exported):
+    module, params, _, files = exported["distilbert"]
+    vocab = type("Vocab", (), {"special_ids": (0, 1, 2, 3), "mask_id": 3, "vocab_size": VOCAB})()
+    batches = []
+    for i in range(3):
+        ids, am = _padded(4, 24, seed=10 + i)
+        batches.append({"input_ids": ids.astype(np.int32), "attention_mask": am.astype(np.int32)})
+    masked = evaluate.fixed_masked_batches(batches, vocab, seed=0, passes=2)
+    models = {"jax": (module, params),
+              "onnx": onnx_export.onnx_forward(onnx_export.session(files["fp32"]["path"]))}
+    results, hits, clusters = evaluate.evaluate_models(models, masked, reference="jax")
+    assert results["onnx"]["targets"] == results["jax"]["targets"] > 50
+    np.testing.assert_array_equal(hits["onnx"], hits["jax"])
+    assert results["onnx"]["perplexity"] == pytest.approx(results["jax"]["perplexity"], rel=1e-4)
+    assert results["onnx"]["agreement_with_teacher"] == 1.0
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_classifier_export_loads_in_a_pipeline_with_equal_logits(tmp_path, tiny_tokenizer, arch):
+    module = _module(arch)
+    classifier = finetune.SequenceClassifier(module, num_labels=3)
+    ids, am = _padded(3, 20, seed=5)
+    params = nn.meta.unbox(classifier.init(jax.random.key(0), ids[:1], am[:1])["params"])
+    params = jax.device_get(_noisy(params, 7))
+    labels = ["json", "email", "asyncio"]
+    hf_dir = hf_heads.save_hf_classifier(params, module.config, str(tmp_path / "hf"), labels, tokenizer=tiny_tokenizer)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    assert type(loaded).__name__ == {"bert": "BertForSequenceClassification",
+                                     "distilbert": "DistilBertForSequenceClassification"}[arch]
+    want = onnx_export.torch_forward(loaded, "logits")(ids, am)
+    got = np.asarray(classifier.apply({"params": params}, ids, am))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    pipe = transformers.pipeline("text-classification", model=hf_dir)
+    (guess,) = pipe("the cat sat on a mat")
+    assert guess["label"] in labels and 0 < guess["score"] <= 1
+    if arch == "distilbert":  # and the task head through ONNX (one architecture is enough)
+        files = onnx_export.export(hf_dir, task="text-classification", int8=False)
+        onnx = onnx_export.onnx_forward(onnx_export.session(files["fp32"]["path"]))(ids, am)
+        np.testing.assert_allclose(onnx, want, atol=1e-4)
