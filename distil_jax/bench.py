@@ -316,14 +316,19 @@ def bench_data(args) -> None:
                "sequences_per_s": args.batches * args.micro_batch / seconds, "threads": args.threads})
 
 
-def _shape_flags(p) -> None:
-    p.add_argument("--config", default="", help="a config file; the shape flags given apply on top")
+def _model_flags(p) -> None:
+    """The models' shapes (BERT-base and its 6-layer student by default)."""
     p.add_argument("--teacher_layers", type=int, default=12)
     p.add_argument("--student_layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--vocab", type=int, default=30522)
+
+
+def _shape_flags(p) -> None:
+    p.add_argument("--config", default="", help="a config file; the shape flags given apply on top")
+    _model_flags(p)
     p.add_argument("--batch", type=int, default=0, help="sequences per micro-batch (default: "
                    "the config's, else 8)")
     p.add_argument("--seq", type=int, default=0, help="default: the config's, else 128")
@@ -371,8 +376,9 @@ def main(argv=None) -> None:
     data.add_argument("--batches", type=int, default=200)
     data.add_argument("--threads", type=int, default=2)
     data.add_argument("--prefetch", type=int, default=8)
-    bench_deploy.add_flags(sub.add_parser("deploy", help="exported teacher and student: PyTorch and "
-                                          "ONNX Runtime, fp32 and int8"))
+    dep = sub.add_parser("deploy", help="exported teacher and student: PyTorch and ONNX Runtime, fp32 and int8")
+    _model_flags(dep)  # --models base
+    bench_deploy.add_flags(dep)
     args = parser.parse_args(argv)
     if args.command == "deploy":
         return _emit(bench_deploy.run(args))

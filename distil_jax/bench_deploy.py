@@ -39,6 +39,7 @@ RUNNERS = (("torch", "fp32"), ("torch", "int8"), ("onnx", "fp32"), ("onnx", "int
 
 
 def add_flags(p) -> None:
+    """Its flags beside bench's model-shape flags (--teacher_layers ... --vocab, for --models base)."""
     p.add_argument("--models", default="base", choices=("base", "embedded"))
     p.add_argument("--student_dir", default="", help="embedded: a trained student's Hugging Face dir")
     p.add_argument("--task", default="feature-extraction", choices=("feature-extraction", "fill-mask"))
@@ -47,13 +48,6 @@ def add_flags(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of both runtimes")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (medians reported)")
     p.add_argument("--pause", type=float, default=0.2, help="seconds of rest before each timed call")
-    # base shapes (the paper's): teacher layers, student layers, width, heads, feed-forward, vocabulary
-    p.add_argument("--teacher_layers", type=int, default=12)
-    p.add_argument("--student_layers", type=int, default=6)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--ffn", type=int, default=3072)
-    p.add_argument("--vocab", type=int, default=30522)
 
 
 def model_dirs(args, tmp: str) -> Dict[str, str]:
