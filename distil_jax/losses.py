@@ -38,6 +38,20 @@ def kd_loss(student_logits, teacher_logits, weights, temperature: float) -> jax.
     return _mean_over_rows(per_row, weights) * temperature**2
 
 
+def task_kd_loss(student_logits, teacher_logits, temperature: float, mask=None) -> jax.Array:
+    """Task distillation: `kd_loss` of a task head's logits, one distribution per row.
+
+    Classification: [B, C], over the classes. Extractive QA: start (or end) logits [B, S]
+    with `mask` [B, S], one distribution over each row's real positions (padding gets
+    probability 0 in both). Averaged over rows, times T^2."""
+    if mask is not None:
+        real = mask > 0
+        student_logits = jnp.where(real, student_logits.astype(jnp.float32), -1e9)
+        teacher_logits = jnp.where(real, teacher_logits.astype(jnp.float32), -1e9)
+    rows = jnp.ones(student_logits.shape[:-1], jnp.float32)
+    return kd_loss(student_logits, teacher_logits, rows, temperature)
+
+
 def mlm_loss(logits, labels, weights) -> jax.Array:
     """Cross-entropy of `labels` averaged over rows with weight 1.
 

@@ -12,6 +12,9 @@ import pytest
 
 from distil_jax import hf, hf_heads, onnx_export
 from distil_jax.apps import evaluate, finetune
+from distil_jax.assets import DEMO_TEACHER
+from distil_jax.data import squad
+from distil_jax.data.tokenizer import load_tokenizer
 from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, init_params
 
 torch = pytest.importorskip("torch")
@@ -140,3 +143,52 @@ def test_classifier_export_loads_in_a_pipeline_with_equal_logits(tmp_path, tiny_
         files = onnx_export.export(hf_dir, task="text-classification", int8=False)
         onnx = onnx_export.onnx_forward(onnx_export.session(files["fp32"]["path"]))(ids, am)
         np.testing.assert_allclose(onnx, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_question_answerer_export_loads_in_a_pipeline_with_equal_logits(tmp_path, arch):
+    module = _module(arch)
+    qa = finetune.QuestionAnswerer(module)
+    ids, am = _padded(3, 24, seed=6)
+    token_types = (np.arange(24)[None, :] >= 9).astype(np.int64) * am  # question 0, context 1
+    params = nn.meta.unbox(qa.init(jax.random.key(0), ids[:1], am[:1])["params"])
+    params = jax.device_get(_noisy(params, 8))
+    hf_dir = hf_heads.save_hf_question_answerer(params, module.config, str(tmp_path / "hf"))
+    loaded = transformers.AutoModelForQuestionAnswering.from_pretrained(hf_dir).eval()
+    assert type(loaded).__name__ == {"bert": "BertForQuestionAnswering",
+                                     "distilbert": "DistilBertForQuestionAnswering"}[arch]
+    inputs = {"input_ids": torch.as_tensor(ids), "attention_mask": torch.as_tensor(am)}
+    if arch == "bert":  # DistilBERT has no token types
+        inputs["token_type_ids"] = torch.as_tensor(token_types)
+    with torch.no_grad():
+        want = loaded(**inputs)
+    start, end = qa.apply({"params": params}, ids, am, token_types if arch == "bert" else None)
+    np.testing.assert_allclose(np.asarray(start), want.start_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(end), want.end_logits.numpy(), atol=1e-4)
+
+
+def test_an_exported_answerer_decodes_the_same_answer_as_ours(tmp_path):
+    """transformers 5 has no question-answering pipeline (removed in v5): the export is read by
+    AutoModelForQuestionAnswering, and its logits decode (data/squad.py) to our answer."""
+    tokenizer = load_tokenizer(DEMO_TEACHER)
+    config = DistilBertConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=4,
+                              intermediate_size=64, max_position_embeddings=128)
+    qa = finetune.QuestionAnswerer(DistilBert(config))
+    ids = np.zeros((1, 8), np.int32)
+    params = jax.device_get(_noisy(nn.meta.unbox(qa.init(jax.random.key(1), ids, np.ones_like(ids))["params"]), 9))
+    hf_dir = hf_heads.save_hf_question_answerer(params, config, str(tmp_path / "hf"), tokenizer=tokenizer)
+    loaded = transformers.AutoModelForQuestionAnswering.from_pretrained(hf_dir).eval()
+    context = "The sort is guaranteed to be stable, which is helpful for sorting in multiple passes. " * 4
+    ws = squad.windows(tokenizer, "What is the sort guaranteed to be?", context, max_len=40, stride=12)
+    ours, theirs = ([], []), ([], [])
+    for w in ws:
+        x = np.asarray([w["input_ids"]])
+        start, end = qa.apply({"params": params}, x, np.ones_like(x))
+        ours[0].append(np.asarray(start[0]))
+        ours[1].append(np.asarray(end[0]))
+        with torch.no_grad():
+            out = loaded(input_ids=torch.as_tensor(x))
+        theirs[0].append(out.start_logits[0].numpy())
+        theirs[1].append(out.end_logits[0].numpy())
+    answer = squad.decode(ws, *theirs, context)
+    assert answer and answer in context and answer == squad.decode(ws, *ours, context)

@@ -337,3 +337,32 @@ def test_a_model_related_to_itself_has_zero_loss_and_head_order_does_not_matter_
     np.testing.assert_allclose(one(permuted), one([tq, tk, tv]), rtol=1e-5)
     assert abs(float(losses.relation_loss([sq, sk, sv], permuted, am, 2))
                - float(losses.relation_loss([sq, sk, sv], [tq, tk, tv], am, 2))) > 1e-4  # two heads do see it
+
+
+def _kl_t2_float64(s, t, temperature):
+    s, t = np.asarray(s, np.float64) / temperature, np.asarray(t, np.float64) / temperature
+    log_ps = s - np.log(np.exp(s - s.max()).sum()) - s.max()
+    log_pt = t - np.log(np.exp(t - t.max()).sum()) - t.max()
+    return float(np.sum(np.exp(log_pt) * (log_pt - log_ps))) * temperature ** 2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_task_kd_loss_matches_float64_reference(temperature):
+    rng = np.random.default_rng(int(temperature))
+    s, t = rng.normal(size=(5, 3)) * 3, rng.normal(size=(5, 3)) * 3  # classification, 3 classes
+    want = np.mean([_kl_t2_float64(s[i], t[i], temperature) for i in range(5)])
+    np.testing.assert_allclose(losses.task_kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                                                   temperature), want, rtol=1e-5)
+    # Span logits [B, S] over each row's real positions only: padding changes nothing.
+    s, t = rng.normal(size=(4, 12)) * 3, rng.normal(size=(4, 12)) * 3
+    lengths = [12, 9, 5, 1]
+    mask = (np.arange(12)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    want = np.mean([_kl_t2_float64(s[i, :n], t[i, :n], temperature) for i, n in enumerate(lengths)])
+    got = losses.task_kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temperature, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    s[mask == 0] = 1e4  # what the padded positions hold does not matter
+    again = losses.task_kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temperature, mask)
+    np.testing.assert_allclose(again, got, rtol=1e-6)
+    grads = jax.grad(lambda x: losses.task_kd_loss(x, jnp.asarray(t, jnp.float32), temperature, mask))(
+        jnp.asarray(s, jnp.float32))
+    assert np.all(np.asarray(grads)[mask == 0] == 0) and np.all(np.isfinite(grads))

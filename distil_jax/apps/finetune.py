@@ -184,6 +184,22 @@ class SequenceClassifier(nn.Module):
         return nn.Dense(self.num_labels, name="classifier")(h)
 
 
+class QuestionAnswerer(nn.Module):
+    """An encoder with a start and an end logit per token (extractive QA; data/squad.py):
+    dropout + dense to 2 on the last hidden states, as transformers' *ForQuestionAnswering."""
+
+    encoder: MaskedLM
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        out = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                           compute_logits=False)
+        h = nn.Dropout(self.dropout)(out.last_hidden_state, deterministic=deterministic)
+        logits = nn.Dense(2, name="qa_outputs")(h)
+        return logits[..., 0], logits[..., 1]
+
+
 def encoder_params(mlm_params):
     """An MLM's params without its vocabulary head (which classification does not use)."""
     return {k: v for k, v in mlm_params.items() if k != "mlm_head"}
