@@ -323,16 +323,22 @@ def _hf_shape(kind: Optional[str], ours: Tuple[int, ...]) -> Tuple[int, ...]:
 
 def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
                            param_dtype=jnp.float32) -> Params:
-    """Our params from HF tensors.
+    """Our masked LM's params from HF tensors.
 
     Tensors the masked LM does not use (a pooler it has no place for, classification
     heads beside `cls.predictions`, old buffers) are ignored with one warning listing
     them, as transformers does; a tensor it needs that is missing or of the wrong shape
     is an error naming it."""
-    table = param_table(config)
-    _, _, _, _, ignorable = _ARCHS[model_type(config)]
     module = DistilBert if isinstance(config, DistilBertConfig) else Bert
     shapes = jax.eval_shape(lambda: init_params(module(config), jax.random.key(0)))
+    return params_from_table(state, config, param_table(config), shapes, "masked LM", param_dtype)
+
+
+def params_from_table(state: Dict[str, np.ndarray], config: EncoderConfig, table, shapes, what: str,
+                      param_dtype=jnp.float32) -> Params:
+    """Our params (of the shapes in `shapes`) from HF tensors by `table` (a model of kind
+    `what`: "masked LM", "sequence classifier"...); see `params_from_state_dict`."""
+    _, _, _, _, ignorable = _ARCHS[model_type(config)]
     missing = [hf for hf, _, _ in table if hf not in state]
     wrong = [f"{hf} {tuple(state[hf].shape)} (expected {_hf_shape(kind, _get(shapes, ours).shape)})"
              for hf, ours, kind in table
@@ -340,15 +346,15 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
     if missing or wrong:
         found = ([f"missing {_brief(missing)}"] if missing else []) + ([f"wrong shape {_brief(wrong)}"] if wrong else [])
         raise ValueError(
-            f"the checkpoint does not hold a {model_type(config)} masked LM of the architecture its "
+            f"the checkpoint does not hold a {model_type(config)} {what} of the architecture its "
             f"config.json gives ({config.num_layers} layers, width {config.hidden_size}, vocabulary "
             f"{config.vocab_size}): {'; '.join(found)}. Pass a checkpoint whose config.json matches "
             "its weights")
     known = {hf for hf, _, _ in table}
     unused = sorted(k for k in state if k not in known and k not in ignorable)
     if unused:
-        logging.warning("%d tensors of the checkpoint are not part of a %s masked LM and are "
-                        "ignored: %s", len(unused), model_type(config), _brief(unused, 20))
+        logging.warning("%d tensors of the checkpoint are not part of a %s %s and are "
+                        "ignored: %s", len(unused), model_type(config), what, _brief(unused, 20))
     params: Params = {}
     for hf, ours, kind in table:
         _set(params, ours, jnp.asarray(_to_ours(kind, state[hf], config), param_dtype))

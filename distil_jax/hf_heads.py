@@ -1,38 +1,37 @@
 """Task heads in Hugging Face layout: a fine-tuned model as transformers' task classes.
 
-Sequence classification: our `finetune.SequenceClassifier` (the encoder under `encoder/`,
+Sequence classification: our `models.SequenceClassifier` (the encoder under `encoder/`,
 `pre_classifier`, `classifier`) as BertForSequenceClassification (pooler + classifier),
 RobertaForSequenceClassification (classifier.dense + classifier.out_proj) or
 DistilBertForSequenceClassification (pre_classifier + classifier), with `id2label`, so
 that pipeline("text-classification") loads it. Extractive question answering: our
-`finetune.QuestionAnswerer` (`encoder/`, `qa_outputs`: start and end logits per token) as
+`models.QuestionAnswerer` (`encoder/`, `qa_outputs`: start and end logits per token) as
 *ForQuestionAnswering, for pipeline("question-answering"). The encoder's rows are
 `hf.param_table`'s.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import hf
-from distil_jax.models import EncoderConfig
+from distil_jax.models import Bert, DistilBert, DistilBertConfig, EncoderConfig, SequenceClassifier
 
 Params = Dict[str, Any]
-# Sequence-classification heads, on the first token: our `pre_classifier` (dense, then
-# tanh for BERT and RoBERTa, whose pooler / classifier.dense it is; ReLU for DistilBERT)
-# and `classifier` (dense to the labels), as each architecture's *ForSequenceClassification has them.
+# Sequence-classification heads: the Hugging Face names of our `pre_classifier` (BERT's
+# pooler, RoBERTa's classifier.dense) and `classifier` (RoBERTa's classifier.out_proj).
 _CLASSIFIER_HEADS = {
-    "bert": ("bert.pooler.dense", "classifier", "tanh"),
-    "roberta": ("classifier.dense", "classifier.out_proj", "tanh"),
-    "distilbert": ("pre_classifier", "classifier", "relu"),
+    "bert": ("bert.pooler.dense", "classifier"),
+    "roberta": ("classifier.dense", "classifier.out_proj"),
+    "distilbert": ("pre_classifier", "classifier"),
 }
-
-
-def classifier_activation(config: EncoderConfig) -> str:
-    """The activation after `pre_classifier` in this architecture's classification head."""
-    return _CLASSIFIER_HEADS[hf.model_type(config)][2]
 
 
 def _encoder_rows(config: EncoderConfig) -> List[Tuple[str, str, Optional[str]]]:
@@ -54,13 +53,13 @@ def classifier_table(config: EncoderConfig) -> List[Tuple[str, str, Optional[str
     """Every (HF name, our path, transform) of a sequence classifier on this encoder: the
     encoder's rows and the head's."""
     rows = _encoder_rows(config)
-    pre, out, _ = _CLASSIFIER_HEADS[hf.model_type(config)]
+    pre, out = _CLASSIFIER_HEADS[hf.model_type(config)]
     return rows + _dense(pre, "pre_classifier") + _dense(out, "classifier")
 
 
 def save_hf_classifier(params: Params, config: EncoderConfig, out_dir: str, labels: List[str],
                        tokenizer=None, dtype=np.float32) -> str:
-    """A sequence classifier (params of `finetune.SequenceClassifier`: `encoder`,
+    """A sequence classifier (params of `models.SequenceClassifier`: `encoder`,
     `pre_classifier`, `classifier`) as the architecture's *ForSequenceClassification, with
     `id2label` from `labels` (one label: regression), for pipeline("text-classification")."""
     problem = "regression" if len(labels) == 1 else "single_label_classification"
@@ -71,7 +70,7 @@ def save_hf_classifier(params: Params, config: EncoderConfig, out_dir: str, labe
 
 def save_hf_question_answerer(params: Params, config: EncoderConfig, out_dir: str, tokenizer=None,
                               dtype=np.float32) -> str:
-    """A question answerer (params of `finetune.QuestionAnswerer`) as the architecture's
+    """A question answerer (params of `models.QuestionAnswerer`) as the architecture's
     *ForQuestionAnswering, for pipeline("question-answering")."""
     return _save(params, config, out_dir, "ForQuestionAnswering", question_answering_table(config), tokenizer, dtype)
 
@@ -80,3 +79,25 @@ def _save(params, config, out_dir, suffix, table, tokenizer, dtype, **extra) -> 
     hf_config = {**hf.config_to_hf(config), **extra}
     hf_config["architectures"] = [hf_config["architectures"][0].replace("ForMaskedLM", suffix)]
     return hf.write_hf_dir(hf_config, hf.state_dict_from_params(params, config, dtype, table), out_dir, tokenizer)
+
+
+def load_hf_classifier(path: str, dtype=jnp.float32) -> Tuple[SequenceClassifier, Params, List[str]]:
+    """(module, params, label names) of a *ForSequenceClassification directory or hub name:
+    a fine-tuned teacher as users have them, or what `save_hf_classifier` wrote."""
+    model_dir = hf.resolve_model_dir(path)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    architecture = (raw.get("architectures") or ["(none given)"])[0]
+    if not architecture.endswith("ForSequenceClassification"):
+        raise ValueError(f"{model_dir} holds a {architecture}, not a sequence classifier: pass a "
+                         "*ForSequenceClassification directory (a fine-tuned model)")
+    config = hf.config_from_hf(raw)
+    id2label = raw.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    labels = [id2label[str(i)] for i in range(len(id2label))]
+    encoder = (DistilBert if isinstance(config, DistilBertConfig) else Bert)(config, dtype=dtype)
+    module = SequenceClassifier(encoder, len(labels))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), ids, jnp.ones_like(ids))["params"]))
+    params = hf.params_from_table(hf.read_state_dict(model_dir), config, classifier_table(config), shapes,
+                                  "sequence classifier")
+    return module, params, labels

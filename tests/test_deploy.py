@@ -15,7 +15,8 @@ from distil_jax.apps import evaluate, finetune
 from distil_jax.assets import DEMO_TEACHER
 from distil_jax.data import squad
 from distil_jax.data.tokenizer import load_tokenizer
-from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, init_params
+from distil_jax.models import (Bert, BertConfig, DistilBert, DistilBertConfig, QuestionAnswerer,
+                               SequenceClassifier, init_params)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -124,7 +125,7 @@ def test_onnx_runtime_in_the_held_out_evaluation_scores_as_jax(exported):
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_classifier_export_loads_in_a_pipeline_with_equal_logits(tmp_path, tiny_tokenizer, arch):
     module = _module(arch)
-    classifier = finetune.SequenceClassifier(module, num_labels=3)
+    classifier = SequenceClassifier(module, num_labels=3)
     ids, am = _padded(3, 20, seed=5)
     params = nn.meta.unbox(classifier.init(jax.random.key(0), ids[:1], am[:1])["params"])
     params = jax.device_get(_noisy(params, 7))
@@ -148,7 +149,7 @@ def test_classifier_export_loads_in_a_pipeline_with_equal_logits(tmp_path, tiny_
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_question_answerer_export_loads_in_a_pipeline_with_equal_logits(tmp_path, arch):
     module = _module(arch)
-    qa = finetune.QuestionAnswerer(module)
+    qa = QuestionAnswerer(module)
     ids, am = _padded(3, 24, seed=6)
     token_types = (np.arange(24)[None, :] >= 9).astype(np.int64) * am  # question 0, context 1
     params = nn.meta.unbox(qa.init(jax.random.key(0), ids[:1], am[:1])["params"])
@@ -173,7 +174,7 @@ def test_an_exported_answerer_decodes_the_same_answer_as_ours(tmp_path):
     tokenizer = load_tokenizer(DEMO_TEACHER)
     config = DistilBertConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=4,
                               intermediate_size=64, max_position_embeddings=128)
-    qa = finetune.QuestionAnswerer(DistilBert(config))
+    qa = QuestionAnswerer(DistilBert(config))
     ids = np.zeros((1, 8), np.int32)
     params = jax.device_get(_noisy(nn.meta.unbox(qa.init(jax.random.key(1), ids, np.ones_like(ids))["params"]), 9))
     hf_dir = hf_heads.save_hf_question_answerer(params, config, str(tmp_path / "hf"), tokenizer=tokenizer)
@@ -192,3 +193,35 @@ def test_an_exported_answerer_decodes_the_same_answer_as_ours(tmp_path):
         theirs[1].append(out.end_logits[0].numpy())
     answer = squad.decode(ws, *theirs, context)
     assert answer and answer in context and answer == squad.decode(ws, *ours, context)
+
+
+def test_a_transformers_classifier_loads_as_ours_and_back(tmp_path):
+    """A fine-tuned teacher as users have one (transformers' own classifier, every tensor
+    random): ours computes its logits, and saving ours writes the same tensors back."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                     id2label={0: "neg", 1: "neutral", 2: "pos"})
+    theirs = transformers.BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0.0, 0.2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    module, params, labels = hf_heads.load_hf_classifier(str(tmp_path / "theirs"))
+    assert labels == ["neg", "neutral", "pos"]
+    ids, am = _padded(3, 20, seed=11)
+    want = onnx_export.torch_forward(theirs, "logits")(ids, am)
+    np.testing.assert_allclose(np.asarray(module.apply({"params": params}, ids, am)), want, atol=1e-4)
+    again = hf_heads.save_hf_classifier(params, module.encoder.config, str(tmp_path / "ours"), labels)
+    back, state = hf.read_state_dict(again), theirs.state_dict()
+    assert set(back) <= set(state) and len(back) == len(hf_heads.classifier_table(module.encoder.config))
+    for name, tensor in back.items():
+        np.testing.assert_allclose(tensor, state[name].numpy(), atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="not a sequence classifier"):
+        hf_heads.load_hf_classifier(exported_mlm_dir(tmp_path))
+
+
+def exported_mlm_dir(tmp_path):
+    module = _module("distilbert")
+    return hf.save_hf_model(jax.device_get(init_params(module, jax.random.key(0))), module.config,
+                            str(tmp_path / "mlm"))

@@ -9,7 +9,7 @@ needs no data. Writes DIR/finetune.json.
 A head on the first token ([CLS]): dense + tanh + dropout + dense (BERT's pooler and
 classifier), dense + ReLU + dropout + dense for DistilBERT (its pre_classifier and
 classifier), as transformers' *ForSequenceClassification, trained with the encoder by
-AdamW; `hf_heads.save_hf_classifier` exports it as that class. Metrics as GLUE defines
+AdamW (models/heads.py); `hf_heads.save_hf_classifier` exports it as that class. Metrics as GLUE defines
 them per task: Matthews correlation (CoLA), F1 and accuracy (MRPC, QQP), Pearson and
 Spearman (STS-B), accuracy (the others).
 `stdlib_packages` is an offline task with real labels: which standard-library package
@@ -32,12 +32,12 @@ import numpy as np
 import optax
 from etils import epy
 
-from distil_jax import hf, hf_heads
+from distil_jax import hf
 from distil_jax.apps.export import checkpoint_tokenizer
 from distil_jax.checkpoint import load_model
 from distil_jax.data.sources import docstrings, held_out, stdlib_files
 from distil_jax.data.tokenizer import load_tokenizer
-from distil_jax.models import MaskedLM
+from distil_jax.models import MaskedLM, SequenceClassifier
 
 with epy.lazy_imports():  # heavy, and only GLUE needs it
     import tensorflow_datasets as tfds
@@ -167,39 +167,6 @@ def stdlib_packages_data(tokenizer, classes: int = 6, max_len: int = 128,
 
 
 # --- the model and its training ---------------------------------------------------------
-class SequenceClassifier(nn.Module):
-    """An encoder (Bert or DistilBert) with a head on its first token."""
-
-    encoder: MaskedLM
-    num_labels: int
-    dropout: float = 0.1
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
-        out = self.encoder(input_ids, attention_mask, deterministic=deterministic, compute_logits=False)
-        h = out.last_hidden_state[:, 0]
-        activation = jnp.tanh if hf_heads.classifier_activation(self.encoder.config) == "tanh" else nn.relu
-        h = activation(nn.Dense(h.shape[-1], name="pre_classifier")(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return nn.Dense(self.num_labels, name="classifier")(h)
-
-
-class QuestionAnswerer(nn.Module):
-    """An encoder with a start and an end logit per token (extractive QA; data/squad.py):
-    dropout + dense to 2 on the last hidden states, as transformers' *ForQuestionAnswering."""
-
-    encoder: MaskedLM
-    dropout: float = 0.1
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
-        out = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
-                           compute_logits=False)
-        h = nn.Dropout(self.dropout)(out.last_hidden_state, deterministic=deterministic)
-        logits = nn.Dense(2, name="qa_outputs")(h)
-        return logits[..., 0], logits[..., 1]
-
-
 def encoder_params(mlm_params):
     """An MLM's params without its vocabulary head (which classification does not use)."""
     return {k: v for k, v in mlm_params.items() if k != "mlm_head"}
