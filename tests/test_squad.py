@@ -117,3 +117,29 @@ def test_read_squad_takes_tfds_records_as_they_are(monkeypatch):
                  "answer_starts": [0, 0]}
     start = q["answer_starts"][0]
     assert q["context"][start: start + len(q["answers"][0])] == "Paris"
+
+
+def test_features_and_predict_score_an_oracle_at_100(tokenizer):
+    """Arrays of every window of two questions; logits peaked at the labels decode to the gold
+    answer (EM 100), and the same logits shifted by one token do not."""
+    examples = []
+    for i, answer in enumerate(("the reverse flag", "ascending order")):
+        start = CONTEXT.index(answer, 200 * i)
+        examples.append({"id": f"q{i}", "question": QUESTION, "context": CONTEXT, "answers": [answer],
+                         "answer_starts": [start]})
+    arrays, index = squad.features(tokenizer, examples, max_len=48, stride=16)
+    n = len(index)
+    assert all(arrays[k].shape == (n, 48) for k in ("input_ids", "attention_mask", "token_type_ids"))
+    assert arrays["input_ids"][arrays["attention_mask"] == 0].tolist() == [tokenizer.pad_token_id] * int(
+        (arrays["attention_mask"] == 0).sum())
+    labelled = arrays["start"] > 0
+    assert 1 <= labelled.sum() < n and np.all(arrays["end"] >= arrays["start"])
+    start_logits = np.full((n, 48), -5.0)
+    end_logits = np.full((n, 48), -5.0)
+    start_logits[np.arange(n), arrays["start"]] = 5.0 * labelled
+    end_logits[np.arange(n), arrays["end"]] = 5.0 * labelled
+    golds = {e["id"]: e["answers"] for e in examples}
+    assert squad.squad_scores(squad.predict(examples, index, start_logits, end_logits), golds) == {
+        "exact_match": 100.0, "f1": 100.0}
+    shifted = squad.predict(examples, index, np.roll(start_logits, 1, axis=1), np.roll(end_logits, 1, axis=1))
+    assert squad.squad_scores(shifted, golds)["exact_match"] < 100.0

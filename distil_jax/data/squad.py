@@ -146,3 +146,42 @@ def decode(window_list: Iterable[Window], start_logits: Iterable[np.ndarray], en
         if found is not None and (best is None or found[0] > best[0]):
             best = (found[0], w["offsets"][found[1]][0], w["offsets"][found[2]][1])
     return "" if best is None else context[best[1]: best[2]]
+
+
+# --- a split as arrays ------------------------------------------------------------------
+def features(tokenizer, examples: Sequence[Dict[str, object]], max_len: int = 384,
+             stride: int = 128) -> Tuple[Dict[str, np.ndarray], List[Tuple[int, Window]]]:
+    """Every window of every question as arrays padded to `max_len` (`input_ids`,
+    `attention_mask`, `token_type_ids`, `start`, `end`: the first gold answer's labels),
+    and per row (index of its question in `examples`, its window) for `predict`."""
+    rows, index = [], []
+    for q, ex in enumerate(examples):
+        first = ex["answers"][0] if ex["answers"] else ""
+        start = ex["answer_starts"][0] if ex["answers"] else None
+        for w in windows(tokenizer, ex["question"], ex["context"], max_len, stride, start, first):
+            rows.append(w)
+            index.append((q, w))
+    pad = tokenizer.pad_token_id
+    out = {k: np.full((len(rows), max_len), pad if k == "input_ids" else 0, np.int32)
+           for k in ("input_ids", "attention_mask", "token_type_ids")}
+    for i, w in enumerate(rows):
+        n = len(w["input_ids"])
+        for k in out:
+            out[k][i, :n] = w[k]
+    out["start"] = np.asarray([w.get("start", 0) for w in rows], np.int32)
+    out["end"] = np.asarray([w.get("end", 0) for w in rows], np.int32)
+    return out, index
+
+
+def predict(examples: Sequence[Dict[str, object]], index: Sequence[Tuple[int, Window]], start_logits: np.ndarray,
+            end_logits: np.ndarray, n_best: int = 20, max_answer_len: int = 30) -> Dict[str, str]:
+    """{question id: answer text} from the logits of the rows of `features` (in its order)."""
+    by_question: Dict[int, List[int]] = collections.defaultdict(list)
+    for row, (q, _) in enumerate(index):
+        by_question[q].append(row)
+    out = {}
+    for q, rows in by_question.items():
+        ex = examples[q]
+        out[str(ex["id"])] = decode([index[r][1] for r in rows], [start_logits[r] for r in rows],
+                                    [end_logits[r] for r in rows], str(ex["context"]), n_best, max_answer_len)
+    return out
