@@ -12,7 +12,9 @@ quantization: weights int8 per output channel, activations quantized at run time
 Tasks (the transformers class exported, its outputs): fill-mask (AutoModelForMaskedLM,
 logits), feature-extraction (AutoModel, last_hidden_state: the encoder alone, the part of
 a task model that costs), text-classification (AutoModelForSequenceClassification,
-logits). Needs the `deploy` extra (torch, onnx, onnxruntime, onnxscript).
+logits), question-answering (AutoModelForQuestionAnswering, start_logits and end_logits;
+token_type_ids is an input too for BERT and RoBERTa, whose segments tell question from
+context). Needs the `deploy` extra (torch, onnx, onnxruntime, onnxscript).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ TASKS = {
     "fill-mask": ("AutoModelForMaskedLM", ("logits",)),
     "feature-extraction": ("AutoModel", ("last_hidden_state",)),
     "text-classification": ("AutoModelForSequenceClassification", ("logits",)),
+    "question-answering": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
 }
-INPUTS = ("input_ids", "attention_mask")
+INPUTS = ("input_ids", "attention_mask")  # and token_type_ids for question answering on BERT / RoBERTa
 FP32, INT8 = "model.onnx", "model_quantized.onnx"
 
 Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -76,18 +79,27 @@ def load_torch_model(hf_dir: str, task: str = "fill-mask"):
     return model.eval()
 
 
-def _with_outputs(model, outputs):
-    """The model with positional inputs and a tuple of the task's outputs (what ONNX names);
+def _with_outputs(model, inputs, outputs):
+    """The model with positional `inputs` and a tuple of the task's outputs (what ONNX names);
     a class made here so that importing this module does not import torch."""
     class Outputs(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            out = self.model(**{k: given[k] for k in inputs})
             return tuple(out[name] for name in outputs)
     return Outputs()
+
+
+def task_inputs(model, task: str) -> Tuple[str, ...]:
+    """The exported model's inputs: INPUTS, and token_type_ids for question answering on a
+    model with token types."""
+    if task == "question-answering" and getattr(model.config, "type_vocab_size", 0) > 1:
+        return INPUTS + ("token_type_ids",)
+    return INPUTS
 
 
 def random_inputs(vocab_size: int, rows: int, seq: int, seed: int = 0, pad: int = 0) -> Dict[str, np.ndarray]:
@@ -98,7 +110,8 @@ def random_inputs(vocab_size: int, rows: int, seq: int, seed: int = 0, pad: int 
     if pad:
         am[-1, seq - pad:] = 0
         ids[-1, seq - pad:] = 0
-    return {"input_ids": ids, "attention_mask": am}
+    token_types = (np.arange(seq)[None, :] >= seq // 2).astype(np.int64) * am  # a second segment
+    return {"input_ids": ids, "attention_mask": am, "token_type_ids": token_types}
 
 
 def session(path: str, threads: int = 0):
@@ -127,13 +140,16 @@ def torch_forward(model, output: str) -> Forward:
     return forward
 
 
-def max_difference(a: Forward, b: Forward, vocab_size: int, shapes=((1, 7), (3, 33))) -> float:
-    """The largest |a - b| over random padded inputs of `shapes` (none of them the export's)."""
+def max_difference(sess, model, inputs, outputs, shapes=((1, 7), (3, 33))) -> float:
+    """The largest |ONNX Runtime - PyTorch| over every output, on random padded inputs of
+    `shapes` (none of them the export's)."""
     worst = 0.0
     for i, (rows, seq) in enumerate(shapes):
-        x = random_inputs(vocab_size, rows, seq, seed=i, pad=seq // 3 if rows > 1 else 0)
-        worst = max(worst, float(np.max(np.abs(a(x["input_ids"], x["attention_mask"])
-                                              - b(x["input_ids"], x["attention_mask"])))))
+        x = random_inputs(model.config.vocab_size, rows, seq, seed=i, pad=seq // 3 if rows > 1 else 0)
+        got = sess.run(list(outputs), {k: x[k] for k in inputs})
+        with torch.inference_mode():
+            want = model(**{k: torch.as_tensor(x[k]) for k in inputs})
+        worst = max([worst] + [float(np.max(np.abs(g - want[name].numpy()))) for g, name in zip(got, outputs)])
     return worst
 
 
@@ -145,21 +161,21 @@ def export_onnx(hf_dir: str, out_dir: str = "", task: str = "fill-mask", atol: f
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, FP32)
     model = load_torch_model(hf_dir, task)
-    vocab = model.config.vocab_size
-    example = {k: torch.as_tensor(v) for k, v in random_inputs(vocab, 2, 16).items()}
+    inputs = task_inputs(model, task)
+    example = random_inputs(model.config.vocab_size, 2, 16)
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence", max=model.config.max_position_embeddings)
     tmp = path + ".tmp"
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter narrates each pass
-        torch.onnx.export(_with_outputs(model, outputs), (example["input_ids"], example["attention_mask"]), tmp,
-                          input_names=list(INPUTS), output_names=list(outputs), dynamo=True,
-                          dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}),
+        torch.onnx.export(_with_outputs(model, inputs, outputs), tuple(torch.as_tensor(example[k]) for k in inputs),
+                          tmp, input_names=list(inputs), output_names=list(outputs), dynamo=True,
+                          dynamic_shapes={k: {0: batch, 1: sequence} for k in inputs},
                           external_data=False, optimize=True, verbose=False)
-    difference = max_difference(onnx_forward(session(tmp)), torch_forward(model, outputs[0]), vocab)
+    difference = max_difference(session(tmp), model, inputs, outputs)
     if not difference <= atol:
         os.remove(tmp)
-        raise ExportMismatch(f"ONNX Runtime's {outputs[0]} differ from the PyTorch model's by "
+        raise ExportMismatch(f"ONNX Runtime's {', '.join(outputs)} differ from the PyTorch model's by "
                              f"{difference:.3g} (> {atol:g}) on padded inputs; nothing was written. "
                              "Report the model and the torch/onnxruntime versions")
     os.replace(tmp, path)

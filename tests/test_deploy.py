@@ -166,6 +166,13 @@ def test_question_answerer_export_loads_in_a_pipeline_with_equal_logits(tmp_path
     start, end = qa.apply({"params": params}, ids, am, token_types if arch == "bert" else None)
     np.testing.assert_allclose(np.asarray(start), want.start_logits.numpy(), atol=1e-4)
     np.testing.assert_allclose(np.asarray(end), want.end_logits.numpy(), atol=1e-4)
+    if arch == "bert":  # and through ONNX, segments included (one architecture is enough)
+        files = onnx_export.export(hf_dir, task="question-answering", int8=False)
+        sess = onnx_export.session(files["fp32"]["path"])
+        assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+        got = sess.run(None, {"input_ids": ids, "attention_mask": am, "token_type_ids": token_types})
+        np.testing.assert_allclose(got[0], want.start_logits.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got[1], want.end_logits.numpy(), atol=1e-4)
 
 
 def test_an_exported_answerer_decodes_the_same_answer_as_ours(tmp_path):
