@@ -105,12 +105,13 @@ def test_ablation_table_with_paired_errors(demo_dir, run_main):
 
 
 
-def test_deploy_scores_the_demos_models_in_onnx_runtime(demo_dir, config_file):
+def test_deploy_scores_the_demos_models_in_onnx_runtime(demo_dir, run_main):
     """Mode deploy on the demo's models: ONNX fp32 scores as JAX does on the same masks and
-    examples, int8 is a small cost in a quarter of the file, the classifier loads in a pipeline."""
+    examples, int8 is a small cost in a quarter of the file, the classifier loads in a pipeline.
+    A subprocess with XLA's optimisations on, like the demo's: its fine-tuning is compute."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    main.run(with_changes(config_file("demo").get_config(), **REDUCED, mode="deploy"), str(demo_dir))
+    run_main("configs/demo.py", demo_dir, *REDUCED_FLAGS, "--config.mode=deploy", timeout=900, optimised=True)
     out = json.loads((demo_dir / "deploy.json").read_text())
     assert "| student | onnx int8 |" in (demo_dir / "deploy.md").read_text()
     for name in ("teacher", "student"):
