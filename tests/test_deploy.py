@@ -3,6 +3,7 @@ close and small, ONNX Runtime plugs into the same held-out evaluation, and fine-
 classifiers export as *ForSequenceClassification with equal logits."""
 
 import collections
+import json
 import os
 
 import flax.linen as nn
@@ -232,3 +233,14 @@ def exported_mlm_dir(tmp_path):
     module = _module("distilbert")
     return hf.save_hf_model(jax.device_get(init_params(module, jax.random.key(0))), module.config,
                             str(tmp_path / "mlm"))
+
+
+def test_the_command_line_exports_and_refuses_a_directory_without_a_model(exported, tmp_path, capsys):
+    _, _, hf_dir, _ = exported["distilbert"]
+    onnx_export.main([hf_dir, "--out", str(tmp_path / "cli"), "--int8"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["fp32"]["path"] == str(tmp_path / "cli" / "model.onnx") and out["fp32"]["max_difference"] < 1e-4
+    assert os.path.exists(out["int8"]["path"])
+    with pytest.raises(SystemExit):
+        onnx_export.main([str(tmp_path)])
+    assert "no config.json" in capsys.readouterr().err
