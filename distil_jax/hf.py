@@ -123,7 +123,6 @@ def param_table(config: EncoderConfig) -> List[Tuple[str, str, Optional[str]]]:
     return rows
 
 
-
 def _to_ours(kind: Optional[str], x: np.ndarray, config: EncoderConfig) -> np.ndarray:
     h, d = config.num_heads, config.hidden_size
     if kind is None:

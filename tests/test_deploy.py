@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from distil_jax import hf, hf_heads, onnx_export
-from distil_jax.apps import evaluate, finetune
+from distil_jax.apps import evaluate
 from distil_jax.assets import DEMO_TEACHER
 from distil_jax.data import squad
 from distil_jax.data.tokenizer import load_tokenizer

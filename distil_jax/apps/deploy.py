@@ -34,17 +34,13 @@ def _bytes(hf_dir: str) -> int:
     return os.path.getsize(os.path.join(hf_dir, "model.safetensors"))
 
 
-def _predict(forward, held: Dict[str, np.ndarray], rows: int = 256) -> np.ndarray:
-    return np.concatenate([np.asarray(forward(held["input_ids"][i: i + rows], held["attention_mask"][i: i + rows]))
-                           for i in range(0, len(held["labels"]), rows)]).argmax(-1)
-
-
-def task_scores(config, tokenizer, name: str, model, out_dir: str) -> Dict:
-    """`model` fine-tuned on stdlib_packages, exported, and scored in JAX and ONNX fp32 / int8
-    on the same held-out examples: accuracies, paired differences, file sizes."""
+def task_scores(config, tokenizer, task, model, out_dir: str) -> Dict:
+    """`model` fine-tuned on `task` (stdlib_packages' (train, held out, labels)), exported, and
+    scored in JAX and ONNX fp32 / int8 on the same held-out examples: accuracies, paired
+    differences, file sizes."""
     ft = config.finetune
-    train_set, held, labels = finetune.stdlib_packages_data(tokenizer, ft.classes, ft.max_len)
-    scores, predictions, (classifier, params) = finetune.finetune(
+    train_set, held, labels = task
+    _, predictions, (_, params) = finetune.finetune(
         model[0], model[1], train_set, held, len(labels), ("accuracy",), ft.epochs, ft.learning_rate,
         batch_size=ft.batch_size, seed=ft.seed)
     hf_dir = hf_heads.save_hf_classifier(jax.device_get(params), model[0].config, out_dir, labels, tokenizer=tokenizer)
@@ -52,10 +48,10 @@ def task_scores(config, tokenizer, name: str, model, out_dir: str) -> Dict:
     hits = {"jax": predictions == held["labels"]}
     for kind, label in (("fp32", FP32), ("int8", INT8)):
         forward = onnx_export.onnx_forward(onnx_export.session(files[kind]["path"]))
-        hits[label] = _predict(forward, held) == held["labels"]
+        hits[label] = finetune.outputs_in_blocks(forward, held).argmax(-1) == held["labels"]
     examples = np.arange(len(held["labels"]))
     return {"task": "stdlib_packages", "held_out": int(len(held["labels"])), "hf_dir": hf_dir,
-            "accuracy": {k: float(v.mean()) for k, v in hits.items()}, "jax_scores": scores,
+            "accuracy": {k: float(v.mean()) for k, v in hits.items()},
             "comparisons": {f"{INT8} - {FP32}": evaluate.paired_difference(hits[INT8], hits[FP32], examples),
                             f"{FP32} - jax": evaluate.paired_difference(hits[FP32], hits["jax"], examples)},
             "bytes": {"safetensors": _bytes(hf_dir), **{k: files[k]["bytes"] for k in ("fp32", "int8")}},
@@ -69,6 +65,8 @@ def run(config, workdir: str) -> Dict:
     demo.ensure_teacher(plan, clock)
     dirs = {"teacher": plan.teacher_hf, "student": demo.ensure_student("student", plan, clock)}
     tokenizer = load_tokenizer(os.path.join(plan.data_dir, "tokenizer"))
+    ft = config.finetune
+    task = finetune.stdlib_packages_data(tokenizer, ft.classes, ft.max_len) if ft.epochs > 0 else None
     out: Dict = {"models": {}}
     forwards = {}
     for name, hf_dir in dirs.items():
@@ -81,8 +79,8 @@ def run(config, workdir: str) -> Dict:
             "hf_dir": hf_dir, "parameters": demo.count_parameters(model[1]),
             "bytes": {"safetensors": _bytes(hf_dir), "fp32": files["fp32"]["bytes"], "int8": files["int8"]["bytes"]},
             "onnx": {k: files[k]["path"] for k in ("fp32", "int8")}, "max_difference": files["fp32"]["max_difference"]}
-        if config.finetune.epochs > 0:
-            out["models"][name]["task"] = task_scores(config, tokenizer, name, model,
+        if task is not None:
+            out["models"][name]["task"] = task_scores(config, tokenizer, task, model,
                                                       os.path.join(workdir, "deploy", f"{name}_classifier"))
     found, _ = evaluate.compare_on_held_out(plan.student, workdir, forwards,
                                             vocab_size=forwards["teacher"][0].config.vocab_size)

@@ -8,10 +8,10 @@ needs no data. Writes DIR/finetune.json.
 
 A head on the first token ([CLS]): dense + tanh + dropout + dense (BERT's pooler and
 classifier), dense + ReLU + dropout + dense for DistilBERT (its pre_classifier and
-classifier), as transformers' *ForSequenceClassification, trained with the encoder by
-AdamW (models/heads.py); `hf_heads.save_hf_classifier` exports it as that class. Metrics as GLUE defines
-them per task: Matthews correlation (CoLA), F1 and accuracy (MRPC, QQP), Pearson and
-Spearman (STS-B), accuracy (the others).
+classifier), as transformers' *ForSequenceClassification (models/heads.py), trained with
+the encoder by AdamW; `hf_heads.save_hf_classifier` exports it as that class. Metrics as
+GLUE defines them per task: Matthews correlation (CoLA), F1 and accuracy (MRPC, QQP),
+Pearson and Spearman (STS-B), accuracy (the others).
 `stdlib_packages` is an offline task with real labels: which standard-library package
 a docstring comes from.
 """
@@ -167,6 +167,12 @@ def stdlib_packages_data(tokenizer, classes: int = 6, max_len: int = 128,
 
 
 # --- the model and its training ---------------------------------------------------------
+def outputs_in_blocks(forward, arrays: Arrays, rows: int = 256) -> np.ndarray:
+    """forward(input_ids, attention_mask) over `arrays` in blocks of `rows`, concatenated."""
+    return np.concatenate([np.asarray(forward(arrays["input_ids"][i: i + rows], arrays["attention_mask"][i: i + rows]))
+                           for i in range(0, len(arrays["input_ids"]), rows)])
+
+
 def encoder_params(mlm_params):
     """An MLM's params without its vocabulary head (which classification does not use)."""
     return {k: v for k, v in mlm_params.items() if k != "mlm_head"}
@@ -212,9 +218,7 @@ def finetune(encoder: MaskedLM, mlm_params, train: Arrays, held_out: Arrays, num
             params, opt_state, _ = step(params, opt_state, train["input_ids"][idx],
                                         train["attention_mask"][idx], labels,
                                         jax.random.fold_in(rng, epoch * steps_per_epoch + s))
-    outputs = np.concatenate([np.asarray(predict(params, held_out["input_ids"][i: i + 256],
-                                                 held_out["attention_mask"][i: i + 256]))
-                              for i in range(0, len(held_out["labels"]), 256)])
+    outputs = outputs_in_blocks(lambda ids, am: predict(params, ids, am), held_out)
     predictions = outputs[:, 0] if regression else outputs.argmax(-1)
     return task_metrics(metrics, predictions, held_out["labels"]), predictions, (model, params)
 
