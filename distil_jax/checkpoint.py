@@ -19,6 +19,7 @@ as they were, removes its own temporary directory and either stops the run or, w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -32,11 +33,15 @@ from absl import logging
 from etils import epath
 
 from distil_jax import runtime
-from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, MaskedLM
+from distil_jax.data.tokenizer import load_tokenizer
+from distil_jax.models import (Bert, BertConfig, DistilBert, DistilBertConfig, QuestionAnswerer,
+                               SequenceClassifier)
 from distil_jax.objective import model_params
 
-# meta["model"]["type"] -> (module, config): what load_model builds.
+# meta["model"]["type"] -> (module, config): what load_model builds; a task head's
+# meta["model"] is {"type": head, "encoder": the encoder's, and num_labels for a classifier}.
 MODEL_TYPES = {"Bert": (Bert, BertConfig), "DistilBert": (DistilBert, DistilBertConfig)}
+HEAD_TYPES = {"SequenceClassifier": SequenceClassifier, "QuestionAnswerer": QuestionAnswerer}
 
 
 class CheckpointMismatch(ValueError):
@@ -166,6 +171,10 @@ class Checkpointer:
                 f"{where} was distilled from teacher {theirs.get('path')!r} (fingerprint "
                 f"{theirs.get('fingerprint')}), this run's teacher is {ours.get('path')!r} "
                 f"(fingerprint {ours.get('fingerprint')}); use the same teacher or another --workdir")
+        for key in ("task", "student_source"):  # mode finetune's: what was fine-tuned, on what
+            if meta.get(key) != expected_meta.get(key):
+                raise CheckpointMismatch(f"{where} fine-tuned {key} {meta.get(key)!r}, this run "
+                                         f"{expected_meta.get(key)!r}; use another finetune.dir (or --workdir)")
         saved = _shapes(self._manager.item_metadata(step)["state"].tree["params"])
         wanted = _shapes(abstract_state.params)
         diffs = [f"{k}: checkpoint {saved.get(k, 'absent')}, model {wanted.get(k, 'absent')}"
@@ -215,11 +224,36 @@ def _describe(error: Exception) -> str:
     return f"{os.strerror(code)}, errno {code}; {brief}" if code else brief
 
 
-def model_from_meta(meta: Dict[str, Any]) -> MaskedLM:
-    """The (float32) module a checkpoint's metadata describes."""
-    fields = dict(meta["model"])
-    module_cls, config_cls = MODEL_TYPES[fields.pop("type")]
+def model_meta(module) -> Dict[str, Any]:
+    """What a checkpoint records of its model: `model_from_meta` builds it back."""
+    if isinstance(module, tuple(HEAD_TYPES.values())):
+        extra = {"num_labels": module.num_labels} if isinstance(module, SequenceClassifier) else {}
+        return {"type": type(module).__name__, "encoder": model_meta(module.encoder), "dropout": module.dropout,
+                **extra}
+    return {"type": type(module).__name__, **dataclasses.asdict(module.config)}
+
+
+def _module(fields: Dict[str, Any]):
+    fields = dict(fields)
+    kind = fields.pop("type")
+    if kind in HEAD_TYPES:
+        return HEAD_TYPES[kind](_module(fields.pop("encoder")), **fields)
+    module_cls, config_cls = MODEL_TYPES[kind]
     return module_cls(config_cls(**fields))
+
+
+def model_from_meta(meta: Dict[str, Any]):
+    """The (float32) module a checkpoint's metadata describes: a masked LM or a task head."""
+    return _module(meta["model"])
+
+
+def checkpoint_tokenizer(meta: Dict[str, Any], fallback_dir: str = ""):
+    """The tokenizer a checkpoint's run was trained with: its recorded directory, else
+    `fallback_dir`; None when neither exists (synthetic data)."""
+    for path in (meta.get("tokenizer_dir") or "", fallback_dir):
+        if path and os.path.isdir(path):
+            return load_tokenizer(path)
+    return None
 
 
 def saved_steps(workdir: str):

@@ -108,12 +108,20 @@ def defaults() -> ml_collections.ConfigDict:
     # eval.passes: every held-out token is a target in exactly one of this many passes (apps/evaluate.py);
     # eval.batches: held-out batches of eval.batch_size (0: all).
     c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, passes=7, hf_dirs=()))
-    # Downstream fine-tuning (mode "finetune", apps/finetune.py): `model` is a Hugging
-    # Face directory (empty: the workdir's newest checkpoint); `task` is glue/NAME
-    # (TFDS, prepared in data_dir) or stdlib_packages (offline).
+    # Downstream fine-tuning and task distillation (mode "finetune"; apps/finetune.py, task.py),
+    # through the same step, loop and checkpoints as training, in `dir` (default
+    # WORKDIR/finetune/TASK). `model`: the student's encoder, a Hugging Face masked LM or a
+    # distill/pretrain workdir (empty: this workdir). `teacher`: a fine-tuned model (Hugging
+    # Face *ForSequenceClassification / *ForQuestionAnswering, or a finetune run's dir) to
+    # distil from: loss = alpha_task x task loss + alpha_kd x KL(teacher_T || student_T) x T^2;
+    # empty: plain fine-tuning. `task`: stdlib_packages (offline), glue/NAME or squad/v1.1
+    # (TFDS, prepared in data_dir). Optimisation: AdamW (b2 0.999, eps 1e-8, weight decay
+    # 0.01, clip 1.0), linear warmup over warmup_fraction then decay, for `epochs`;
+    # micro_batch_size 0: batch_size (no accumulation). max_len / stride: SQuAD's windows.
     c.finetune = ml_collections.ConfigDict(dict(
-        model="", task="stdlib_packages", data_dir="", epochs=3, learning_rate=5e-5,
-        batch_size=32, max_len=128, classes=6, seed=0))
+        model="", teacher="", task="stdlib_packages", data_dir="", dir="", epochs=3, learning_rate=5e-5,
+        batch_size=32, micro_batch_size=0, warmup_fraction=0.1, max_len=128, stride=128, classes=6, seed=0,
+        alpha_task=1.0, alpha_kd=1.0, temperature=2.0))
     # The embedded demo's stages (modes demo and ablate, apps/demo.py); its fine-tuning uses
     # the finetune group. teacher: "shipped" (the package's, distil_jax/assets/demo_teacher),
     # "train" (pretrained in the workdir by the shipped one's recipe for teacher_steps
@@ -143,6 +151,21 @@ def with_changes(config, **changes):
             node = node[p]
         node[leaf] = value
     return c
+
+
+# Mode finetune's optimiser beside the finetune group's settings (BERT's fine-tuning recipe).
+TASK_OPTIMIZER = {"adam_b1": 0.9, "adam_b2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0}
+
+
+def task_training(config):
+    """Mode finetune's config with its train group made from the finetune group (what the
+    trainer runs and the checkpoints record)."""
+    f = config.finetune
+    return with_changes(config, **{
+        "train.steps": 0, "train.epochs": f.epochs, "train.learning_rate": f.learning_rate,
+        "train.batch_size": f.batch_size, "train.micro_batch_size": f.micro_batch_size or f.batch_size,
+        "train.seed": f.seed, "train.warmup_fraction": f.warmup_fraction,
+        **{f"train.{k}": v for k, v in TASK_OPTIMIZER.items()}})
 
 
 def _unknown_keys(config, schema, prefix="") -> List[str]:
@@ -271,8 +294,8 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
     elif c.data.source == "synthetic" and not 3 <= c.data.synthetic.min_len <= c.data.seq_len:
         problems.append(f"data.synthetic.min_len {c.data.synthetic.min_len} must be in "
                         f"[3, data.seq_len={c.data.seq_len}]")
-    if c.mode == "finetune" and not (c.finetune.task == "stdlib_packages" or c.finetune.task.startswith("glue/")):
-        problems.append(f"finetune.task {c.finetune.task!r} is not glue/NAME or stdlib_packages")
+    if c.mode == "finetune":
+        problems += _finetune_problems(c.finetune)
     for name, spec in (c.data.sources.items() if c.data.source == "corpus" else ()):
         if not hasattr(spec, "get") or spec.get("kind") not in ("embedded", "text", "tfds"):
             problems.append(f"data.sources.{name} needs kind 'embedded', 'text' or 'tfds'")
@@ -286,6 +309,8 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
         problems.append(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
 
     problems += _mesh_problems(c, num_devices)
+    if c.mode == "finetune":  # the encoders come from finetune.model / finetune.teacher
+        return problems
     if teacher is None and not c.teacher.path:
         try:
             teacher = teacher_model(c)
@@ -293,6 +318,24 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
             problems.append(f"teacher.model: {e}")
     if teacher is not None:
         problems += _model_problems(c, teacher)
+    return problems
+
+
+def _finetune_problems(f) -> List[str]:
+    problems = []
+    if not (f.task in ("stdlib_packages", "squad/v1.1") or f.task.startswith("glue/")):
+        problems.append(f"finetune.task {f.task!r} is not stdlib_packages, glue/NAME or squad/v1.1")
+    if f.epochs <= 0 or f.learning_rate <= 0 or f.batch_size <= 0 or f.micro_batch_size < 0:
+        problems.append("finetune.epochs, learning_rate and batch_size must be positive and "
+                        "micro_batch_size >= 0 (0: batch_size)")
+    elif f.batch_size % (f.micro_batch_size or f.batch_size):
+        problems.append(f"finetune.batch_size {f.batch_size} is not a multiple of finetune.micro_batch_size "
+                        f"{f.micro_batch_size}")
+    if min(f.alpha_task, f.alpha_kd) < 0 or f.temperature <= 0:
+        problems.append("finetune.alpha_task and alpha_kd must be >= 0 and finetune.temperature > 0")
+    elif f.alpha_task == 0 and not (f.teacher and f.alpha_kd > 0):
+        problems.append("finetune.alpha_task is 0 and nothing distils (finetune.teacher with alpha_kd > 0): "
+                        "nothing to train on")
     return problems
 
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import hf
-from distil_jax.models import Bert, DistilBert, DistilBertConfig, EncoderConfig, SequenceClassifier
+from distil_jax.models import (Bert, DistilBert, DistilBertConfig, EncoderConfig, QuestionAnswerer,
+                               SequenceClassifier)
 
 Params = Dict[str, Any]
 # Sequence-classification heads: the Hugging Face names of our `pre_classifier` (BERT's
@@ -81,23 +82,27 @@ def _save(params, config, out_dir, suffix, table, tokenizer, dtype, **extra) -> 
     return hf.write_hf_dir(hf_config, hf.state_dict_from_params(params, config, dtype, table), out_dir, tokenizer)
 
 
-def load_hf_classifier(path: str, dtype=jnp.float32) -> Tuple[SequenceClassifier, Params, List[str]]:
-    """(module, params, label names) of a *ForSequenceClassification directory or hub name:
-    a fine-tuned teacher as users have them, or what `save_hf_classifier` wrote."""
+def load_hf_task_model(path: str, dtype=jnp.float32) -> Tuple[Any, Params, List[str]]:
+    """(module, params, label names) of a *ForSequenceClassification or *ForQuestionAnswering
+    directory or hub name: a fine-tuned teacher as users have them, or what `save_hf_classifier`
+    / `save_hf_question_answerer` wrote (question answering: no labels)."""
     model_dir = hf.resolve_model_dir(path)
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f)
     architecture = (raw.get("architectures") or ["(none given)"])[0]
-    if not architecture.endswith("ForSequenceClassification"):
-        raise ValueError(f"{model_dir} holds a {architecture}, not a sequence classifier: pass a "
-                         "*ForSequenceClassification directory (a fine-tuned model)")
     config = hf.config_from_hf(raw)
-    id2label = raw.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
-    labels = [id2label[str(i)] for i in range(len(id2label))]
     encoder = (DistilBert if isinstance(config, DistilBertConfig) else Bert)(config, dtype=dtype)
-    module = SequenceClassifier(encoder, len(labels))
+    if architecture.endswith("ForSequenceClassification"):
+        id2label = raw.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+        labels = [id2label[str(i)] for i in range(len(id2label))]
+        module, table, what = SequenceClassifier(encoder, len(labels)), classifier_table(config), "sequence classifier"
+    elif architecture.endswith("ForQuestionAnswering"):
+        labels, module = [], QuestionAnswerer(encoder)
+        table, what = question_answering_table(config), "question answerer"
+    else:
+        raise ValueError(f"{model_dir} holds a {architecture}, not a fine-tuned model: pass a "
+                         "*ForSequenceClassification or *ForQuestionAnswering directory")
     ids = jnp.zeros((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), ids, jnp.ones_like(ids))["params"]))
-    params = hf.params_from_table(hf.read_state_dict(model_dir), config, classifier_table(config), shapes,
-                                  "sequence classifier")
+    params = hf.params_from_table(hf.read_state_dict(model_dir), config, table, shapes, what)
     return module, params, labels

@@ -38,10 +38,11 @@ def forward_flops_per_token(config: EncoderConfig, seq_len: int, head_rows: floa
 
 def train_flops_per_token(obj: Objective, student: EncoderConfig, teacher: Optional[EncoderConfig],
                           seq_len: int) -> float:
-    """Model FLOPs per token of a train step: student fwd + bwd, and the teacher's forward
-    when a term reads it; the head only on the rows the objective projects."""
+    """Model FLOPs per token of a train step by `obj` (or a task.TaskObjective): student
+    fwd + bwd, and the teacher's forward when a term reads it; the vocabulary head only on
+    the rows the objective projects (none for a task)."""
     flops = 3 * forward_flops_per_token(student, seq_len, obj.head_rows)
-    if teacher is not None and obj.weights.uses_teacher:
+    if teacher is not None and obj.uses_teacher:
         flops += forward_flops_per_token(teacher, seq_len, obj.head_rows)
     return flops
 
@@ -59,7 +60,7 @@ def device_peak_tflops(override: float = 0.0) -> Optional[float]:
 
 # --- a logging window's means ------------------------------------------------------------
 _PER_UPDATE = ("grad_norm", "lr")
-_COUNTS = ("updates", "skipped_updates", "finite_micro_batches", "real_tokens", "targets")
+_COUNTS = ("updates", "skipped_updates", "finite_micro_batches", "real_tokens", "targets", "examples")
 
 
 def window_summary(sums: Dict[str, float], seconds: float, flops: float, sequences: int,

@@ -261,6 +261,20 @@ class Objective:
                            self.mask_id, self.vocab_size, **self.masking)
 
     @property
+    def uses_teacher(self) -> bool:
+        return self.weights.uses_teacher
+
+    def micro_batch(self, rng, batch, params, teacher_params, *, model, teacher):
+        """Dynamic masking with `rng`, then (metrics, gradients, counts) of one micro-batch
+        (`targets`: how many MLM targets it had)."""
+        mask_rng, dropout_rng = jax.random.split(rng)
+        am = batch["attention_mask"]
+        masked, labels, targets = self.mask(mask_rng, batch["input_ids"], am)
+        metrics, grads = loss_and_grads(params, teacher_params, masked, am, labels, targets, dropout_rng,
+                                        model=model, teacher=teacher, obj=self)
+        return metrics, grads, {"targets": jnp.sum(targets).astype(jnp.float32)}
+
+    @property
     def targets_only(self) -> bool:
         """Whether only the MLM targets are projected onto the vocabulary (no all-rows KL)."""
         return self.restrict_ce_to_mask or not self.weights.uses_teacher

@@ -1,25 +1,26 @@
 """The train state and the update: one jitted call over an update's micro-batches.
 
 An update takes its k micro-batches stacked [k, rows, seq] (k = 1 is the same code).
-For each, in sequence (`optax.microbatch`, a loop that sums): dynamic masking from
-fold_in(rng, update * k + i) -> teacher forward (frozen) -> student forward and
-backward -> the objective's terms. Then clip -> AdamW once, on the mean of the k
-gradients (the reference's gradient accumulation), skipped whole when it is not
-finite. The step is pure: (state, teacher_params, batches) -> (state, metrics), where
-metrics are sums over the micro-batches (the loop divides by the counts).
+For each, in sequence (`optax.microbatch`, a loop that sums), the objective with the key
+fold_in(rng, update * k + i): for masked LM distillation (objective.Objective) dynamic
+masking -> teacher forward (frozen) -> student forward and backward -> the terms; for a
+task (task.TaskObjective) the same without masking, on the task's head. Then
+clip -> AdamW once, on the mean of the k gradients (the reference's gradient
+accumulation), skipped whole when it is not finite. The step is pure:
+(state, teacher_params, batches) -> (state, metrics), where metrics are sums over the
+micro-batches (the loop divides by the counts).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from distil_jax import objective, optim, parallel
-from distil_jax.objective import Objective
+from distil_jax import optim, parallel
 
 
 @flax.struct.dataclass
@@ -41,24 +42,21 @@ def tree_all_finite(tree) -> jax.Array:
                               if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
-def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj: Objective):
-    """Mask with `rng`, then (gradients, metrics) of one micro-batch.
+def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj):
+    """(gradients, metrics) of one micro-batch by `obj` (objective.Objective: masked LM
+    distillation; task.TaskObjective: a task), with the random key `rng`.
 
     A non-finite micro-batch's metrics are zeroed and `finite_micro_batches` (0 or 1) says
-    whether it was finite; `real_tokens` and `targets` count what the means divide by."""
-    mask_rng, dropout_rng = jax.random.split(rng)
-    am = batch["attention_mask"]
-    masked, labels, targets = obj.mask(mask_rng, batch["input_ids"], am)
-    metrics, grads = objective.loss_and_grads(params, teacher_params, masked, am, labels, targets,
-                                              dropout_rng, model=model, teacher=teacher, obj=obj)
+    whether it was finite; `real_tokens` and the objective's counts (`targets`,
+    `examples`) count what the means divide by."""
+    metrics, grads, counts = obj.micro_batch(rng, batch, params, teacher_params, model=model, teacher=teacher)
     metrics, finite = finite_metrics(metrics)
-    counts = {"finite_micro_batches": finite, "real_tokens": jnp.sum(am).astype(jnp.float32),
-              "targets": jnp.sum(targets).astype(jnp.float32)}
+    counts = {**counts, "finite_micro_batches": finite,
+              "real_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
     return grads, {**metrics, **counts}
 
 
-def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx, schedule,
-               obj: Objective):
+def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx, schedule, obj):
     """One update over `batches` [k, rows, seq]: the summed micro-batch gradients, averaged,
     then clip -> AdamW (skipped and counted when not finite)."""
     k = batches["input_ids"].shape[0]
@@ -83,7 +81,7 @@ def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx
     return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
 
 
-def compiled_step(model, teacher, tx, schedule, obj: Objective, mesh, state_shardings,
+def compiled_step(model, teacher, tx, schedule, obj, mesh, state_shardings,
                   teacher_shardings, step_wrapper: Callable = lambda f: f):
     """The jitted update: (state, teacher_params, batches) -> (state, metrics), the state's
     buffers donated. `step_wrapper` wraps the pure step before jit (e.g. a trace counter)."""
@@ -91,7 +89,6 @@ def compiled_step(model, teacher, tx, schedule, obj: Objective, mesh, state_shar
         return train_step(state, teacher_params, batches, model=model, teacher=teacher, tx=tx,
                           schedule=schedule, obj=obj)
 
-    rows = parallel.batch_sharding(mesh)
-    batch_shardings: Dict[str, Any] = {"input_ids": rows, "attention_mask": rows}
-    return jax.jit(step_wrapper(step_fn), in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+    rows = parallel.batch_sharding(mesh)  # every array of the batches: [k, rows, ...]
+    return jax.jit(step_wrapper(step_fn), in_shardings=(state_shardings, teacher_shardings, rows),
                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)

@@ -1,9 +1,13 @@
 """Training, top to bottom: build what the config describes, restore or initialise, loop.
 
 `build(config, workdir)` validates first (every problem at once, before anything is
-loaded or compiled), then makes the mesh, loads the teacher once in float32 (the
-student copies exact weights) and keeps it on the mesh in `teacher.dtype`, describes
-the student's parameters by their logical axes, opens the data and the checkpoints.
+loaded or compiled), then makes the mesh and what the mode trains (`Parts`): for
+distill / pretrain (`mlm_parts`) the teacher loaded once in float32 (the student copies
+exact weights), the student, the corpus and the masked-LM objective; for finetune
+(`task_parts`) a task head on `finetune.model`'s encoder, the fine-tuned teacher if any,
+the task's arrays and the task objective (task.py). Then the teacher on the mesh in
+`teacher.dtype`, the trained parameters' shardings by their logical axes, the optimizer
+and the checkpoints: the same for every mode.
 `fit(trainer)` restores the newest checkpoint or initialises, then runs the jitted
 update (step.py) until the last update or a SIGTERM/SIGINT, logging windows of
 updates and checkpointing every `checkpoint.every_steps` updates.
@@ -28,8 +32,12 @@ from jax.experimental import multihost_utils
 
 from distil_jax import config as config_lib
 from distil_jax import data as data_lib
-from distil_jax import hf, optim, parallel, runtime
-from distil_jax.checkpoint import Checkpointer, params_fingerprint
+from distil_jax import hf, optim, parallel, runtime, task
+from distil_jax.checkpoint import Checkpointer, model_meta, params_fingerprint
+from distil_jax.data import tasks
+from distil_jax.data.arrays import ShuffledBatches
+from distil_jax.data.tasks import TaskSet
+from distil_jax.data.tokenizer import special_ids
 from distil_jax.metrics import MetricWriter, device_peak_tflops, train_flops_per_token, window_summary
 from distil_jax.models import Bert, DistilBert, MaskedLM, init_params, logical_axes
 from distil_jax.objective import PROJECTIONS, Objective, init_projections, model_params
@@ -55,7 +63,7 @@ def load_teacher(config) -> Tuple[MaskedLM, Any]:
 def validated(config) -> None:
     """ConfigError listing every problem, with the teacher's architecture read from disk."""
     teacher, found = None, []
-    if config.teacher.path and config.mode != "pretrain":
+    if config.teacher.path and config.mode == "distill":
         try:
             teacher = hf.read_config(config.teacher.path)
         except (OSError, ValueError) as e:
@@ -82,19 +90,31 @@ def calibration_importance(config, workdir: str, teacher: MaskedLM, teacher_para
 
 
 @dataclasses.dataclass
+class Parts:
+    """What a mode trains: built by `mlm_parts` (distill, pretrain) or `task_parts` (finetune)."""
+
+    model: Any  # a MaskedLM, or a task head on one (finetune)
+    teacher: Any  # None when nothing distils from one
+    teacher_params: Any  # float32, on the host
+    teacher_ref: Dict[str, str]  # path and fingerprint, recorded in checkpoints
+    data: data_lib.BatchIterator
+    vocab: data_lib.VocabInfo
+    objective: Any  # objective.Objective or task.TaskObjective
+    abstract_params: Any  # ShapeDtypeStructs of the trained params
+    initial_params: Callable[[Any], Any]  # (param shardings) -> fresh params on the mesh
+    meta: Dict[str, Any] = dataclasses.field(default_factory=dict)  # more for the checkpoints
+    task: Optional[TaskSet] = None  # finetune: the task's data, for its evaluation
+
+
+@dataclasses.dataclass
 class Trainer:
     """A run's parts, built: what `fit` needs and nothing an app needs to read weights."""
 
     config: Any
     workdir: str
     mesh: jax.sharding.Mesh
-    model: MaskedLM  # what is trained: the student (distill) or a BERT (pretrain)
-    teacher: Optional[MaskedLM]
-    teacher_params: Any  # on the mesh, in teacher.dtype; None in pretrain mode
-    teacher_ref: Dict[str, str]  # path and fingerprint, recorded in checkpoints
-    vocab: data_lib.VocabInfo
-    data: data_lib.BatchIterator
-    objective: Objective
+    parts: Parts
+    teacher_params: Any  # on the mesh, in teacher.dtype; None without a teacher
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     state_shardings: TrainState
@@ -105,10 +125,29 @@ class Trainer:
     accumulation: int  # micro-batches per update
     initial_params: Callable[[], Any]  # fresh params on the mesh (student init or random)
 
+    @property
+    def model(self):
+        return self.parts.model
+
+    @property
+    def teacher(self):
+        return self.parts.teacher
+
+    @property
+    def data(self) -> data_lib.BatchIterator:
+        return self.parts.data
+
+    @property
+    def vocab(self) -> data_lib.VocabInfo:
+        return self.parts.vocab
+
+    @property
+    def objective(self):
+        return self.parts.objective
+
     def meta(self) -> Dict[str, Any]:
-        return {"mode": self.config.mode, "teacher": self.teacher_ref,
-                "model": {"type": type(self.model).__name__, **dataclasses.asdict(self.model.config)},
-                "tokenizer_dir": self.vocab.tokenizer_dir, "config": self.config.to_dict()}
+        return {"mode": self.config.mode, "teacher": self.parts.teacher_ref, "model": model_meta(self.model),
+                "tokenizer_dir": self.vocab.tokenizer_dir, "config": self.config.to_dict(), **self.parts.meta}
 
     def create(self, params) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
@@ -126,18 +165,10 @@ class Trainer:
         return init(self.initial_params()), None
 
 
-def build(config, workdir: str, process_index: Optional[int] = None,
-          process_count: Optional[int] = None) -> Trainer:
-    validated(config)
-    process_count = jax.process_count() if process_count is None else process_count
+def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, process_count: int,
+              accumulation: int) -> Parts:
+    """Masked LM distillation (the student from the teacher) or pretraining (a BERT)."""
     t = config.train
-    mesh = parallel.make_mesh(config.mesh.shape)
-    if process_index is None:  # the block of every global batch this process's devices hold
-        process_index = parallel.batch_block(mesh, t.micro_batch_size)
-    rules = [tuple(r) for r in config.mesh.rules]
-    # Compute in train.dtype over float32 master params; the attention and remat choices.
-    kw = dict(dtype=config_lib.DTYPES[t.dtype], attention_impl=t.attention or None, remat=t.remat)
-
     if config.mode == "pretrain":
         model = Bert(config_lib.teacher_model(config), **kw)
         teacher = teacher_params32 = None
@@ -150,18 +181,9 @@ def build(config, workdir: str, process_index: Optional[int] = None,
         model = DistilBert(s_config, **kw)
         teacher_ref = {"path": config.teacher.path or "(random teacher.model)",
                        "fingerprint": params_fingerprint(teacher_params32)}
-
-    accumulation = t.batch_size // t.micro_batch_size
     data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
                                      vocab_size=model.config.vocab_size, workdir=workdir,
                                      keep_together=accumulation)
-
-    teacher_params = teacher_sh = None
-    if teacher is not None:
-        teacher_sh = parallel.logical_shardings(
-            jax.eval_shape(lambda: teacher_params32), logical_axes(teacher), mesh, rules)
-        teacher_params = jax.device_put(
-            jax.tree.map(lambda x: x.astype(teacher.dtype), teacher_params32), teacher_sh)
     obj = Objective.from_config(config, vocab, None if teacher is None else teacher.config, model.config)
     # The hidden-state terms' projections across widths train with the student (replicated).
     new_projections = functools.partial(
@@ -173,12 +195,7 @@ def build(config, workdir: str, process_index: Optional[int] = None,
         projections = new_projections(jax.random.fold_in(rng, 1))
         return {**student, PROJECTIONS: projections} if projections else student
 
-    abstract_params = jax.eval_shape(lambda r: with_projections(init_params(model, r), r), jax.random.key(0))
-    param_sh = parallel.logical_shardings(model_params(abstract_params), logical_axes(model), mesh, rules)
-    if PROJECTIONS in abstract_params:
-        param_sh[PROJECTIONS] = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_params[PROJECTIONS])
-
-    def initial_params():
+    def initial_params(param_sh):
         rng = jax.random.key(t.seed + 2)
         if teacher is None or config.student.init == "random":
             return jax.jit(lambda r: with_projections(init_params(model, r), r), out_shardings=param_sh)(rng)
@@ -193,7 +210,77 @@ def build(config, workdir: str, process_index: Optional[int] = None,
             fold_token_type=config.student.fold_token_type, rng=rng, importance=importance)
         return jax.device_put(with_projections(host, rng), param_sh)
 
-    total = t.steps if t.steps > 0 else max(1, t.epochs * data.sequences_per_epoch // t.batch_size)
+    abstract = jax.eval_shape(lambda r: with_projections(init_params(model, r), r), jax.random.key(0))
+    return Parts(model=model, teacher=teacher, teacher_params=teacher_params32, teacher_ref=teacher_ref,
+                 data=data, vocab=vocab, objective=obj, abstract_params=abstract, initial_params=initial_params)
+
+
+def task_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, process_count: int,
+               accumulation: int) -> Parts:
+    """Fine-tuning a task head on `finetune.model`'s encoder, distilled from the fine-tuned
+    `finetune.teacher` when one is given (task.py)."""
+    f, t = config.finetune, config.train
+    encoder, encoder_params, tokenizer, tokenizer_dir = task.load_encoder(f.model)
+    task_set = tasks.task_data(f, tokenizer)
+    model = task.head_model(type(encoder)(encoder.config, **kw), task_set)
+    teacher = teacher_params32 = None
+    teacher_ref = {"path": "", "fingerprint": ""}
+    if f.teacher:
+        teacher, teacher_params32, labels = task.load_task_model(f.teacher)
+        if type(teacher) is not type(model) or len(labels) != task_set.num_labels:
+            raise config_lib.ConfigError(
+                f"finetune.teacher {f.teacher} is a {type(teacher).__name__} with {len(labels)} labels; "
+                f"{task_set.name} needs a {type(model).__name__} with {task_set.num_labels}: fine-tune the "
+                "teacher on the same task first")
+        teacher = task.with_dtype(teacher, config_lib.DTYPES[config.teacher.dtype])
+        teacher_ref = {"path": f.teacher, "fingerprint": params_fingerprint(teacher_params32)}
+    data = ShuffledBatches(task_set.train, t.micro_batch_size, t.seed, process_index, process_count)
+    vocab = data_lib.VocabInfo(len(tokenizer), tokenizer.pad_token_id, tokenizer.mask_token_id,
+                               special_ids(tokenizer), np.zeros(0), tokenizer, tokenizer_dir)
+    obj = task.TaskObjective(task_set.kind, f.alpha_task, f.alpha_kd if teacher is not None else 0.0,
+                             f.temperature)
+
+    def fresh(rng):
+        return task.initial_params(model, encoder_params, rng, task_set.train)
+
+    meta = {"task": {"name": task_set.name, "kind": task_set.kind, "labels": task_set.labels},
+            "student_source": f.model}
+    return Parts(model=model, teacher=teacher, teacher_params=teacher_params32, teacher_ref=teacher_ref,
+                 data=data, vocab=vocab, objective=obj, abstract_params=jax.eval_shape(fresh, jax.random.key(0)),
+                 initial_params=lambda sh: jax.device_put(fresh(jax.random.key(t.seed + 2)), sh),
+                 meta=meta, task=task_set)
+
+
+def build(config, workdir: str, process_index: Optional[int] = None,
+          process_count: Optional[int] = None) -> Trainer:
+    if config.mode == "finetune":
+        config = config_lib.task_training(config)
+    validated(config)
+    process_count = jax.process_count() if process_count is None else process_count
+    t = config.train
+    mesh = parallel.make_mesh(config.mesh.shape)
+    if process_index is None:  # the block of every global batch this process's devices hold
+        process_index = parallel.batch_block(mesh, t.micro_batch_size)
+    rules = [tuple(r) for r in config.mesh.rules]
+    # Compute in train.dtype over float32 master params; the attention and remat choices.
+    kw = dict(dtype=config_lib.DTYPES[t.dtype], attention_impl=t.attention or None, remat=t.remat)
+    accumulation = t.batch_size // t.micro_batch_size
+    make_parts = task_parts if config.mode == "finetune" else mlm_parts
+    parts = make_parts(config, workdir, kw, process_index, process_count, accumulation)
+    teacher, model = parts.teacher, parts.model
+
+    teacher_params = teacher_sh = None
+    if teacher is not None:
+        teacher_sh = parallel.logical_shardings(
+            jax.eval_shape(lambda: parts.teacher_params), logical_axes(teacher), mesh, rules)
+        dtype = config_lib.DTYPES[config.teacher.dtype]  # what the teacher module computes in
+        teacher_params = jax.device_put(jax.tree.map(lambda x: x.astype(dtype), parts.teacher_params), teacher_sh)
+    abstract_params = parts.abstract_params
+    param_sh = parallel.logical_shardings(model_params(abstract_params), logical_axes(model), mesh, rules)
+    if PROJECTIONS in abstract_params:
+        param_sh[PROJECTIONS] = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_params[PROJECTIONS])
+
+    total = t.steps if t.steps > 0 else max(1, t.epochs * parts.data.sequences_per_epoch // t.batch_size)
     tx, schedule = optim.make_optimizer(t, int(total))
     replicated = parallel.replicated(mesh)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
@@ -205,12 +292,10 @@ def build(config, workdir: str, process_index: Optional[int] = None,
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
                         config.checkpoint.async_save, config.checkpoint.on_save_error)
-    return Trainer(config=config, workdir=workdir, mesh=mesh, model=model, teacher=teacher,
-                   teacher_params=teacher_params, teacher_ref=teacher_ref, vocab=vocab, data=data,
-                   objective=obj, tx=tx, schedule=schedule,
-                   state_shardings=state_sh, teacher_shardings=teacher_sh, abstract_state=abstract,
-                   checkpointer=ckpt, total_updates=int(total), accumulation=accumulation,
-                   initial_params=initial_params)
+    return Trainer(config=config, workdir=workdir, mesh=mesh, parts=parts, teacher_params=teacher_params,
+                   tx=tx, schedule=schedule, state_shardings=state_sh, teacher_shardings=teacher_sh,
+                   abstract_state=abstract, checkpointer=ckpt, total_updates=int(total),
+                   accumulation=accumulation, initial_params=lambda: parts.initial_params(param_sh))
 
 
 def _sums(acc, metrics):

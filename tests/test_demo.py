@@ -24,6 +24,7 @@ SUMMARY_FIELDS = (
     "student_inference_s", "speedup", "stage_seconds", "student_hf", "most_frequent_token_accuracy",
     "student_mlm_only_accuracy", "student_mlm_only_perplexity", "distillation_gain", "distillation_gain_se",
     "teacher_finetune_accuracy", "student_finetune_accuracy", "student_mlm_only_finetune_accuracy",
+    "student_task_kd_finetune_accuracy", "task_distillation_gain", "task_distillation_gain_se",
     "comparisons", "finetune_comparisons", "examples", "held_out_targets")
 
 

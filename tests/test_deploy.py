@@ -215,7 +215,7 @@ def test_a_transformers_classifier_loads_as_ours_and_back(tmp_path):
         for p in theirs.parameters():
             p.normal_(0.0, 0.2)
     theirs.save_pretrained(tmp_path / "theirs")
-    module, params, labels = hf_heads.load_hf_classifier(str(tmp_path / "theirs"))
+    module, params, labels = hf_heads.load_hf_task_model(str(tmp_path / "theirs"))
     assert labels == ["neg", "neutral", "pos"]
     ids, am = _padded(3, 20, seed=11)
     want = onnx_export.torch_forward(theirs, "logits")(ids, am)
@@ -225,8 +225,8 @@ def test_a_transformers_classifier_loads_as_ours_and_back(tmp_path):
     assert set(back) <= set(state) and len(back) == len(hf_heads.classifier_table(module.encoder.config))
     for name, tensor in back.items():
         np.testing.assert_allclose(tensor, state[name].numpy(), atol=1e-6, err_msg=name)
-    with pytest.raises(ValueError, match="not a sequence classifier"):
-        hf_heads.load_hf_classifier(exported_mlm_dir(tmp_path))
+    with pytest.raises(ValueError, match="not a fine-tuned model"):
+        hf_heads.load_hf_task_model(exported_mlm_dir(tmp_path))
 
 
 def exported_mlm_dir(tmp_path):

@@ -1,87 +1,204 @@
-"""Fine-tuning: GLUE metrics against their definitions, an easy task learned, GLUE data offline."""
+"""Mode finetune through the trainer's one step and loop: plain fine-tuning and task
+distillation (vs a float64 reference), accumulation, learning, resuming, question
+answering, and the exports transformers loads with equal logits."""
 
+import json
+import os
+
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-from distil_jax.apps import finetune
-from distil_jax.data.tokenizer import train_wordpiece
-from distil_jax.models import DistilBert, DistilBertConfig, init_params
+from distil_jax import data as data_lib
+from distil_jax import hf, hf_heads, parallel, trainer
+from distil_jax.apps import export, finetune
+from distil_jax.config import defaults, find_problems, with_changes
+from distil_jax.data import squad, tasks
+from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, SequenceClassifier, init_params
+from distil_jax.step import compiled_step
 
-
-def test_glue_metrics_on_hand_made_cases():
-    pred, gold = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]
-    # tp=2 fp=1 fn=1 tn=2
-    assert finetune.accuracy(pred, gold) == pytest.approx(4 / 6)
-    assert finetune.f1(pred, gold) == pytest.approx(2 / 3)  # P = R = 2/3
-    assert finetune.matthews(pred, gold) == pytest.approx((2 * 2 - 1 * 1) / 9)  # sqrt(3*3*3*3)
-    assert finetune.matthews([1, 1, 1], [1, 0, 1]) == 0.0  # undefined: GLUE's 0
-    assert finetune.f1([0, 0], [1, 1]) == 0.0
-    x, y = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 9.0]
-    mx, my = np.mean(x), np.mean(y)
-    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / np.sqrt(
-        sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
-    assert finetune.pearson(x, y) == pytest.approx(r)
-    assert finetune.spearman(x, y) == pytest.approx(1.0)
-    assert finetune.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(
-        finetune.pearson([1, 2.5, 2.5, 4], [1, 3, 2, 4]))  # ties share their average rank
-    scipy_stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=50), rng.normal(size=50)
-    b[:10] = b[10:20]  # ties
-    assert finetune.pearson(a, b) == pytest.approx(scipy_stats.pearsonr(a, b)[0])
-    assert finetune.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b)[0])
+WORDS = "the cat sat on a mat while dogs ran past and birds sang in tall green trees".split()
+SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64,
+             hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def test_easy_task_reaches_high_accuracy():
-    """Label 1 when token 7 occurs in the sequence: a randomly initialised encoder learns it."""
-    rng = np.random.default_rng(0)
-    n, s = 768, 16
-
-    def make(n):
-        ids = rng.integers(8, 40, size=(n, s)).astype(np.int32)
-        labels = rng.integers(0, 2, size=n)
-        pos = rng.integers(1, s, size=n)
-        ids[labels == 1, pos[labels == 1]] = 7
-        ids[:, 0] = 2
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
-
-    train, held = make(n), make(256)
-    encoder = DistilBert(DistilBertConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2,
-                                          intermediate_size=64, max_position_embeddings=32,
-                                          hidden_dropout=0.0, attention_dropout=0.0))
-    params = init_params(encoder, jax.random.key(0))
-    result, predictions, _ = finetune.finetune(encoder, params, train, held, 2, ("accuracy", "f1"), epochs=8,
-                                            learning_rate=3e-3, batch_size=32)
-    assert result["accuracy"] > 0.9, result
-    assert result["accuracy"] == np.mean(predictions == held["labels"])
+def word_tokenizer():
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
 
 
-def test_glue_data_reads_tfds_records(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    rows = {"train": [{"sentence1": b"hello world", "sentence2": b"the cat", "label": 1, "idx": 0},
-                      {"sentence1": b"the world", "sentence2": b"hello", "label": 0, "idx": 1}],
-            "validation": [{"sentence1": b"cat", "sentence2": b"world", "label": 1, "idx": 0}]}
-    calls = []
-
-    def data_source(name, split, **kwargs):
-        calls.append((name, split))
-        return rows[split]
-
-    monkeypatch.setattr(tfds, "data_source", data_source)
-    tok = train_wordpiece(["hello world the cat"] * 50, vocab_size=60)
-    train, held, metrics = finetune.glue_data("mrpc", tok)
-    assert calls == [("glue/mrpc", "train"), ("glue/mrpc", "validation")] and metrics == ("f1", "accuracy")
-    np.testing.assert_array_equal(train["labels"], [1, 0])
-    first = tok.convert_ids_to_tokens(train["input_ids"][0][train["attention_mask"][0] == 1].tolist())
-    assert first == ["[CLS]", "hello", "world", "[SEP]", "the", "cat", "[SEP]"]
-    assert len(held["labels"]) == 1
-    with pytest.raises(ValueError, match="unknown GLUE task"):
-        finetune.glue_data("nope", tok)
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A random DistilBERT masked LM and a random 2-label BERT classifier (Hugging Face dirs)."""
+    root = tmp_path_factory.mktemp("finetune")
+    tok = word_tokenizer()
+    student = DistilBertConfig(vocab_size=len(tok), **SIZES)
+    student_dir = hf.save_hf_model(jax.device_get(init_params(DistilBert(student), jax.random.key(0))), student,
+                                   str(root / "student"), tokenizer=tok)
+    teacher = SequenceClassifier(Bert(BertConfig(vocab_size=len(tok), **SIZES)), 2)
+    ids = np.zeros((1, 8), np.int32)
+    params = jax.device_get(nn.meta.unbox(teacher.init(jax.random.key(1), ids, np.ones_like(ids))["params"]))
+    teacher_dir = hf_heads.save_hf_classifier(params, teacher.config, str(root / "teacher"), ["no", "yes"], tok)
+    return {"root": root, "student": student_dir, "teacher": teacher_dir, "tokenizer": tok}
 
 
-def test_stdlib_packages_task_has_real_labels(tiny_tokenizer):
-    train, held, names = finetune.stdlib_packages_data(tiny_tokenizer, classes=4, max_len=32)
-    assert len(names) == 4 and len(set(names)) == 4
-    assert set(np.unique(train["labels"])) == set(range(4)) and len(held["labels"]) > 50
-    assert len(train["labels"]) > 4 * len(held["labels"]) * 0.5
+def easy_task(tokenizer, n, seed):
+    """Label 1 when "cat" occurs in the sentence: a random encoder learns it."""
+    rng = np.random.default_rng(seed)
+    others = [w for w in WORDS if w != "cat"]
+    labels = rng.integers(0, 2, size=n)
+    texts = []
+    for y in labels:
+        words = list(rng.choice(others, size=int(rng.integers(4, 10))))
+        if y:
+            words.insert(int(rng.integers(0, len(words))), "cat")
+        texts.append(" ".join(words))
+    return tasks.encode(tokenizer, texts, None, labels.astype(np.int32), max_len=16)
+
+
+@pytest.fixture
+def easy(monkeypatch):
+    """stdlib_packages replaced by the easy task (same shapes and kinds)."""
+    def data(tokenizer, classes, max_len):
+        return easy_task(tokenizer, 512, 0), easy_task(tokenizer, 256, 1), ["no", "yes"]
+    monkeypatch.setattr(tasks, "stdlib_packages_data", data)
+
+
+def task_config(**changes):
+    c = with_changes(defaults(), **{"mode": "finetune", "finetune.task": "stdlib_packages", "finetune.classes": 2,
+                                    "finetune.batch_size": 16, "finetune.learning_rate": 3e-3,
+                                    "finetune.epochs": 1, "train.log_every": 8, "checkpoint.every_steps": 16})
+    return with_changes(c, **changes)
+
+
+def first_update(config, workdir):
+    """(params after the first update (no warmup: it moves them), its metrics, the params
+    before, the trainer, the update's batches)."""
+    tr = trainer.build(with_changes(config, **{"finetune.warmup_fraction": 0.0}), workdir)
+    state = jax.jit(tr.create, out_shardings=tr.state_shardings)(tr.initial_params())
+    before = jax.device_get(state.params)
+    step = compiled_step(tr.model, tr.teacher, tr.tx, tr.schedule, tr.objective, tr.mesh, tr.state_shardings,
+                         tr.teacher_shardings)
+    local = data_lib.next_update(tr.data, tr.accumulation, tr.vocab.pad_id)
+    state, metrics = step(state, tr.teacher_params, parallel.global_batch(local, tr.mesh))
+    return jax.device_get(state.params), jax.device_get(metrics), before, tr, local
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kl_times_t2(student, teacher, t):
+    lt, ls = log_softmax(teacher / t), log_softmax(student / t)
+    return float(np.mean(np.sum(np.exp(lt) * (lt - ls), -1)) * t * t)
+
+
+def test_task_step_distils_as_the_reference_and_without_kd_is_plain_finetuning(dirs, easy, tmp_path):
+    kd = dict(**{"finetune.model": dirs["student"], "finetune.teacher": dirs["teacher"], "finetune.temperature": 3.0})
+    plain, m_plain, before, tr, local = first_update(task_config(**{"finetune.model": dirs["student"]}), tmp_path / "a")
+    zero, m_zero, _, _, _ = first_update(task_config(**kd, **{"finetune.alpha_kd": 0.0}), tmp_path / "b")
+    full, m_full, _, tr_kd, _ = first_update(task_config(**kd, **{"finetune.alpha_kd": 0.5}), tmp_path / "c")
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(zero)):
+        np.testing.assert_array_equal(a, b)  # alpha_kd = 0: the teacher changes nothing
+    assert "loss_kd" not in m_zero and m_plain["loss"] == m_zero["loss"]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(full))) > 1e-4
+    # The KD term against float64 numpy on the same rows (no dropout: the student is deterministic).
+    rows = {k: v[0] for k, v in local.items()}
+    s_logits = np.asarray(tr.model.apply({"params": before}, rows["input_ids"], rows["attention_mask"]), np.float64)
+    t_logits = np.asarray(tr_kd.teacher.apply({"params": jax.device_get(tr_kd.teacher_params)}, rows["input_ids"],
+                                              rows["attention_mask"]), np.float64)
+    np.testing.assert_allclose(m_full["loss_kd"], kl_times_t2(s_logits, t_logits, 3.0), rtol=2e-5)
+    ce = -np.mean(log_softmax(s_logits)[np.arange(len(rows["labels"])), rows["labels"]])
+    np.testing.assert_allclose(m_full["loss_task"], ce, rtol=2e-5)
+    np.testing.assert_allclose(m_full["loss"], ce + 0.5 * m_full["loss_kd"], rtol=2e-5)
+
+
+def test_task_accumulation_equals_the_big_batch(dirs, easy, tmp_path):
+    kd = {"finetune.model": dirs["student"], "finetune.teacher": dirs["teacher"]}
+    big, m_big, _, _, _ = first_update(task_config(**kd), tmp_path / "big")
+    acc, m_acc, _, tr, _ = first_update(task_config(**kd, **{"finetune.micro_batch_size": 8}), tmp_path / "acc")
+    assert tr.accumulation == 2 and m_acc["examples"] == m_big["examples"] == 16
+    for a, b in zip(jax.tree.leaves(big), jax.tree.leaves(acc)):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # AdamW moves each by ~lr = 3e-3: no sign differs
+
+
+def test_finetune_learns_resumes_distils_and_exports_for_pipelines(dirs, easy, tmp_path):
+    config = task_config(**{"finetune.epochs": 6})
+    teacher_run = str(tmp_path / "teacher_run")
+    scores, hits, (module, params) = finetune.finetune_in(config, teacher_run, dirs["student"])
+    assert scores["accuracy"] > 0.9 and scores["updates"] == 6 * 512 // 16, scores
+    assert scores["accuracy"] == hits.mean() and scores["labels"] == ["no", "yes"]
+    records = open(os.path.join(teacher_run, "metrics.jsonl")).read()
+    again, _, _ = finetune.finetune_in(config, teacher_run, dirs["student"])  # finished: read back
+    assert again["accuracy"] == scores["accuracy"] and open(os.path.join(teacher_run, "metrics.jsonl")).read() == records
+
+    out = export.export_checkpoint(teacher_run, str(tmp_path / "hf"))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "DistilBertForSequenceClassification"
+    assert theirs.config.id2label == {0: "no", 1: "yes"}
+    held = easy_task(dirs["tokenizer"], 64, 2)
+    with torch.no_grad():
+        want = theirs(input_ids=torch.tensor(held["input_ids"], dtype=torch.long),
+                      attention_mask=torch.tensor(held["attention_mask"], dtype=torch.long)).logits.numpy()
+    ours = np.asarray(module.apply({"params": jax.device_get(params)}, held["input_ids"], held["attention_mask"]))
+    np.testing.assert_allclose(ours, want, atol=1e-4)
+    found = transformers.pipeline("text-classification", model=out)(["the cat sat on a mat", "dogs ran past"])
+    assert [f["label"] for f in found] == ["yes", "no"]
+
+    # The student distilled from the fine-tuned run's checkpoint (a finetune run's directory).
+    student_cfg = task_config(**{"finetune.epochs": 1, "finetune.temperature": 2.0})
+    kd_scores, _, _ = finetune.finetune_in(student_cfg, str(tmp_path / "kd"), dirs["student"], teacher_run)
+    last = json.loads(open(tmp_path / "kd" / "metrics.jsonl").read().splitlines()[-1])
+    assert last["loss_kd"] > 0 and kd_scores["teacher"] == teacher_run
+
+
+def qa_examples(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        context = " ".join(rng.choice(WORDS, size=12))
+        words = context.split()
+        j = int(rng.integers(0, len(words) - 2))
+        answer = " ".join(words[j: j + 2])
+        start = len(" ".join(words[:j])) + (1 if j else 0)
+        out.append({"id": f"q{i}", "question": " ".join(words[j: j + 2]) + " where", "context": context,
+                    "answers": [answer], "answer_starts": [start]})
+    return out
+
+
+def test_question_answering_trains_decodes_and_exports(dirs, monkeypatch, tmp_path):
+    monkeypatch.setattr(squad, "read_squad", lambda split, data_dir="": qa_examples(96 if split == "train" else 32,
+                                                                                     split == "train"))
+    config = task_config(**{"finetune.task": "squad/v1.1", "finetune.max_len": 24, "finetune.stride": 8,
+                            "finetune.epochs": 2})
+    scores, per_question, (module, params) = finetune.finetune_in(config, str(tmp_path / "qa"), dirs["student"])
+    assert set(scores) >= {"exact_match", "f1"} and 0 <= scores["exact_match"] <= scores["f1"] <= 100
+    assert len(per_question) == 32 and np.isclose(100 * per_question.mean(), scores["f1"])
+    out = export.export_checkpoint(str(tmp_path / "qa"), str(tmp_path / "qa_hf"))
+    theirs = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
+    features, _ = squad.features(dirs["tokenizer"], qa_examples(4, 5), 24, 8)
+    with torch.no_grad():
+        got = theirs(input_ids=torch.tensor(features["input_ids"], dtype=torch.long),
+                     attention_mask=torch.tensor(features["attention_mask"], dtype=torch.long))
+    start, end = module.apply({"params": jax.device_get(params)}, features["input_ids"], features["attention_mask"])
+    np.testing.assert_allclose(np.asarray(start), got.start_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(end), got.end_logits.numpy(), atol=1e-4)
+
+
+def test_finetune_config_problems_are_named():
+    found = find_problems(task_config(**{"finetune.task": "squad", "finetune.alpha_task": 0.0,
+                                         "finetune.micro_batch_size": 5}))
+    text = " | ".join(found)
+    assert "finetune.task 'squad' is not stdlib_packages, glue/NAME or squad/v1.1" in text
+    assert "not a multiple of finetune.micro_batch_size 5" in text
+    assert "nothing to train on" in text
+    assert find_problems(task_config()) == []

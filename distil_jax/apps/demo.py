@@ -16,7 +16,10 @@ Stages, each in its own place in DIR and skipped when already done:
   eval.json              teacher, students and the most-frequent-token baseline on the same
                          held-out masks, each pair's difference with its paired standard
                          error; inference time of teacher and student
-  finetune.json          the three fine-tuned on which-package-is-this-docstring-from
+  finetune/NAME/, finetune.json
+                         the three fine-tuned on which-package-is-this-docstring-from
+                         (mode finetune's runs), and the student again with task
+                         distillation from the fine-tuned teacher (student_task_kd)
   examples.json          held-out sentences with a word masked: each model's top guesses
   summary.json           all of it, plus parameter counts and each stage's wall time
 To re-run a stage, delete its directory or file (and those of the stages after it).
@@ -181,7 +184,7 @@ def run(config, workdir: str) -> Dict:
     evaluation = _cached(os.path.join(workdir, "eval.json"), clock, "evaluate",
                          lambda: _evaluate(plan.student, workdir, models))
     finetuned = _cached(os.path.join(workdir, "finetune.json"), clock, "finetune",
-                        lambda: finetune_models(config, tokenizer, models) if config.finetune.epochs > 0 else {})
+                        lambda: finetune_models(config, workdir, dirs) if config.finetune.epochs > 0 else {})
     examples = _cached(os.path.join(workdir, "examples.json"), clock, "examples",
                        lambda: fill_mask_examples(tokenizer, models, config.demo.examples, config.train.seed))
     summary = _summary(evaluation, finetuned, examples, clock.times, dirs, config)
@@ -203,19 +206,27 @@ def _evaluate(student_config, workdir, models) -> Dict:
             "inference_seconds": seconds, "inference_sequences": int(sum(len(b["input_ids"]) for b in timing))}
 
 
-def finetune_models(config, tokenizer, models) -> Dict:
-    """Each model fine-tuned on stdlib_packages (config.finetune): scores and paired comparisons."""
-    ft = config.finetune
-    train_set, held, names = finetune.stdlib_packages_data(tokenizer, ft.classes, ft.max_len)
-    out = {"task": "stdlib_packages", "classes": names, "train": int(len(train_set["labels"])),
-           "held_out": int(len(held["labels"])), "models": {}}
+def slug(name: str) -> str:
+    """A model's name as a directory name."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def finetune_models(config, workdir: str, sources: Dict[str, str], task_kd: bool = True) -> Dict:
+    """Each model (name -> a Hugging Face dir or a checkpoint workdir) fine-tuned on
+    `finetune.task` by mode finetune in WORKDIR/finetune/NAME; with `task_kd` the student
+    again with task distillation from the fine-tuned teacher (student_task_kd): scores and
+    paired comparisons on the same held-out examples."""
+    runs = {name: (source, "") for name, source in sources.items()}
+    if task_kd:
+        runs["student_task_kd"] = (sources["student"], os.path.join(workdir, "finetune", "teacher"))
+    out: Dict[str, Any] = {"task": config.finetune.task, "models": {}}
     hits = {}
-    for name, (module, params) in models.items():
-        scores, predictions, _ = finetune.finetune(module, params, train_set, held, len(names), ("accuracy",),
-                                                ft.epochs, ft.learning_rate, batch_size=ft.batch_size, seed=ft.seed)
-        out["models"][name] = scores
-        hits[name] = (np.asarray(predictions) == held["labels"]).astype(np.float64)
-    out["comparisons"] = evaluate.paired_comparisons(hits, np.arange(len(held["labels"])))
+    for name, (source, teacher) in runs.items():  # the teacher first: the last run distils from it
+        scores, hits[name], _ = finetune.finetune_in(config, os.path.join(workdir, "finetune", slug(name)), source,
+                                                     teacher)
+        out["models"][name] = {k: v for k, v in scores.items() if k not in ("model", "teacher", "task", "labels")}
+        out["held_out"], out["classes"] = scores["held_out"], scores["labels"]
+    out["comparisons"] = evaluate.paired_comparisons(hits, np.arange(out["held_out"]))
     return out
 
 
@@ -302,6 +313,9 @@ def _summary(evaluation, finetuned, examples, stages, dirs, config) -> Dict:
         for name, scores in finetuned["models"].items():
             summary[f"{name}_finetune_accuracy"] = scores["accuracy"]
         summary["finetune_comparisons"] = finetuned["comparisons"]
+        if "student_task_kd" in finetuned["models"]:
+            gain = evaluate.pair(finetuned["comparisons"], "student_task_kd", "student")
+            summary.update(task_distillation_gain=gain["difference"], task_distillation_gain_se=gain["se"])
     return summary
 
 
@@ -335,6 +349,11 @@ def format_summary(s: Dict) -> str:
         c = s["finetune_comparisons"]["student - student_mlm_only"]
         lines.append(f"fine-tuned, distilled - MLM only: {100 * c['difference']:+.2f} points "
                      f"(paired standard error {100 * c['se']:.2f})")
+    if "task_distillation_gain" in s:
+        lines.append(f"fine-tuned with task distillation from the fine-tuned teacher: "
+                     f"{_points(s['student_task_kd_finetune_accuracy'])}%, "
+                     f"{100 * s['task_distillation_gain']:+.2f} points over the distilled student fine-tuned "
+                     f"alone (paired standard error {100 * s['task_distillation_gain_se']:.2f})")
     lines.append(f"always the most frequent token: {_points(s['most_frequent_token_accuracy'])}%")
     lines.append("")
     lines.append("Fill in the [MASK] (top 3 of each model, with probabilities):")

@@ -7,8 +7,8 @@ each model is exported to ONNX (fill-mask, checked against PyTorch within 1e-4) 
 quantized to int8 (onnx_export.py), in DIR/deploy/NAME/onnx. Scored on what the demo
 scores, in ONNX Runtime: held-out MLM accuracy on the demo's fixed masks (the JAX model,
 the fp32 and the int8 ONNX model on the same targets, each difference with its paired
-standard error), and the downstream task: each model fine-tuned on `finetune.task` as
-mode finetune does, exported as *ForSequenceClassification (DIR/deploy/NAME_classifier,
+standard error), and the downstream task: each model fine-tuned on `finetune.task` by
+mode finetune in DIR/finetune/NAME (the demo's runs, read back when it made them), exported as *ForSequenceClassification (DIR/deploy/NAME_classifier,
 what pipeline("text-classification") loads) and to ONNX fp32 and int8, scored on the same
 held-out examples. File sizes beside. Writes DIR/deploy.md and DIR/deploy.json;
 `python -m distil_jax.bench deploy` times the same files.
@@ -25,6 +25,8 @@ import numpy as np
 
 from distil_jax import hf, hf_heads, onnx_export
 from distil_jax.apps import demo, evaluate, finetune
+from distil_jax.data import tasks
+from distil_jax.data.tasks import TaskSet
 from distil_jax.data.tokenizer import load_tokenizer
 
 FP32, INT8 = "onnx fp32", "onnx int8"
@@ -34,28 +36,32 @@ def _bytes(hf_dir: str) -> int:
     return os.path.getsize(os.path.join(hf_dir, "model.safetensors"))
 
 
-def task_scores(config, tokenizer, task, model, out_dir: str) -> Dict:
-    """`model` fine-tuned on `task` (stdlib_packages' (train, held out, labels)), exported, and
-    scored in JAX and ONNX fp32 / int8 on the same held-out examples: accuracies, paired
-    differences, file sizes."""
-    ft = config.finetune
-    train_set, held, labels = task
-    _, predictions, (_, params) = finetune.finetune(
-        model[0], model[1], train_set, held, len(labels), ("accuracy",), ft.epochs, ft.learning_rate,
-        batch_size=ft.batch_size, seed=ft.seed)
-    hf_dir = hf_heads.save_hf_classifier(jax.device_get(params), model[0].config, out_dir, labels, tokenizer=tokenizer)
+def task_scores(config, task: TaskSet, source: str, run_dir: str, out_dir: str) -> Dict:
+    """`source` fine-tuned on `task` in `run_dir` (mode finetune's run; one the demo finished is
+    read back), exported, and scored in JAX and ONNX fp32 / int8 on the same held-out
+    examples: accuracies, paired differences, file sizes."""
+    _, hits_jax, (module, params) = finetune.finetune_in(config, run_dir, source)
+    held = task.held_out
+    hf_dir = hf_heads.save_hf_classifier(jax.device_get(params), module.config, out_dir, task.labels,
+                                         tokenizer=load_tokenizer(source))
     files = onnx_export.export(hf_dir, task="text-classification")
-    hits = {"jax": predictions == held["labels"]}
+    hits = {"jax": hits_jax}
     for kind, label in (("fp32", FP32), ("int8", INT8)):
         forward = onnx_export.onnx_forward(onnx_export.session(files[kind]["path"]))
-        hits[label] = finetune.outputs_in_blocks(forward, held).argmax(-1) == held["labels"]
+        hits[label] = outputs_in_blocks(forward, held).argmax(-1) == held["labels"]
     examples = np.arange(len(held["labels"]))
-    return {"task": "stdlib_packages", "held_out": int(len(held["labels"])), "hf_dir": hf_dir,
+    return {"task": task.name, "held_out": int(len(held["labels"])), "hf_dir": hf_dir,
             "accuracy": {k: float(v.mean()) for k, v in hits.items()},
             "comparisons": {f"{INT8} - {FP32}": evaluate.paired_difference(hits[INT8], hits[FP32], examples),
                             f"{FP32} - jax": evaluate.paired_difference(hits[FP32], hits["jax"], examples)},
             "bytes": {"safetensors": _bytes(hf_dir), **{k: files[k]["bytes"] for k in ("fp32", "int8")}},
             "max_difference": files["fp32"]["max_difference"]}
+
+
+def outputs_in_blocks(forward, arrays, rows: int = 256) -> np.ndarray:
+    """forward(input_ids, attention_mask) over `arrays` in blocks of `rows`, concatenated."""
+    return np.concatenate([np.asarray(forward(arrays["input_ids"][i: i + rows], arrays["attention_mask"][i: i + rows]))
+                           for i in range(0, len(arrays["input_ids"]), rows)])
 
 
 def run(config, workdir: str) -> Dict:
@@ -65,8 +71,7 @@ def run(config, workdir: str) -> Dict:
     demo.ensure_teacher(plan, clock)
     dirs = {"teacher": plan.teacher_hf, "student": demo.ensure_student("student", plan, clock)}
     tokenizer = load_tokenizer(os.path.join(plan.data_dir, "tokenizer"))
-    ft = config.finetune
-    task = finetune.stdlib_packages_data(tokenizer, ft.classes, ft.max_len) if ft.epochs > 0 else None
+    task = tasks.task_data(config.finetune, tokenizer) if config.finetune.epochs > 0 else None
     out: Dict = {"models": {}}
     forwards = {}
     for name, hf_dir in dirs.items():
@@ -80,7 +85,7 @@ def run(config, workdir: str) -> Dict:
             "bytes": {"safetensors": _bytes(hf_dir), "fp32": files["fp32"]["bytes"], "int8": files["int8"]["bytes"]},
             "onnx": {k: files[k]["path"] for k in ("fp32", "int8")}, "max_difference": files["fp32"]["max_difference"]}
         if task is not None:
-            out["models"][name]["task"] = task_scores(config, tokenizer, task, model,
+            out["models"][name]["task"] = task_scores(config, task, hf_dir, os.path.join(workdir, "finetune", name),
                                                       os.path.join(workdir, "deploy", f"{name}_classifier"))
     found, _ = evaluate.compare_on_held_out(plan.student, workdir, forwards,
                                             vocab_size=forwards["teacher"][0].config.vocab_size)

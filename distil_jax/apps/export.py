@@ -3,8 +3,9 @@
     python -m distil_jax.main --config=CONFIG --workdir=DIR --config.mode=export
 
 The newest checkpoint in DIR/checkpoints becomes `export.dir` (default DIR/hf): a
-student as DistilBertForMaskedLM, a pretrained BERT as BertForMaskedLM, with the
-tokenizer of its data, in `export.dtype` (float32, or bfloat16 for half the size).
+student as DistilBertForMaskedLM, a pretrained BERT as BertForMaskedLM, a fine-tuned
+model (mode finetune's run directory) as *ForSequenceClassification (with its labels) or
+*ForQuestionAnswering, with the tokenizer of its data, in `export.dtype` (float32, or bfloat16 for half the size).
 `export.onnx=fp32` adds `onnx/model.onnx` (checked against transformers within 1e-4),
 `export.onnx=int8` that and its int8 quantization `onnx/model_quantized.onnx`
 (onnx_export.py; `python -m distil_jax.onnx_export HF_DIR` does the same for any
@@ -19,30 +20,26 @@ from typing import Dict
 import jax
 
 from distil_jax import config as config_lib
-from distil_jax import hf, onnx_export
-from distil_jax.checkpoint import load_model
+from distil_jax import hf, hf_heads, onnx_export
+from distil_jax.checkpoint import checkpoint_tokenizer, load_model
 from distil_jax.data import prepared_dir
-from distil_jax.data.tokenizer import load_tokenizer
-
-
-def checkpoint_tokenizer(meta: Dict, config=None, workdir: str = ""):
-    """The tokenizer a checkpoint's run was trained with (None for synthetic data)."""
-    candidates = [meta.get("tokenizer_dir") or ""]
-    if config is not None:
-        candidates.append(os.path.join(prepared_dir(config, workdir), "tokenizer"))
-    for path in candidates:
-        if path and os.path.isdir(path):
-            return load_tokenizer(path)
-    return None
+from distil_jax.models import QuestionAnswerer, SequenceClassifier
 
 
 def export_checkpoint(workdir: str, out_dir: str, dtype: str = "float32", config=None) -> str:
-    """The newest checkpoint of `workdir` written to `out_dir` (by process 0); returns out_dir."""
+    """The newest checkpoint of `workdir` written to `out_dir` (by process 0); returns out_dir.
+    A masked LM as *ForMaskedLM, a fine-tuned model (mode finetune) as its task's class."""
     module, params, meta = load_model(workdir)
     if jax.process_index() == 0:
-        hf.save_hf_model(jax.device_get(params), module.config, out_dir,
-                         tokenizer=checkpoint_tokenizer(meta, config, workdir),
-                         dtype=config_lib.DTYPES[dtype])
+        fallback = os.path.join(prepared_dir(config, workdir), "tokenizer") if config is not None else ""
+        kw = dict(tokenizer=checkpoint_tokenizer(meta, fallback), dtype=config_lib.DTYPES[dtype])
+        params = jax.device_get(params)
+        if isinstance(module, SequenceClassifier):
+            hf_heads.save_hf_classifier(params, module.config, out_dir, meta["task"]["labels"], **kw)
+        elif isinstance(module, QuestionAnswerer):
+            hf_heads.save_hf_question_answerer(params, module.config, out_dir, **kw)
+        else:
+            hf.save_hf_model(params, module.config, out_dir, **kw)
     return out_dir
 
 

@@ -31,7 +31,6 @@ import jax
 from distil_jax import hf, trainer
 from distil_jax.apps import demo, evaluate
 from distil_jax.checkpoint import load_model, saved_steps
-from distil_jax.data.tokenizer import load_tokenizer
 
 LOGIT_KD = {"distill.alpha_cos": 0.0, "student.init": "random"}
 RELATIONS = (("relation",),)
@@ -68,16 +67,13 @@ def variants(config, teacher) -> Dict[str, dict]:
     }
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
-def _train(plan, workdir: str, name: str, changes: dict):
+def _train(plan, workdir: str, name: str, changes: dict) -> str:
+    """The row's run directory, trained unless it is finished."""
     cfg = demo.stage_config(plan.student, **changes)
-    run_dir = os.path.join(workdir, "shapes", _slug(name))
+    run_dir = os.path.join(workdir, "shapes", demo.slug(name))
     if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
         trainer.train(cfg, run_dir)
-    return load_model(run_dir)[:2]
+    return run_dir
 
 
 def run(config, workdir: str) -> Dict:
@@ -86,23 +82,25 @@ def run(config, workdir: str) -> Dict:
     clock = demo.StageClock(os.path.join(workdir, "stages.json"))
     demo.ensure_teacher(plan, clock)
     teacher = hf.load_hf_model(plan.teacher_hf)
-    models = {"teacher": teacher, HALF_DEPTH: hf.load_hf_model(demo.ensure_student("student", plan, clock))}
+    sources = {"teacher": plan.teacher_hf, HALF_DEPTH: demo.ensure_student("student", plan, clock)}
+    models = {"teacher": teacher, HALF_DEPTH: hf.load_hf_model(sources[HALF_DEPTH])}
     rows = variants(config, teacher[0].config)
     for name, changes in rows.items():
-        models[name] = _train(plan, workdir, name, changes)
+        sources[name] = _train(plan, workdir, name, changes)
+        models[name] = load_model(sources[name])[:2]
     # The prune row takes the best KD objective (held-out accuracy) of the random-init rows.
     kd_rows = (KD, KD_RELATIONS, KD_HIDDEN)
     found, _ = evaluate.compare_on_held_out(plan.student, workdir, {n: models[n] for n in kd_rows}, reference=None)
     best = max(kd_rows, key=lambda n: found["models"][n]["mlm_accuracy"])
     pruned = f"prune init, {best.lstrip('+ ') if best != KD else 'logit KD + MLM'}"
     rows[pruned] = {**rows[best], "student.init": "prune"}
-    models[pruned] = _train(plan, workdir, pruned, rows[pruned])
+    sources[pruned] = _train(plan, workdir, pruned, rows[pruned])
+    models[pruned] = load_model(sources[pruned])[:2]
     found, batches = evaluate.compare_on_held_out(plan.student, workdir, models)
 
     timing = batches[: config.demo.inference_batches]
     seconds = {n: evaluate.inference_seconds(m, p, timing) for n, (m, p) in models.items()}
-    tokenizer = load_tokenizer(os.path.join(plan.data_dir, "tokenizer"))
-    tuned = demo.finetune_models(config, tokenizer, models) if config.finetune.epochs > 0 else {}
+    tuned = demo.finetune_models(config, workdir, sources, task_kd=False) if config.finetune.epochs > 0 else {}
     results, pairs = found["models"], found["comparisons"]
     table = []
     for name, (module, params) in models.items():

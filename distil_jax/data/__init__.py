@@ -48,16 +48,20 @@ def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
     raise DataError(f"data.source {config.data.source!r} is not one of: corpus, synthetic")
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def next_update(data: BatchIterator, k: int, pad_id: int = 0) -> Dict[str, np.ndarray]:
     """The next `k` micro-batches stacked [k, rows, seq], each padded (pad id, attention
-    mask 0) to the longest of them: one update's input."""
+    mask 0) to the longest of them: one update's input (a task's labels: [k, rows, ...])."""
     micro = [next(data) for _ in range(k)]
     seq = max(m["input_ids"].shape[1] for m in micro)
 
-    def pad(x, value):
-        return np.pad(x, [(0, 0), (0, seq - x.shape[1])], constant_values=value)
-    return {key: np.stack([pad(m[key], pad_id if key == "input_ids" else 0) for m in micro])
-            for key in micro[0]}
+    def pad(key, x):  # the token arrays [rows, seq]; labels [rows] as they are
+        if key not in SEQUENCE_KEYS:
+            return x
+        return np.pad(x, [(0, 0), (0, seq - x.shape[1])], constant_values=pad_id if key == "input_ids" else 0)
+    return {key: np.stack([pad(key, m[key]) for m in micro]) for key in micro[0]}
 
 
 def _corpus_data(config, split, micro_batch_size, process_index, process_count, vocab_size, workdir,

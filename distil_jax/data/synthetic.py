@@ -7,10 +7,9 @@ between min_len and seq_len, right padding.
 
 from __future__ import annotations
 
-from typing import Any, Dict
-
 import numpy as np
 
+from distil_jax.data.arrays import ShuffledBatches
 from distil_jax.data.types import DataError, VocabInfo
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -53,50 +52,8 @@ class SyntheticCorpus:
         return VocabInfo(self.vocab_size, PAD, MASK, SPECIALS, counts)
 
     def batches(self, split: str, micro_batch_size: int, seed: int, process_index: int = 0,
-                process_count: int = 1) -> "ShuffledBatches":
-        data = {"train": self._train, "eval": self._eval}[split]
+                process_count: int = 1) -> ShuffledBatches:
+        ids = {"train": self._train, "eval": self._eval}[split]
+        data = {"input_ids": ids, "attention_mask": (ids != PAD).astype(np.int32)}
         return ShuffledBatches(data, micro_batch_size, seed, process_index, process_count,
                                shuffle=split == "train")
-
-
-class ShuffledBatches:
-    """Epochs of seeded shuffles over a fixed array of sequences; this process's rows only."""
-
-    def __init__(self, data: np.ndarray, micro_batch_size: int, seed: int, process_index: int,
-                 process_count: int, shuffle: bool = True):
-        if micro_batch_size % process_count:
-            raise DataError(f"micro batch {micro_batch_size} is not divisible by "
-                             f"{process_count} processes")
-        if len(data) < micro_batch_size:
-            raise DataError(f"{len(data)} sequences cannot fill a micro batch of {micro_batch_size}")
-        self._data, self._batch, self._seed, self._shuffle = data, micro_batch_size, seed, shuffle
-        self._local = micro_batch_size // process_count
-        self._offset = process_index * self._local
-        self.batches_per_epoch = len(data) // micro_batch_size
-        self.sequences_per_epoch = self.batches_per_epoch * micro_batch_size
-        self._epoch, self._position, self._order = 0, 0, None
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None:
-            self._order = (np.random.default_rng((self._seed, self._epoch)).permutation(len(self._data))
-                           if self._shuffle else np.arange(len(self._data)))
-        return self._order
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Dict[str, np.ndarray]:
-        if self._position >= self.batches_per_epoch:
-            self._epoch, self._position, self._order = self._epoch + 1, 0, None
-        order = self._epoch_order()
-        start = self._position * self._batch + self._offset
-        rows = self._data[order[start: start + self._local]]
-        self._position += 1
-        return {"input_ids": rows, "attention_mask": (rows != PAD).astype(np.int32)}
-
-    def get_state(self) -> Dict[str, Any]:
-        return {"epoch": self._epoch, "position": self._position}
-
-    def set_state(self, state: Dict[str, Any]) -> None:
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-        self._order = None

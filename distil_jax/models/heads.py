@@ -4,10 +4,13 @@
 classifier.dense) or dense + ReLU (DistilBERT's pre_classifier), dropout, dense to the
 labels. `QuestionAnswerer`: dropout + dense to 2 on every token: start and end logits.
 Params: the encoder's under `encoder`, the head's beside (hf_heads.py maps both to
-Hugging Face names).
+Hugging Face names); `config` is the encoder's, and so is the heads' dropout rate unless
+`dropout` is given.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -16,20 +19,29 @@ from distil_jax.models.distilbert import DistilBertConfig
 from distil_jax.models.layers import MaskedLM
 
 
+def dropout_rate(head) -> float:
+    return head.encoder.config.hidden_dropout if head.dropout is None else head.dropout
+
+
 class SequenceClassifier(nn.Module):
     """An encoder (Bert or DistilBert) with a head on its first token."""
 
     encoder: MaskedLM
     num_labels: int
-    dropout: float = 0.1
+    dropout: Optional[float] = None  # None: the encoder's hidden_dropout
+
+    @property
+    def config(self):
+        return self.encoder.config
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
-        out = self.encoder(input_ids, attention_mask, deterministic=deterministic, compute_logits=False)
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        out = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                           compute_logits=False)
         h = out.last_hidden_state[:, 0]
         activation = nn.relu if isinstance(self.encoder.config, DistilBertConfig) else jnp.tanh
         h = activation(nn.Dense(h.shape[-1], name="pre_classifier")(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = nn.Dropout(dropout_rate(self))(h, deterministic=deterministic)
         return nn.Dense(self.num_labels, name="classifier")(h)
 
 
@@ -38,12 +50,16 @@ class QuestionAnswerer(nn.Module):
     dropout + dense to 2 on the last hidden states, as transformers' *ForQuestionAnswering."""
 
     encoder: MaskedLM
-    dropout: float = 0.1
+    dropout: Optional[float] = None  # None: the encoder's hidden_dropout
+
+    @property
+    def config(self):
+        return self.encoder.config
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         out = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
                            compute_logits=False)
-        h = nn.Dropout(self.dropout)(out.last_hidden_state, deterministic=deterministic)
+        h = nn.Dropout(dropout_rate(self))(out.last_hidden_state, deterministic=deterministic)
         logits = nn.Dense(2, name="qa_outputs")(h)
         return logits[..., 0], logits[..., 1]

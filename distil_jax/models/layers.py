@@ -347,10 +347,11 @@ def init_params(model: MaskedLM, rng: jax.Array, seq_len: int = 8):
     return nn.meta.unbox(model.init(rng, ids)["params"])
 
 
-def logical_axes(model: MaskedLM, seq_len: int = 8):
-    """The params' logical PartitionSpecs (e.g. P('vocab', 'embed')), without allocating them."""
+def logical_axes(model: nn.Module, seq_len: int = 8):
+    """The params' logical PartitionSpecs (e.g. P('vocab', 'embed')), without allocating them,
+    of a masked LM or a task head on one (whose head's params have none: replicated)."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, jnp.ones_like(ids)))
     return nn.get_partition_spec(boxed)["params"]
 
 

@@ -1,0 +1,234 @@
+"""Task-specific fine-tuning and distillation: the task objective, its models, its scores.
+
+Mode finetune trains a task head (models/heads.py) on an encoder with the trainer's one
+step and loop (trainer.py); this module is what differs from pretraining distillation:
+
+- `TaskObjective`: the task's loss (cross-entropy over the classes; squared error for
+  regression; for question answering the mean of the start and end cross-entropies,
+  as transformers' *ForQuestionAnswering) times `alpha_task`, plus, with a fine-tuned
+  teacher, `alpha_kd` times KL(teacher_T || student_T) of the head's logits times T^2
+  (losses.task_kd_loss; the start and end distributions over each window's real tokens
+  for QA, averaged; the squared difference of the two predictions for regression), the
+  teacher frozen and outside the gradient. The same micro-batch interface as the masked
+  LM's `objective.Objective`: the step does not know which it runs.
+- `load_encoder` / `load_task_model`: the student's encoder (a Hugging Face masked LM, or
+  a distill/pretrain run's workdir) and the fine-tuned teacher (a Hugging Face
+  *ForSequenceClassification / *ForQuestionAnswering, or a finetune run's directory).
+- `evaluate`: the held-out scores as GLUE and SQuAD define them (GLUE's metrics below,
+  SQuAD's official EM and F1 in data/squad.py), and each example's score for paired
+  comparisons of two models on the same examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distil_jax import hf, hf_heads, losses
+from distil_jax.checkpoint import checkpoint_tokenizer, load_model, saved_steps
+from distil_jax.data import squad
+from distil_jax.data.tasks import TaskSet
+from distil_jax.data.tokenizer import load_tokenizer
+from distil_jax.models import MaskedLM, QuestionAnswerer, SequenceClassifier
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what the models read of a batch
+
+
+# --- the objective ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TaskObjective:
+    """The task's loss and, with a teacher, the distillation of its head's outputs."""
+
+    kind: str  # data.tasks.KINDS
+    alpha_task: float = 1.0
+    alpha_kd: float = 0.0  # 0 without a teacher
+    temperature: float = 2.0
+    head_rows = 0.0  # no vocabulary projection (model FLOPs: metrics.train_flops_per_token)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha_kd > 0
+
+    def task_loss(self, out, batch) -> jax.Array:
+        if self.kind == "question_answering":
+            ce = optax.softmax_cross_entropy_with_integer_labels
+            return 0.5 * (ce(out[0].astype(jnp.float32), batch["start"]).mean()
+                          + ce(out[1].astype(jnp.float32), batch["end"]).mean())
+        if self.kind == "regression":
+            return jnp.mean((out[:, 0].astype(jnp.float32) - batch["labels"]) ** 2)
+        return optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), batch["labels"]).mean()
+
+    def kd_loss(self, out, teacher_out, batch) -> jax.Array:
+        t = self.temperature
+        if self.kind == "question_answering":
+            am = batch["attention_mask"]
+            return 0.5 * (losses.task_kd_loss(out[0], teacher_out[0], t, am)
+                          + losses.task_kd_loss(out[1], teacher_out[1], t, am))
+        if self.kind == "regression":
+            return jnp.mean((out[:, 0].astype(jnp.float32) - teacher_out[:, 0].astype(jnp.float32)) ** 2)
+        return losses.task_kd_loss(out, teacher_out, t)
+
+    def micro_batch(self, rng, batch, params, teacher_params, *, model, teacher):
+        """(metrics, gradients, counts) of one micro-batch, as `objective.Objective.micro_batch`."""
+        inputs = model_inputs(batch)
+        teacher_out = None
+        if teacher is not None and self.uses_teacher:
+            teacher_out = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, **inputs))
+
+        def loss_fn(p):
+            out = model.apply({"params": p}, **inputs, deterministic=False, rngs={"dropout": rng})
+            task = self.task_loss(out, batch)
+            terms = {"loss_task": task}
+            loss = self.alpha_task * task
+            if teacher_out is not None:
+                terms["loss_kd"] = self.kd_loss(out, teacher_out, batch)
+                loss = loss + self.alpha_kd * terms["loss_kd"]
+            return loss, {**terms, "loss": loss}
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return metrics, grads, {"examples": jnp.float32(batch["input_ids"].shape[0])}
+
+
+def model_inputs(batch) -> Dict[str, Any]:
+    return {k: batch[k] for k in INPUTS if k in batch}
+
+
+# --- models -------------------------------------------------------------------------------
+def head_model(encoder: MaskedLM, task: TaskSet):
+    """The task's head on `encoder`."""
+    if task.kind == "question_answering":
+        return QuestionAnswerer(encoder)
+    return SequenceClassifier(encoder, task.num_labels)
+
+
+def with_dtype(module, dtype):
+    """A head model (or masked LM) computing in `dtype` over `dtype` params."""
+    if isinstance(module, MaskedLM):
+        return type(module)(module.config, dtype=dtype, param_dtype=dtype)
+    return module.clone(encoder=with_dtype(module.encoder, dtype))
+
+
+def initial_params(model, encoder_params, rng, example: Dict[str, np.ndarray]):
+    """A fresh head (seeded by `rng`) on the given encoder params (without their MLM head)."""
+    inputs = {k: v[:1] for k, v in model_inputs(example).items()}
+    fresh = nn.meta.unbox(model.init(rng, **inputs)["params"])
+    return {**fresh, "encoder": {k: v for k, v in encoder_params.items() if k != "mlm_head"}}
+
+
+def load_encoder(source: str) -> Tuple[MaskedLM, Any, Any, str]:
+    """(float32 module, params, tokenizer, tokenizer dir) of a masked LM: a Hugging Face
+    directory or hub name, or the workdir of a distill / pretrain run (its newest checkpoint)."""
+    if saved_steps(source):
+        module, params, meta = load_model(source)
+        if not isinstance(module, MaskedLM):
+            raise ValueError(f"{source} holds a fine-tuned {type(module).__name__}, not a masked LM: give "
+                             "finetune.model a distill or pretrain run (or a Hugging Face masked LM)")
+        tokenizer = checkpoint_tokenizer(meta)
+        if tokenizer is None:
+            raise FileNotFoundError(f"the checkpoint in {source} was trained without a tokenizer "
+                                    "(synthetic data): fine-tune a Hugging Face directory instead")
+        return module, params, tokenizer, meta["tokenizer_dir"]
+    module, params = hf.load_hf_model(source)
+    return module, params, load_tokenizer(source), hf.resolve_model_dir(source)
+
+
+def load_task_model(source: str) -> Tuple[Any, Any, List[str]]:
+    """(float32 module, params, label names) of a fine-tuned model: a Hugging Face
+    *ForSequenceClassification / *ForQuestionAnswering, or a finetune run's directory."""
+    if saved_steps(source):
+        module, params, meta = load_model(source)
+        if isinstance(module, MaskedLM):
+            raise ValueError(f"{source} holds a masked LM, not a fine-tuned model: give finetune.teacher "
+                             "the directory of a finetune run (or a Hugging Face *ForSequenceClassification)")
+        return module, params, list(meta["task"]["labels"])
+    return hf_heads.load_hf_task_model(source)
+
+
+# --- evaluation ---------------------------------------------------------------------------
+def outputs(model, params, arrays: Dict[str, np.ndarray], rows: int = 256):
+    """The model's outputs over `arrays` in blocks of `rows` (float32 numpy; QA: (start, end))."""
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, **x))
+    inputs = model_inputs(arrays)
+    blocks = [jax.device_get(forward(params, {k: v[i: i + rows] for k, v in inputs.items()}))
+              for i in range(0, len(inputs["input_ids"]), rows)]
+    if isinstance(model, QuestionAnswerer):
+        return tuple(np.concatenate([np.asarray(b[j], np.float32) for b in blocks]) for j in (0, 1))
+    return np.concatenate([np.asarray(b, np.float32) for b in blocks])
+
+
+def evaluate(model, params, task: TaskSet) -> Tuple[Dict[str, float], np.ndarray]:
+    """(held-out scores, per-example score for paired comparisons: 1/0 correct for
+    classification, the squared error for regression, each question's F1 in [0, 1] for QA)."""
+    out = outputs(model, params, task.held_out)
+    if task.kind == "question_answering":
+        answers = squad.predict(task.questions, task.windows, *out)
+        golds = {str(q["id"]): q["answers"] for q in task.questions}
+        per_question = np.asarray([squad.f1(answers.get(q, ""), g) for q, g in golds.items()])
+        return squad.squad_scores(answers, golds), per_question
+    gold = task.held_out["labels"]
+    if task.kind == "regression":
+        predictions = out[:, 0]
+        return task_metrics(task.metrics, predictions, gold), (predictions - gold) ** 2
+    predictions = out.argmax(-1)
+    return task_metrics(task.metrics, predictions, gold), (predictions == gold).astype(np.float64)
+
+
+def accuracy(pred, gold) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+
+
+def f1(pred, gold) -> float:
+    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp = np.sum((pred == 1) & (gold == 1))
+    precision = tp / max(np.sum(pred == 1), 1)
+    recall = tp / max(np.sum(gold == 1), 1)
+    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+
+
+def matthews(pred, gold) -> float:
+    """Matthews correlation of binary predictions (CoLA)."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp = float(np.sum((pred == 1) & (gold == 1)))
+    tn = float(np.sum((pred == 0) & (gold == 0)))
+    fp = float(np.sum((pred == 1) & (gold == 0)))
+    fn = float(np.sum((pred == 0) & (gold == 1)))
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denom) if denom else 0.0
+
+
+def ranks(x) -> np.ndarray:
+    """Ranks with ties given their average rank (as Spearman's definition needs)."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    out = np.empty(len(x))
+    out[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        out[tied] = out[tied].mean()
+    return out
+
+
+def spearman(x, y) -> float:
+    return pearson(ranks(x), ranks(y))
+
+
+METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
+
+
+def task_metrics(names, predictions, gold) -> Dict[str, float]:
+    return {name: METRICS[name](predictions, gold) for name in names}
