@@ -108,16 +108,12 @@ def defaults() -> ml_collections.ConfigDict:
     # eval.passes: every held-out token is a target in exactly one of this many passes (apps/evaluate.py);
     # eval.batches: held-out batches of eval.batch_size (0: all).
     c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, passes=7, hf_dirs=()))
-    # Downstream fine-tuning and task distillation (mode "finetune"; apps/finetune.py, task.py),
-    # through the same step, loop and checkpoints as training, in `dir` (default
-    # WORKDIR/finetune/TASK). `model`: the student's encoder, a Hugging Face masked LM or a
-    # distill/pretrain workdir (empty: this workdir). `teacher`: a fine-tuned model (Hugging
-    # Face *ForSequenceClassification / *ForQuestionAnswering, or a finetune run's dir) to
-    # distil from: loss = alpha_task x task loss + alpha_kd x KL(teacher_T || student_T) x T^2;
-    # empty: plain fine-tuning. `task`: stdlib_packages (offline), glue/NAME or squad/v1.1
-    # (TFDS, prepared in data_dir). Optimisation: AdamW (b2 0.999, eps 1e-8, weight decay
-    # 0.01, clip 1.0), linear warmup over warmup_fraction then decay, for `epochs`;
-    # micro_batch_size 0: batch_size (no accumulation). max_len / stride: SQuAD's windows.
+    # Mode finetune (apps/finetune.py, task.py): the trainer's step and loop in `dir` (default
+    # WORKDIR/finetune/TASK). model: a Hugging Face masked LM or a distill/pretrain workdir
+    # (empty: this one); teacher: a fine-tuned model to distil from (alpha_task x task loss +
+    # alpha_kd x KL x T^2; empty: plain fine-tuning); task: stdlib_packages, glue/NAME or
+    # squad/v1.1 (TFDS in data_dir); micro_batch_size 0: batch_size; max_len/stride: SQuAD's
+    # windows; the optimizer: task.TASK_OPTIMIZER.
     c.finetune = ml_collections.ConfigDict(dict(
         model="", teacher="", task="stdlib_packages", data_dir="", dir="", epochs=3, learning_rate=5e-5,
         batch_size=32, micro_batch_size=0, warmup_fraction=0.1, max_len=128, stride=128, classes=6, seed=0,
@@ -151,21 +147,6 @@ def with_changes(config, **changes):
             node = node[p]
         node[leaf] = value
     return c
-
-
-# Mode finetune's optimiser beside the finetune group's settings (BERT's fine-tuning recipe).
-TASK_OPTIMIZER = {"adam_b1": 0.9, "adam_b2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0}
-
-
-def task_training(config):
-    """Mode finetune's config with its train group made from the finetune group (what the
-    trainer runs and the checkpoints record)."""
-    f = config.finetune
-    return with_changes(config, **{
-        "train.steps": 0, "train.epochs": f.epochs, "train.learning_rate": f.learning_rate,
-        "train.batch_size": f.batch_size, "train.micro_batch_size": f.micro_batch_size or f.batch_size,
-        "train.seed": f.seed, "train.warmup_fraction": f.warmup_fraction,
-        **{f"train.{k}": v for k, v in TASK_OPTIMIZER.items()}})
 
 
 def _unknown_keys(config, schema, prefix="") -> List[str]:

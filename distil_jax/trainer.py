@@ -254,7 +254,7 @@ def task_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, pro
 def build(config, workdir: str, process_index: Optional[int] = None,
           process_count: Optional[int] = None) -> Trainer:
     if config.mode == "finetune":
-        config = config_lib.task_training(config)
+        config = task.task_training(config)
     validated(config)
     process_count = jax.process_count() if process_count is None else process_count
     t = config.train
