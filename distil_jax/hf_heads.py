@@ -6,7 +6,8 @@ RobertaForSequenceClassification (classifier.dense + classifier.out_proj) or
 DistilBertForSequenceClassification (pre_classifier + classifier), with `id2label`, so
 that pipeline("text-classification") loads it. Extractive question answering: our
 `models.QuestionAnswerer` (`encoder/`, `qa_outputs`: start and end logits per token) as
-*ForQuestionAnswering, for pipeline("question-answering"). The encoder's rows are
+*ForQuestionAnswering, for AutoModelForQuestionAnswering (transformers 5 has no
+question-answering pipeline). The encoder's rows are
 `hf.param_table`'s.
 """
 
@@ -72,7 +73,7 @@ def save_hf_classifier(params: Params, config: EncoderConfig, out_dir: str, labe
 def save_hf_question_answerer(params: Params, config: EncoderConfig, out_dir: str, tokenizer=None,
                               dtype=np.float32) -> str:
     """A question answerer (params of `models.QuestionAnswerer`) as the architecture's
-    *ForQuestionAnswering, for pipeline("question-answering")."""
+    *ForQuestionAnswering, which AutoModelForQuestionAnswering loads."""
     return _save(params, config, out_dir, "ForQuestionAnswering", question_answering_table(config), tokenizer, dtype)
 
 

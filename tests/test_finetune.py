@@ -134,7 +134,7 @@ def test_task_accumulation_equals_the_big_batch(dirs, easy, tmp_path):
 def test_finetune_learns_resumes_distils_and_exports_for_pipelines(dirs, easy, tmp_path):
     config = task_config(**{"finetune.epochs": 6})
     teacher_run = str(tmp_path / "teacher_run")
-    scores, hits, (module, params) = finetune.finetune_in(config, teacher_run, dirs["student"])
+    scores, hits, (module, params, _, _) = finetune.finetune_in(config, teacher_run, dirs["student"])
     assert scores["accuracy"] > 0.9 and scores["updates"] == 6 * 512 // 16, scores
     assert scores["accuracy"] == hits.mean() and scores["labels"] == ["no", "yes"]
     records = open(os.path.join(teacher_run, "metrics.jsonl")).read()
@@ -180,7 +180,7 @@ def test_question_answering_trains_decodes_and_exports(dirs, monkeypatch, tmp_pa
                                                                                      split == "train"))
     config = task_config(**{"finetune.task": "squad/v1.1", "finetune.max_len": 24, "finetune.stride": 8,
                             "finetune.epochs": 2})
-    scores, per_question, (module, params) = finetune.finetune_in(config, str(tmp_path / "qa"), dirs["student"])
+    scores, per_question, (module, params, _, _) = finetune.finetune_in(config, str(tmp_path / "qa"), dirs["student"])
     assert set(scores) >= {"exact_match", "f1"} and 0 <= scores["exact_match"] <= scores["f1"] <= 100
     assert len(per_question) == 32 and np.isclose(100 * per_question.mean(), scores["f1"])
     out = export.export_checkpoint(str(tmp_path / "qa"), str(tmp_path / "qa_hf"))

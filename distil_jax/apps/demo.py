@@ -206,11 +206,6 @@ def _evaluate(student_config, workdir, models) -> Dict:
             "inference_seconds": seconds, "inference_sequences": int(sum(len(b["input_ids"]) for b in timing))}
 
 
-def slug(name: str) -> str:
-    """A model's name as a directory name."""
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
 def finetune_models(config, workdir: str, sources: Dict[str, str], task_kd: bool = True) -> Dict:
     """Each model (name -> a Hugging Face dir or a checkpoint workdir) fine-tuned on
     `finetune.task` by mode finetune in WORKDIR/finetune/NAME; with `task_kd` the student
@@ -222,7 +217,7 @@ def finetune_models(config, workdir: str, sources: Dict[str, str], task_kd: bool
     out: Dict[str, Any] = {"task": config.finetune.task, "models": {}}
     hits = {}
     for name, (source, teacher) in runs.items():  # the teacher first: the last run distils from it
-        scores, hits[name], _ = finetune.finetune_in(config, os.path.join(workdir, "finetune", slug(name)), source,
+        scores, hits[name], _ = finetune.finetune_in(config, os.path.join(workdir, "finetune", finetune.slug(name)), source,
                                                      teacher)
         out["models"][name] = {k: v for k, v in scores.items() if k not in ("model", "teacher", "task", "labels")}
         out["held_out"], out["classes"] = scores["held_out"], scores["labels"]

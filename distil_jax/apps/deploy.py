@@ -8,8 +8,9 @@ quantized to int8 (onnx_export.py), in DIR/deploy/NAME/onnx. Scored on what the 
 scores, in ONNX Runtime: held-out MLM accuracy on the demo's fixed masks (the JAX model,
 the fp32 and the int8 ONNX model on the same targets, each difference with its paired
 standard error), and the downstream task: each model fine-tuned on `finetune.task` by
-mode finetune in DIR/finetune/NAME (the demo's runs, read back when it made them), exported as *ForSequenceClassification (DIR/deploy/NAME_classifier,
-what pipeline("text-classification") loads) and to ONNX fp32 and int8, scored on the same
+mode finetune in DIR/finetune/NAME (the demo's runs, read back when it made them),
+exported as *ForSequenceClassification (DIR/deploy/NAME_classifier, what
+pipeline("text-classification") loads) and to ONNX fp32 and int8, scored on the same
 held-out examples. File sizes beside. Writes DIR/deploy.md and DIR/deploy.json;
 `python -m distil_jax.bench deploy` times the same files.
 """
@@ -25,9 +26,6 @@ import numpy as np
 
 from distil_jax import hf, hf_heads, onnx_export
 from distil_jax.apps import demo, evaluate, finetune
-from distil_jax.data import tasks
-from distil_jax.data.tasks import TaskSet
-from distil_jax.data.tokenizer import load_tokenizer
 
 FP32, INT8 = "onnx fp32", "onnx int8"
 
@@ -36,14 +34,14 @@ def _bytes(hf_dir: str) -> int:
     return os.path.getsize(os.path.join(hf_dir, "model.safetensors"))
 
 
-def task_scores(config, task: TaskSet, source: str, run_dir: str, out_dir: str) -> Dict:
-    """`source` fine-tuned on `task` in `run_dir` (mode finetune's run; one the demo finished is
-    read back), exported, and scored in JAX and ONNX fp32 / int8 on the same held-out
-    examples: accuracies, paired differences, file sizes."""
-    _, hits_jax, (module, params) = finetune.finetune_in(config, run_dir, source)
-    held = task.held_out
-    hf_dir = hf_heads.save_hf_classifier(jax.device_get(params), module.config, out_dir, task.labels,
-                                         tokenizer=load_tokenizer(source))
+def task_scores(config, source: str, run_dir: str, out_dir: str) -> Dict:
+    """`source` fine-tuned on `finetune.task` in `run_dir` (mode finetune's run; one the demo
+    finished is read back), exported, and scored in JAX and ONNX fp32 / int8 on the same
+    held-out examples: accuracies, paired differences, file sizes."""
+    _, hits_jax, tuned = finetune.finetune_in(config, run_dir, source)
+    task, held = tuned.task, tuned.task.held_out
+    hf_dir = hf_heads.save_hf_classifier(jax.device_get(tuned.params), tuned.model.config, out_dir, task.labels,
+                                         tokenizer=tuned.tokenizer)
     files = onnx_export.export(hf_dir, task="text-classification")
     hits = {"jax": hits_jax}
     for kind, label in (("fp32", FP32), ("int8", INT8)):
@@ -70,8 +68,6 @@ def run(config, workdir: str) -> Dict:
     clock = demo.StageClock(os.path.join(workdir, "stages.json"))
     demo.ensure_teacher(plan, clock)
     dirs = {"teacher": plan.teacher_hf, "student": demo.ensure_student("student", plan, clock)}
-    tokenizer = load_tokenizer(os.path.join(plan.data_dir, "tokenizer"))
-    task = tasks.task_data(config.finetune, tokenizer) if config.finetune.epochs > 0 else None
     out: Dict = {"models": {}}
     forwards = {}
     for name, hf_dir in dirs.items():
@@ -84,8 +80,8 @@ def run(config, workdir: str) -> Dict:
             "hf_dir": hf_dir, "parameters": demo.count_parameters(model[1]),
             "bytes": {"safetensors": _bytes(hf_dir), "fp32": files["fp32"]["bytes"], "int8": files["int8"]["bytes"]},
             "onnx": {k: files[k]["path"] for k in ("fp32", "int8")}, "max_difference": files["fp32"]["max_difference"]}
-        if task is not None:
-            out["models"][name]["task"] = task_scores(config, task, hf_dir, os.path.join(workdir, "finetune", name),
+        if config.finetune.epochs > 0:
+            out["models"][name]["task"] = task_scores(config, hf_dir, os.path.join(workdir, "finetune", name),
                                                       os.path.join(workdir, "deploy", f"{name}_classifier"))
     found, _ = evaluate.compare_on_held_out(plan.student, workdir, forwards,
                                             vocab_size=forwards["teacher"][0].config.vocab_size)

@@ -5,7 +5,8 @@
 The newest checkpoint in DIR/checkpoints becomes `export.dir` (default DIR/hf): a
 student as DistilBertForMaskedLM, a pretrained BERT as BertForMaskedLM, a fine-tuned
 model (mode finetune's run directory) as *ForSequenceClassification (with its labels) or
-*ForQuestionAnswering, with the tokenizer of its data, in `export.dtype` (float32, or bfloat16 for half the size).
+*ForQuestionAnswering, with the tokenizer of its data, in `export.dtype` (float32, or
+bfloat16 for half the size).
 `export.onnx=fp32` adds `onnx/model.onnx` (checked against transformers within 1e-4),
 `export.onnx=int8` that and its int8 quantization `onnx/model_quantized.onnx`
 (onnx_export.py; `python -m distil_jax.onnx_export HF_DIR` does the same for any

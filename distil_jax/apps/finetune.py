@@ -12,33 +12,47 @@ or a distill/pretrain workdir; empty: DIR), trained by the trainer's one step an
 the loss adds the distillation of the head's outputs (task.py), the paper's second,
 task-specific distillation. Then scored on the held-out split as GLUE or SQuAD define it
 -> DIR/finetune.json. `--config.mode=export --workdir=DIR/finetune/TASK` writes the
-fine-tuned model as *ForSequenceClassification / *ForQuestionAnswering, which
-transformers' pipelines load.
+fine-tuned model as *ForSequenceClassification (which pipeline("text-classification")
+loads) or *ForQuestionAnswering (AutoModelForQuestionAnswering).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 import jax
 import numpy as np
 
 from distil_jax import runtime, task, trainer
 from distil_jax.config import with_changes
+from distil_jax.data.tasks import TaskSet
+
+
+class FineTuned(NamedTuple):
+    """A finished fine-tuning run: the trained module and params, the task's data, the tokenizer."""
+
+    model: Any
+    params: Any
+    task: TaskSet
+    tokenizer: Any
+
+
+def slug(name: str) -> str:
+    """A task's or a model's name as a directory name (glue/sst2 -> glue_sst2)."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 def run_dir(config, workdir: str) -> str:
-    """Where mode finetune trains: `finetune.dir`, default WORKDIR/finetune/TASK."""
-    return config.finetune.dir or os.path.join(workdir, "finetune", config.finetune.task.replace("/", "_"))
+    """Where mode finetune trains: `finetune.dir`, default WORKDIR/finetune/slug(TASK)."""
+    return config.finetune.dir or os.path.join(workdir, "finetune", slug(config.finetune.task))
 
 
-def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[Dict[str, Any], np.ndarray, Any]:
+def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[Dict[str, Any], np.ndarray, FineTuned]:
     """Fine-tune `model` (distilling from `teacher` if given) on `finetune.task` in `directory`:
     (the held-out scores with the run's summary, each held-out example's score for paired
-    comparisons, (the trained module, its params)). A finished run is read back, not
-    trained again."""
+    comparisons, the FineTuned run). A finished run is read back, not trained again."""
     config = with_changes(config, **{"mode": "finetune", "finetune.model": model, "finetune.teacher": teacher})
     if not runtime.is_remote(directory):
         os.makedirs(directory, exist_ok=True)
@@ -50,7 +64,7 @@ def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[
               "dir": directory,
               "held_out": int(len(per_example)), **scores, "updates": summary["update"],
               "train_loss": (summary["metrics"] or {}).get("loss")}
-    return result, per_example, (tr.model, state.params)
+    return result, per_example, FineTuned(tr.model, state.params, tr.parts.task, tr.vocab.tokenizer)
 
 
 def run(config, workdir: str) -> Dict:

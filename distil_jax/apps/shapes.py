@@ -29,7 +29,7 @@ from typing import Dict, Tuple
 import jax
 
 from distil_jax import hf, trainer
-from distil_jax.apps import demo, evaluate
+from distil_jax.apps import demo, evaluate, finetune
 from distil_jax.checkpoint import load_model, saved_steps
 
 LOGIT_KD = {"distill.alpha_cos": 0.0, "student.init": "random"}
@@ -70,7 +70,7 @@ def variants(config, teacher) -> Dict[str, dict]:
 def _train(plan, workdir: str, name: str, changes: dict) -> str:
     """The row's run directory, trained unless it is finished."""
     cfg = demo.stage_config(plan.student, **changes)
-    run_dir = os.path.join(workdir, "shapes", demo.slug(name))
+    run_dir = os.path.join(workdir, "shapes", finetune.slug(name))
     if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
         trainer.train(cfg, run_dir)
     return run_dir
