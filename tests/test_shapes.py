@@ -110,10 +110,11 @@ def test_the_minilm_config_is_a_valid_relation_only_student_of_bert_base(config_
 
 def test_students_of_another_shape_table(tmp_path, config_file):
     """Mode shapes on the demo's corpus and shipped teacher in a fresh workdir (its demo
-    student first), each student trained 3 updates on sequences of 32 (CI's time): the
+    student first), each student trained 3 updates of 16 sequences of 32 (CI's time): the
     rows, the comparisons with paired errors, and pruning's head start over random init."""
     config = with_changes(config_file("demo").get_config(), **{
         "mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "demo.student_steps": 3,
+        "train.batch_size": 16, "train.micro_batch_size": 16,
         "eval.batches": 2, "finetune.epochs": 0, "demo.inference_batches": 1, "student.prune_batches": 2,
         "checkpoint.every_steps": 1000, "demo.mlm_only_baseline": False})
     main.run(config, str(tmp_path))

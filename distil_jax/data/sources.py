@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ast
 import codecs
+import functools
 import glob
 import hashlib
 import os
 import sys
 import sysconfig
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import pydoc_data.topics
 from etils import epy
@@ -73,6 +74,14 @@ def docstrings(path: str) -> Iterator[str]:
                 yield doc
 
 
+@functools.lru_cache(maxsize=1)
+def embedded_documents() -> Tuple[str, ...]:
+    """Every document of the embedded corpus in order (pydoc topics, then the stdlib's
+    docstrings), parsed once per process: both splits, and every reader, share it."""
+    topics = pydoc_data.topics.topics
+    return tuple([topics[key] for key in sorted(topics)] + [d for path in stdlib_files() for d in docstrings(path)])
+
+
 class EmbeddedSource(Source):
     """English prose that ships with every Python: stdlib docstrings and pydoc topics.
 
@@ -84,16 +93,9 @@ class EmbeddedSource(Source):
     def __init__(self, eval_percent: int = 5):
         self.eval_percent = eval_percent
 
-    def _all(self) -> Iterator[str]:
-        topics = pydoc_data.topics.topics
-        for key in sorted(topics):
-            yield topics[key]
-        for path in stdlib_files():
-            yield from docstrings(path)
-
     def documents(self, split: str) -> Iterator[str]:
         want_eval = split == "eval"
-        for doc in self._all():
+        for doc in embedded_documents():
             if held_out(doc, self.eval_percent) == want_eval:
                 yield doc
 
