@@ -60,26 +60,28 @@ def stdlib_files() -> List[str]:
     return files
 
 
-def docstrings(path: str) -> Iterator[str]:
-    """Module, class and function docstrings of a source file, read with ast (nothing imported)."""
+@functools.lru_cache(maxsize=None)
+def docstrings(path: str) -> Tuple[str, ...]:
+    """Module, class and function docstrings of a source file, read with ast (nothing
+    imported); parsed once per process (the corpus's splits and the stdlib_packages task
+    read the same files)."""
     try:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
     except (SyntaxError, UnicodeDecodeError, ValueError):
-        return
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc:
-                yield doc
+        return ()
+    return tuple(doc for node in ast.walk(tree)
+                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                 and (doc := ast.get_docstring(node)))
 
 
-@functools.lru_cache(maxsize=1)
-def embedded_documents() -> Tuple[str, ...]:
-    """Every document of the embedded corpus in order (pydoc topics, then the stdlib's
-    docstrings), parsed once per process: both splits, and every reader, share it."""
+def embedded_documents() -> Iterator[str]:
+    """Every document of the embedded corpus in order: pydoc topics, then the stdlib's docstrings."""
     topics = pydoc_data.topics.topics
-    return tuple([topics[key] for key in sorted(topics)] + [d for path in stdlib_files() for d in docstrings(path)])
+    for key in sorted(topics):
+        yield topics[key]
+    for path in stdlib_files():
+        yield from docstrings(path)
 
 
 class EmbeddedSource(Source):
