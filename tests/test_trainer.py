@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2, summary_pb2
+from tensorboardX.record_writer import RecordWriter, masked_crc32c
 
 import oracles
 from conftest import NARROW
@@ -21,6 +23,7 @@ from distil_jax import config as config_lib
 from distil_jax import objective, step, trainer
 from distil_jax.checkpoint import Checkpointer, params_fingerprint
 from distil_jax.masking import IGNORE_INDEX
+from distil_jax import metrics
 from distil_jax.metrics import train_flops_per_token
 from distil_jax.objective import Objective
 
@@ -231,6 +234,42 @@ def test_loss_falls_when_pretraining_on_a_fixed_corpus(tmp_path, tiny):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < first - 0.5, (first, last)
+    # TensorBoard's event file holds the same scalars, every record's checksums right.
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    logged = read_events(events.read_bytes())
+    assert logged[0].file_version == "brain.Event:2"
+    assert [e.step for e in logged[1:]] == [r["step"] for r in records]
+    for e, r in zip(logged[1:], records):
+        values = {v.tag: v.simple_value for v in e.summary.value}
+        assert values["loss"] == pytest.approx(r["loss"], rel=1e-6) and values.keys() <= r.keys()
+
+
+def read_events(data: bytes):
+    """The Event protos of a TFRecord file, each record's two checksums checked (by
+    tensorboardX's own CRC and protos, the oracle; the writer does not import it)."""
+    events, i = [], 0
+    while i < len(data):
+        header = data[i: i + 8]
+        (n,) = np.frombuffer(header, "<u8")
+        assert int(np.frombuffer(data[i + 8: i + 12], "<u4")[0]) == masked_crc32c(header)
+        record = data[i + 12: i + 12 + int(n)]
+        assert int(np.frombuffer(data[i + 12 + int(n): i + 16 + int(n)], "<u4")[0]) == masked_crc32c(record)
+        events.append(event_pb2.Event.FromString(record))
+        i += 16 + int(n)
+    return events
+
+
+def test_tensorboard_events_are_byte_for_byte_what_tensorboardx_writes(tmp_path):
+    values = {"loss": 2.75, "lr": 1e-4, "mfu": float("nan"), "skipped_updates": 3.0}
+    want = event_pb2.Event(wall_time=1234.5, step=300, summary=summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]))
+    ours = metrics.scalar_event(300, values, wall_time=1234.5)
+    assert ours == want.SerializeToString()
+    writer = RecordWriter(str(tmp_path / "theirs"))
+    writer.write(ours)
+    writer.close()
+    assert metrics.tfrecord(ours) == (tmp_path / "theirs").read_bytes()
+    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 def test_distillation_never_changes_the_teacher(tmp_path, tiny, host):

@@ -19,11 +19,14 @@ import os
 from typing import Dict
 
 import jax
-from matplotlib.figure import Figure
+from etils import epy
 
 from distil_jax import hf, trainer
 from distil_jax.apps import demo, evaluate
 from distil_jax.checkpoint import load_model, saved_steps
+
+with epy.lazy_imports():  # only the plot needs it, and every start of main imports this module
+    import matplotlib.figure
 
 VARIANTS = (
     ("triple loss", {}),
@@ -103,7 +106,7 @@ def format_table(rows, teacher_accuracy: float, targets: int) -> str:
 
 
 def plot_curves(curves: Dict[str, list], path: str) -> None:
-    fig = Figure(figsize=(11, 4))  # no pyplot: nothing global, no display needed
+    fig = matplotlib.figure.Figure(figsize=(11, 4))  # no pyplot: nothing global, no display needed
     axes = fig.subplots(1, 2)
     for name, records in curves.items():
         steps = [r["step"] for r in records]

@@ -12,10 +12,13 @@ import json
 import os
 from typing import Iterable
 
+from etils import epy
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distil_jax.data.types import DataError
+
+with epy.lazy_imports():  # heavy (it brings torch), and runs on synthetic data never read text
+    import transformers
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 when trained here
 
@@ -35,7 +38,7 @@ def load_tokenizer(path: str, lowercase: bool = True):
         raise DataError(f"tokenizer directory {path!r} does not exist")
     try:
         kwargs = {} if says_how_to_normalise(path) else {"do_lower_case": lowercase}
-        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        tok = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"no tokenizer can be loaded from {path!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); it needs tokenizer.json or vocab.txt") from None
@@ -64,7 +67,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = Tru
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]", do_lower_case=lowercase,
         model_max_length=1_000_000)
