@@ -147,7 +147,8 @@ class Trainer:
 
     def meta(self) -> Dict[str, Any]:
         return {"mode": self.config.mode, "teacher": self.parts.teacher_ref, "model": model_meta(self.model),
-                "tokenizer_dir": self.vocab.tokenizer_dir, "config": self.config.to_dict(), **self.parts.meta}
+                "tokenizer_dir": self.vocab.tokenizer_dir, "config": self.config.to_dict(),
+                "total_updates": self.total_updates, **self.parts.meta}
 
     def create(self, params) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),

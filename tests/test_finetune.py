@@ -131,15 +131,18 @@ def test_task_accumulation_equals_the_big_batch(dirs, easy, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5)  # AdamW moves each by ~lr = 3e-3: no sign differs
 
 
-def test_finetune_learns_resumes_distils_and_exports_for_pipelines(dirs, easy, tmp_path):
+def test_finetune_learns_resumes_distils_and_exports_for_pipelines(dirs, easy, tmp_path, monkeypatch):
     config = task_config(**{"finetune.epochs": 6})
     teacher_run = str(tmp_path / "teacher_run")
     scores, hits, (module, params, _, _) = finetune.finetune_in(config, teacher_run, dirs["student"])
     assert scores["accuracy"] > 0.9 and scores["updates"] == 6 * 512 // 16, scores
     assert scores["accuracy"] == hits.mean() and scores["labels"] == ["no", "yes"]
     records = open(os.path.join(teacher_run, "metrics.jsonl")).read()
-    again, _, _ = finetune.finetune_in(config, teacher_run, dirs["student"])  # finished: read back
+    with monkeypatch.context() as m:  # finished: read back from the checkpoint, no trainer built
+        m.setattr(trainer, "build", lambda *a, **k: pytest.fail("a finished run was rebuilt to be read"))
+        again, _, _ = finetune.finetune_in(config, teacher_run, dirs["student"])
     assert again["accuracy"] == scores["accuracy"] and open(os.path.join(teacher_run, "metrics.jsonl")).read() == records
+    assert again["updates"] == scores["updates"]
 
     out = export.export_checkpoint(teacher_run, str(tmp_path / "hf"))
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -159,6 +162,10 @@ def test_finetune_learns_resumes_distils_and_exports_for_pipelines(dirs, easy, t
     kd_scores, _, _ = finetune.finetune_in(student_cfg, str(tmp_path / "kd"), dirs["student"], teacher_run)
     last = json.loads(open(tmp_path / "kd" / "metrics.jsonl").read().splitlines()[-1])
     assert last["loss_kd"] > 0 and kd_scores["teacher"] == teacher_run
+    assert finetune.finished_run(with_changes(student_cfg, **{"finetune.model": dirs["student"],
+                                                             "finetune.teacher": teacher_run}), str(tmp_path / "kd"))
+    more = finetune.finetune_in(task_config(**{"finetune.epochs": 7}), teacher_run, dirs["student"])[0]
+    assert more["updates"] == 7 * 512 // 16  # another epoch asked for: the trainer resumes the run
 
 
 def qa_examples(n, seed):

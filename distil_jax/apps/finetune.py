@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
 
 from distil_jax import runtime, task, trainer
+from distil_jax.checkpoint import checkpoint_tokenizer, load_model, params_fingerprint, saved_steps
 from distil_jax.config import with_changes
+from distil_jax.data import tasks
 from distil_jax.data.tasks import TaskSet
 
 
@@ -52,19 +54,49 @@ def run_dir(config, workdir: str) -> str:
 def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[Dict[str, Any], np.ndarray, FineTuned]:
     """Fine-tune `model` (distilling from `teacher` if given) on `finetune.task` in `directory`:
     (the held-out scores with the run's summary, each held-out example's score for paired
-    comparisons, the FineTuned run). A finished run is read back, not trained again."""
+    comparisons, the FineTuned run). A finished run is read back from its checkpoint
+    (`finished_run`), not built or trained again."""
     config = with_changes(config, **{"mode": "finetune", "finetune.model": model, "finetune.teacher": teacher})
-    if not runtime.is_remote(directory):
-        os.makedirs(directory, exist_ok=True)
-    with runtime.hold_workdir(directory):
-        tr = trainer.build(config, directory)
-        state, summary = trainer.fit(tr)
-    scores, per_example = task.evaluate(tr.model, state.params, tr.parts.task)
-    result = {"model": model, "teacher": teacher, "task": tr.parts.task.name, "labels": tr.parts.task.labels,
-              "dir": directory,
-              "held_out": int(len(per_example)), **scores, "updates": summary["update"],
-              "train_loss": (summary["metrics"] or {}).get("loss")}
-    return result, per_example, FineTuned(tr.model, state.params, tr.parts.task, tr.vocab.tokenizer)
+    tuned, update, loss = finished_run(config, directory), None, None
+    if tuned is None:
+        if not runtime.is_remote(directory):
+            os.makedirs(directory, exist_ok=True)
+        with runtime.hold_workdir(directory):
+            tr = trainer.build(config, directory)
+            state, summary = trainer.fit(tr)
+        tuned = FineTuned(tr.model, state.params, tr.parts.task, tr.vocab.tokenizer)
+        update, loss = summary["update"], (summary["metrics"] or {}).get("loss")
+    else:
+        update = saved_steps(directory)[-1]
+    scores, per_example = task.evaluate(tuned.model, tuned.params, tuned.task)
+    result = {"model": model, "teacher": teacher, "task": tuned.task.name, "labels": tuned.task.labels,
+              "dir": directory, "held_out": int(len(per_example)), **scores, "updates": update,
+              "train_loss": loss}
+    return result, per_example, tuned
+
+
+def _as_json(tree):
+    return json.loads(json.dumps(tree))
+
+
+def finished_run(config, directory: str) -> Optional[FineTuned]:
+    """The run `config` (mode finetune's) asks for, read from its newest checkpoint alone
+    (`load_model`: no optimizer, teacher or loader is built) when `directory` holds it
+    finished; else None, and the trainer resumes it, trains it or names the mismatch."""
+    if not saved_steps(directory):
+        return None
+    module, params, meta = load_model(directory)
+    trained = meta.get("config", {})
+    wanted = task.task_training(config)
+    same = (meta.get("mode") == "finetune" and meta.get("step") == meta.get("total_updates")
+            and all(_as_json(trained.get(g)) == _as_json(wanted[g].to_dict()) for g in ("finetune", "train")))
+    if same and config.finetune.teacher:  # distilled from the teacher that is there now
+        teacher_params = task.load_task_model(config.finetune.teacher)[1]
+        same = meta.get("teacher", {}).get("fingerprint") == params_fingerprint(teacher_params)
+    tokenizer = checkpoint_tokenizer(meta) if same else None
+    if tokenizer is None:
+        return None
+    return FineTuned(module, params, tasks.task_data(wanted.finetune, tokenizer), tokenizer)
 
 
 def run(config, workdir: str) -> Dict:
