@@ -14,6 +14,7 @@ logits (all of them, or only the MLM targets).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -173,10 +174,18 @@ def tfrecord(data: bytes) -> bytes:
     return length + _masked_crc(length) + data + _masked_crc(data)
 
 
+def _float32(v: float) -> bytes:
+    """v as a little-endian float32; beyond its range, infinity of v's sign (as protobuf does)."""
+    try:
+        return struct.pack("<f", v)
+    except OverflowError:
+        return struct.pack("<f", math.copysign(math.inf, v))
+
+
 def scalar_event(step: int, values: Dict[str, float], wall_time: Optional[float] = None) -> bytes:
     """An Event proto (wall_time = 1, step = 2, summary = 5) whose Summary holds one
     Value (tag = 1, simple_value = 2) per scalar."""
-    summary = b"".join(_field(1, _field(1, k.encode()) + b"\x15" + struct.pack("<f", v)) for k, v in values.items())
+    summary = b"".join(_field(1, _field(1, k.encode()) + b"\x15" + _float32(v)) for k, v in values.items())
     return (b"\x09" + struct.pack("<d", time.time() if wall_time is None else wall_time) +
             b"\x10" + _varint(step) + _field(5, summary))
 

@@ -260,7 +260,7 @@ def read_events(data: bytes):
 
 
 def test_tensorboard_events_are_byte_for_byte_what_tensorboardx_writes(tmp_path):
-    values = {"loss": 2.75, "lr": 1e-4, "mfu": float("nan"), "skipped_updates": 3.0}
+    values = {"loss": 2.75, "lr": 1e-4, "mfu": float("nan"), "skipped_updates": 3.0, "diverged": -1e39}
     want = event_pb2.Event(wall_time=1234.5, step=300, summary=summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]))
     ours = metrics.scalar_event(300, values, wall_time=1234.5)

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from distil_jax.data.types import DataError
 
-with epy.lazy_imports():  # heavy (it brings torch), and runs on synthetic data never read text
+with epy.lazy_imports():  # heavy (it imports torch); a run on synthetic data never needs it
     import transformers
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 when trained here
