@@ -2,7 +2,9 @@
 
 TensorBoard's event files are written here (`EventWriter`: TFRecord framing of Event
 protos holding scalar summaries, the format TensorBoard reads), not through tensorboardX,
-whose import brings in PyTorch: a training process never imports torch.
+whose import brings in PyTorch (seconds per process start): a run on synthetic data
+imports neither torch nor transformers; one that reads a tokenizer still does, through
+transformers.
 
 FLOPs follow the MaxText convention: a train step costs 3x the student's forward
 (forward + backward) plus 1x the teacher's forward when a loss reads the teacher.

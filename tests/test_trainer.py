@@ -20,10 +20,9 @@ from tensorboardX.record_writer import RecordWriter, masked_crc32c
 import oracles
 from conftest import NARROW
 from distil_jax import config as config_lib
-from distil_jax import objective, step, trainer
+from distil_jax import metrics, objective, step, trainer
 from distil_jax.checkpoint import Checkpointer, params_fingerprint
 from distil_jax.masking import IGNORE_INDEX
-from distil_jax import metrics
 from distil_jax.metrics import train_flops_per_token
 from distil_jax.objective import Objective
 

@@ -57,8 +57,8 @@ def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[
     comparisons, the FineTuned run). A finished run is read back from its checkpoint
     (`finished_run`), not built or trained again."""
     config = with_changes(config, **{"mode": "finetune", "finetune.model": model, "finetune.teacher": teacher})
-    tuned, update, loss = finished_run(config, directory), None, None
-    if tuned is None:
+    finished, loss = finished_run(config, directory), None
+    if finished is None:
         if not runtime.is_remote(directory):
             os.makedirs(directory, exist_ok=True)
         with runtime.hold_workdir(directory):
@@ -67,7 +67,7 @@ def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[
         tuned = FineTuned(tr.model, state.params, tr.parts.task, tr.vocab.tokenizer)
         update, loss = summary["update"], (summary["metrics"] or {}).get("loss")
     else:
-        update = saved_steps(directory)[-1]
+        tuned, update = finished
     scores, per_example = task.evaluate(tuned.model, tuned.params, tuned.task)
     result = {"model": model, "teacher": teacher, "task": tuned.task.name, "labels": tuned.task.labels,
               "dir": directory, "held_out": int(len(per_example)), **scores, "updates": update,
@@ -79,10 +79,11 @@ def _as_json(tree):
     return json.loads(json.dumps(tree))
 
 
-def finished_run(config, directory: str) -> Optional[FineTuned]:
-    """The run `config` (mode finetune's) asks for, read from its newest checkpoint alone
-    (`load_model`: no optimizer, teacher or loader is built) when `directory` holds it
-    finished; else None, and the trainer resumes it, trains it or names the mismatch."""
+def finished_run(config, directory: str) -> Optional[Tuple[FineTuned, int]]:
+    """(the run `config` (mode finetune's) asks for, its last update), read from its newest
+    checkpoint alone (`load_model`: no optimizer, teacher or loader is built) when
+    `directory` holds it finished; else None, and the trainer resumes it, trains it or
+    names the mismatch."""
     if not saved_steps(directory):
         return None
     module, params, meta = load_model(directory)
@@ -96,7 +97,7 @@ def finished_run(config, directory: str) -> Optional[FineTuned]:
     tokenizer = checkpoint_tokenizer(meta) if same else None
     if tokenizer is None:
         return None
-    return FineTuned(module, params, tasks.task_data(wanted.finetune, tokenizer), tokenizer)
+    return FineTuned(module, params, tasks.task_data(wanted.finetune, tokenizer), tokenizer), meta["step"]
 
 
 def run(config, workdir: str) -> Dict:
