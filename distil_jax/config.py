@@ -22,6 +22,7 @@ TRAIN_MODES = ("distill", "pretrain")
 MODES = TRAIN_MODES + ("prepare", "eval", "export", "finetune", "demo", "ablate", "shapes", "deploy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STUDENT_INITS = ("teacher", "random", "prune")
+SOURCE_KINDS = ("embedded", "text", "parquet", "datasets", "tfds")  # data/sources.py:KINDS
 MIN_SEQ_LEN = 12  # the reference drops sequences of 11 tokens or fewer
 # The rules flax's lm1b example uses, with the batch over both data-parallel axes.
 DEFAULT_RULES = (
@@ -80,9 +81,12 @@ def defaults() -> ml_collections.ConfigDict:
         # data/prepare.py (mode prepare, or the first run), read by the grain loader. "synthetic": a fixed corpus
         # from a seeded Markov chain, no files (tests and smoke configs).
         source="corpus", seq_len=512,
-        # name -> {kind: embedded | text | tfds, weight, and the kind's fields}; see data/sources.py.
+        # name -> {kind: embedded | text | parquet | datasets | tfds, weight, and the kind's
+        # fields}; see data/sources.py.
         sources={"embedded": {"kind": "embedded", "weight": 1.0}},
-        dir="", tokenizer="", lowercase=True, docs_per_shard=10000,
+        # prepare_workers: preparation's processes (0: one per core; 1: in this process);
+        # beam_options: Beam pipeline options for another runner (data/prepare.py).
+        dir="", tokenizer="", lowercase=True, docs_per_shard=10000, prepare_workers=0, beam_options=(),
         group_by_length=True, group_window=64, pad_multiple=8, length_buckets=(),
         num_threads=2, prefetch=8,
         synthetic=dict(num_sequences=1024, min_len=12, branching=4, seed=0)))
@@ -278,8 +282,8 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
     if c.mode == "finetune":
         problems += _finetune_problems(c.finetune)
     for name, spec in (c.data.sources.items() if c.data.source == "corpus" else ()):
-        if not hasattr(spec, "get") or spec.get("kind") not in ("embedded", "text", "tfds"):
-            problems.append(f"data.sources.{name} needs kind 'embedded', 'text' or 'tfds'")
+        if not hasattr(spec, "get") or spec.get("kind") not in SOURCE_KINDS:
+            problems.append(f"data.sources.{name} needs kind {', '.join(map(repr, SOURCE_KINDS))}")
         elif spec.get("weight", 1.0) < 0:
             problems.append(f"data.sources.{name}.weight must be >= 0")
     if c.checkpoint.every_steps <= 0 or c.checkpoint.keep <= 0:

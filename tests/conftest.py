@@ -142,7 +142,7 @@ def text_config(files, seq_len=32, vocab=64, **data):
     c = defaults()
     c.mode = "pretrain"
     c.teacher.model.vocab_size = vocab
-    c.data.update(seq_len=seq_len, docs_per_shard=50, **data)
+    c.data.update(**{"seq_len": seq_len, "docs_per_shard": 50, "prepare_workers": 1, **data})
     c.data.sources = ml_collections.ConfigDict(
         {"text": {"kind": "text", "files": [str(f) for f in files], "weight": 1.0}})
     return c

@@ -175,7 +175,25 @@ def data_empty_text_file(tmp, kit):
 
 
 def data_binary_garbage(tmp, kit):
-    _tiny_on_text(tmp, kit, "garbage.bin", np.random.default_rng(0).bytes(3000))
+    """20 KB of random bytes as a text source: refused as not text, before a tokenizer is
+    trained on it (once one was, its 753 entries reached a 256-entry teacher) and with
+    nothing written."""
+    try:
+        _tiny_on_text(tmp, kit, "garbage.bin", np.random.default_rng(0).bytes(20_000))
+    finally:
+        assert not (tmp / "data" / "manifest.json").exists() and not list((tmp / "data").rglob("*.array_record"))
+
+
+def data_more_characters_than_the_vocabulary(tmp, kit):
+    """Text (valid UTF-8) of more distinct characters than the teacher has embeddings: the
+    WordPiece trained on it would be larger than the vocabulary, and is refused."""
+    rng = np.random.default_rng(0)
+    letters = [chr(c) for c in range(0x4E00, 0x4E00 + 400)]  # 400 CJK characters
+    text = "\n".join(" ".join("".join(rng.choice(letters, 3)) for _ in range(12)) for _ in range(300))
+    try:
+        _tiny_on_text(tmp, kit, "many.txt", text.encode())
+    finally:
+        assert not (tmp / "data" / "manifest.json").exists() and not list((tmp / "data").rglob("*.array_record"))
 
 
 def data_a_single_short_line(tmp, kit):
@@ -280,8 +298,11 @@ ROWS = [
     (data_missing_files, DataError, ["no file matches", "nope-*.txt"]),
     (data_empty_corpus, DataError, ["the corpus is empty"]),
     (data_empty_text_file, DataError, ["the corpus is empty", "(mine)", "an empty file"]),
-    (data_binary_garbage, DataError, ["too small to train a vocabulary of 256 tokens", "undecodable bytes",
-                                      "is it a text file", "at most"]),
+    (data_binary_garbage, DataError, ["garbage.bin is not UTF-8 text", "of its 20000 bytes", "cannot be decoded",
+                                      "iconv"]),
+    (data_more_characters_than_the_vocabulary, DataError,
+     ["WordPiece trained on the corpus has", "more than the 256 of the model's vocabulary",
+      "teacher.model.vocab_size to at least"]),
     (data_a_single_short_line, DataError, ["too small to train a vocabulary of 256 tokens", "has 1 documents and 6 words",
                                            "smaller teacher.model.vocab_size"]),
     (data_every_document_filtered, DataError, ["every training document was filtered out"]),

@@ -14,37 +14,22 @@ import pytest
 from transformers import AutoTokenizer
 
 from distil_jax import trainer
-from distil_jax.data import DataError, make_data, per_process_data, prepared_dir
+from distil_jax.data import DataError
 from distil_jax.data import loader as loader_lib
-from distil_jax.data.prepare import prepare, split_and_filter
-from distil_jax.data.sources import EmbeddedSource, TextFilesSource, TfdsSource
+from distil_jax.data.prepare import prepare
+from distil_jax.data.shards import split_and_filter
+from distil_jax.data.sources import EmbeddedSource, TextFilesSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS, SEP, UNK = 2, 3, 1
 
 
 # --- sources -----------------------------------------------------------------------
-def test_tfds_source_reads_through_data_source(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    docs = [{"text": f"document number {i}".encode()} for i in range(7)]
-
-    def fake_source(builder, split, **kwargs):
-        assert split in ("train", "test")
-        return docs if split == "train" else docs[:2]
-
-    with tfds.testing.mock_data(as_data_source_fn=fake_source):
-        source = TfdsSource("imdb_reviews", split="train", eval_split="test")
-        assert list(source.documents("train")) == [f"document number {i}" for i in range(7)]
-        assert len(list(source.documents("eval"))) == 2
-    with pytest.raises(DataError, match="TFDS has no dataset 'no_such_corpus_xyz'"):
-        list(TfdsSource("no_such_corpus_xyz").documents("train"))
-
-
 def test_text_files_lines_paragraphs_and_bad_bytes(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"first line\nsecond \xff\xfe line\n\nthird\n")
     lines = TextFilesSource([str(tmp_path / "*.txt")], doc_per="line", eval_percent=0)
     assert list(lines.documents("train")) == ["first line", "second \ufffd\ufffd line", "third"]
-    assert lines.replaced_bytes == 2
+    assert [lines.replaced_bytes(u) for u in lines.units(100)] == [2]
     paras = TextFilesSource([str(tmp_path / "a.txt")], doc_per="paragraph", eval_percent=0)
     assert list(paras.documents("train")) == ["first line\nsecond \ufffd\ufffd line", "third"]
     with pytest.raises(DataError, match=r"no file matches '.*missing\*\.txt'"):
@@ -105,7 +90,7 @@ def test_prepare_is_idempotent_resumable_and_refuses_other_inputs(tmp_path, corp
     # An interrupted run: no manifest, one shard half written (no .json). Only it is redone.
     before = shard.with_suffix(".array_record").read_bytes()
     os.remove(out / "manifest.json")
-    os.remove(str(shard) + ".json")
+    os.remove(out / "done" / "text" / "shard-00001.json")
     shard.with_suffix(".array_record").write_bytes(b"partial")
     again = prepare(config, str(out), progress=False)
     assert again == manifest and shard.with_suffix(".array_record").read_bytes() == before
@@ -258,20 +243,3 @@ def test_plan_keeps_an_updates_micro_batches_together():
     assert stacked_padding(blocks) < 0.5 * stacked_padding(single)
 
 
-def test_a_bucket_workdir_prepares_a_local_copy_on_every_process(tmp_path, monkeypatch, corpus):
-    """With a gs:// workdir and no data.dir, process 1 prepares its own local copy (no
-    process 0 is needed on its host) and reads its rows from it; data.dir still wins."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "local"))
-    text = tmp_path / "corpus.txt"
-    corpus.write(text, 300, min_words=3, max_words=40)
-    config = corpus.config([text], seq_len=48)
-    workdir = "gs://bucket/runs/one"
-    assert per_process_data(config, workdir) and not per_process_data(config, str(tmp_path))
-    local = prepared_dir(config, workdir, process=1)
-    assert local.startswith(str(tmp_path / "local")) and local.endswith("process_1")
-    assert prepared_dir(config, workdir, process=0) != local
-    loader, vocab = make_data(config, "train", 16, 1, 2, vocab_size=64, workdir=workdir)
-    assert os.path.exists(os.path.join(local, "manifest.json"))
-    assert next(loader)["input_ids"].shape[0] == 8  # process 1's half of the rows
-    config.data.dir = str(tmp_path / "shared")
-    assert prepared_dir(config, workdir, process=1) == str(tmp_path / "shared")

@@ -18,14 +18,15 @@ from typing import Dict, Optional
 import numpy as np
 from jax.experimental import multihost_utils
 
+from distil_jax import storage
 from distil_jax.data.loader import BatchLoader, PreparedSplit
-from distil_jax.data.prepare import per_process_data, prepare, prepared_dir
+from distil_jax.data.shards import load_npy
+from distil_jax.data.prepare import is_prepared, prepare, prepared_dir
 from distil_jax.data.synthetic import SyntheticCorpus
 from distil_jax.data.tokenizer import load_tokenizer, special_ids
 from distil_jax.data.types import BatchIterator, DataError, VocabInfo
 
-__all__ = ["BatchIterator", "DataError", "VocabInfo", "make_data", "next_update", "prepared_dir",
-           "per_process_data"]
+__all__ = ["BatchIterator", "DataError", "VocabInfo", "make_data", "next_update", "prepared_dir"]
 
 
 def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
@@ -33,8 +34,9 @@ def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
               keep_together: int = 1):
     """(iterator, VocabInfo) for `config.data` and split 'train' or 'eval'.
 
-    With source 'corpus' the sources are prepared first when they are not yet (process 0
-    prepares; the others wait for it). `keep_together` consecutive micro-batches (an
+    With source 'corpus' a single process prepares the sources first when they are not
+    yet; a run of several processes reads a directory prepared beforehand (mode prepare)
+    and stops with that command when there is none. `keep_together` consecutive micro-batches (an
     update's) come from one length group."""
     if config.data.source == "synthetic":
         corpus = SyntheticCorpus(vocab_size=vocab_size, seq_len=config.data.seq_len,
@@ -66,22 +68,28 @@ def next_update(data: BatchIterator, k: int, pad_id: int = 0) -> Dict[str, np.nd
 
 def _corpus_data(config, split, micro_batch_size, process_index, process_count, vocab_size, workdir,
                  keep_together):
-    data_dir = prepared_dir(config, workdir, process_index)
-    if process_index == 0 or per_process_data(config, workdir):
+    data_dir = prepared_dir(config, workdir)
+    if process_count > 1 and not is_prepared(data_dir):
+        raise DataError(
+            f"{data_dir} holds no prepared dataset, and a run of {process_count} processes does not tokenize a "
+            "corpus behind a barrier. Prepare it once, from one machine: `python -m distil_jax.main "
+            f"--config=<this config> --workdir={workdir} --config.mode=prepare` (the same data settings; "
+            "data.prepare_workers or data.beam_options for more workers), then start this run again")
+    if process_index == 0:  # prepares (one process), or checks that the directory is of these inputs
         prepare(config, data_dir, teacher_vocab_size=vocab_size)
     if process_count > 1:
-        multihost_utils.sync_global_devices("distil_jax: data prepared")
-    tok_dir = os.path.join(data_dir, "tokenizer")
+        multihost_utils.sync_global_devices("distil_jax: data checked")
+    tok_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
     tok = load_tokenizer(tok_dir)
     d = config.data
     loader = BatchLoader(
-        PreparedSplit(data_dir, split), micro_batch_size, config.train.seed,
+        PreparedSplit(data_dir, split, vocab_size or len(tok)), micro_batch_size, config.train.seed,
         process_index=process_index, process_count=process_count, shuffle=split == "train",
         group_by_length=d.group_by_length and split == "train", group_window=d.group_window,
         pad_multiple=d.pad_multiple, length_buckets=tuple(d.length_buckets), pad_id=tok.pad_token_id,
         num_threads=d.num_threads, prefetch=d.prefetch,
         keep_together=keep_together if split == "train" else 1)
-    counts = np.load(os.path.join(data_dir, "token_counts.npy"))
+    counts = load_npy(storage.join(data_dir, "token_counts.npy"))
     info = VocabInfo(vocab_size=len(tok), pad_id=tok.pad_token_id, mask_id=tok.mask_token_id,
                      special_ids=special_ids(tok), token_counts=counts, tokenizer=tok,
                      tokenizer_dir=os.path.abspath(tok_dir))

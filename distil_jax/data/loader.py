@@ -24,37 +24,48 @@ from typing import Dict, Sequence
 import grain
 import numpy as np
 
+from distil_jax import storage
+from distil_jax.data.shards import FORMAT_VERSION, load_npy
 from distil_jax.data.types import DataError
 
 MAX_EPOCHS = 100_000  # the pipeline is this long; epochs are counted by the batch index
 
 
 class PreparedSplit:
-    """Random access to the sequences of one split of a prepared dataset."""
+    """Random access to the sequences of one split of a prepared dataset (local, or a bucket
+    mirrored to this host's disk once: ArrayRecord reads local files only)."""
 
-    def __init__(self, data_dir: str, split: str):
-        path = os.path.join(data_dir, "manifest.json")
-        if not os.path.exists(path):
+    def __init__(self, data_dir: str, split: str, vocab_size: int = 0):
+        path = storage.join(data_dir, "manifest.json")
+        if not storage.exists(path):
             raise DataError(f"{data_dir} holds no prepared dataset (no manifest.json); run "
                             "`python -m distil_jax.main --config.mode=prepare` with the same config first")
-        with open(path) as f:
-            self.manifest = json.load(f)
+        self.manifest = json.loads(storage.read_bytes(path))
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise DataError(f"{data_dir} was prepared by an older version of distil_jax (format "
+                            f"{self.manifest.get('format')}, this one reads {FORMAT_VERSION}); prepare the corpus "
+                            "again into a new data.dir")
+        if vocab_size and self.manifest["max_id"] >= vocab_size:
+            raise DataError(f"{data_dir} holds token id {self.manifest['max_id']}, beyond the model's vocabulary "
+                            f"of {vocab_size}: it was prepared with another tokenizer than the teacher's. Prepare "
+                            "the corpus with the teacher's tokenizer into another data.dir")
         self.dtype = np.dtype(self.manifest["dtype"])
-        paths, lengths, self.ranges, self.weights = [], [], {}, {}
+        files, lengths, self.ranges, self.weights = [], [], {}, {}
         for name, info in self.manifest["splits"][split].items():
             start = sum(len(x) for x in lengths)
             for k in range(info["shards"]):
-                base = os.path.join(data_dir, split, name, f"shard-{k:05d}")
-                shard_lengths = np.load(base + ".lengths.npy")
+                rel = f"{split}/{name}/shard-{k:05d}"
+                shard_lengths = load_npy(storage.join(data_dir, rel + ".lengths.npy"))
                 if len(shard_lengths):
-                    paths.append(base + ".array_record")
+                    files.append(rel + ".array_record")
                     lengths.append(shard_lengths)
             self.ranges[name] = (start, sum(len(x) for x in lengths))
             self.weights[name] = info["weight"]
         if not lengths:
             raise DataError(f"the {split!r} split of {data_dir} has no sequences")
         self.lengths = np.concatenate(lengths)
-        self._records = grain.sources.ArrayRecordDataSource(paths)
+        local = storage.local_copy(data_dir, files)
+        self._records = grain.sources.ArrayRecordDataSource([os.path.join(local, f) for f in files])
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -1,17 +1,24 @@
-"""Corpus -> tokenized, split and filtered shards with token counts.
+"""Corpus -> tokenized, split and filtered shards with token counts: a Beam pipeline.
 
     python -m distil_jax.main --config=configs/FILE.py --workdir=DIR --config.mode=prepare
 
-writes DIR/data (or `data.dir`): `tokenizer/` (loadable with AutoTokenizer), per split and
-source `shard-NNNNN.array_record` (one record per sequence, token ids) with its
-`.lengths.npy`, `.counts.npy` and a `.json` written last (a shard without its .json is
-unfinished and is redone), then `token_counts.npy` (train split, for MLM smoothing) and
-`manifest.json`. The rules are the reference's (lm_seqs_dataset.py): each document is
-[CLS] text [SEP]; longer ones are cut into chunks of seq_len - 2 with [CLS]/[SEP]
-re-added; sequences of 11 tokens or fewer and those half or more [UNK] are dropped.
+writes DIR/data (or `data.dir`, local or gs://): `tokenizer/` (loadable with
+AutoTokenizer), per split and source the shards of each unit (shards.py), then
+`token_counts.npy` (train split, for MLM smoothing) and `manifest.json`, last.
 
-A second run with the same inputs does nothing; a directory prepared from other inputs
-is refused, never overwritten.
+The work is one element per unit (sources.py) through Apache Beam, the engine TFDS
+itself prepares Wikipedia with: by default the DirectRunner in multi-process mode with
+`data.prepare_workers` processes (0: one per core) on this machine; `data.beam_options`
+hands the pipeline to any runner (Dataflow, Flink, Spark: their pipeline options, e.g.
+`("--runner=DataflowRunner", "--project=P", "--region=R", "--temp_location=gs://B/tmp",
+"--setup_file=./setup.py")`). With one worker (or one unit left) the same per-unit function
+runs in this process, without Beam. Each unit's files depend on the unit alone, and the
+manifest is assembled here in unit order, so 1 worker and N workers write the same
+sequences in the same order and the same manifest.
+
+A second run with the same inputs does nothing; an interrupted one redoes only the units
+without their done marker; a directory prepared from other inputs is refused, never
+overwritten.
 """
 
 from __future__ import annotations
@@ -19,79 +26,45 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
-import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from absl import logging
-from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epy
 from tqdm import tqdm
 
-from distil_jax import hf, runtime
-from distil_jax.data.sources import SPLITS, make_source
-from distil_jax.data.types import DataError
+from distil_jax import hf, storage
+from distil_jax.data.shards import (MAX_UNK_FRACTION, MIN_LENGTH, STATS, UnitWriter, done_path, load_npy, npy_bytes,
+                                    prepare_units, shard_base, token_dtype, FORMAT_VERSION)
+from distil_jax.data.sources import KINDS, SPLITS, Unit, make_source
 from distil_jax.data.tokenizer import (load_tokenizer, lowercases, says_how_to_normalise, tokenizer_hash,
                                        train_wordpiece, unknown_fraction)
+from distil_jax.data.types import DataError
 
-MIN_LENGTH = 12  # the reference keeps sequences longer than 11 tokens
-MAX_UNK_FRACTION = 0.5  # ... and drops those half or more unknown
+with epy.lazy_imports():  # only a pipeline of several workers needs Beam
+    from distil_jax.data import beam_pipeline
+
 # A given tokenizer that turns more than this share of a sample of the corpus into [UNK]
 # does not fit it (English text under the tokenizer of its model: well under 1%).
 MAX_SAMPLE_UNK_FRACTION = 0.2
 SAMPLE_DOCUMENTS = 200
-ENCODE_BATCH = 512  # documents per call to the (multi-threaded) Rust tokenizer
-FORMAT_VERSION = 1
-
-
-def split_and_filter(ids: Sequence[int], seq_len: int, cls_id: int, sep_id: int,
-                     unk_id: int) -> Tuple[List[np.ndarray], int, int]:
-    """Sequences of one document: ([CLS] chunk [SEP], ...), and how many were too short or unknown."""
-    body = np.asarray(ids, np.int64)
-    step = seq_len - 2
-    kept, short, unknown = [], 0, 0
-    for start in range(0, max(len(body), 1), step):
-        seq = np.concatenate([[cls_id], body[start: start + step], [sep_id]])
-        if len(seq) < MIN_LENGTH:
-            short += 1
-        elif np.count_nonzero(seq == unk_id) / len(seq) >= MAX_UNK_FRACTION:
-            unknown += 1
-        else:
-            kept.append(seq)
-    return kept, short, unknown
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_records(path: str, sequences: List[np.ndarray], dtype) -> None:
-    def write(tmp):
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-        for seq in sequences:
-            writer.write(seq.astype(dtype).tobytes())
-        writer.close()
-    _atomic_write(path, write)
-
-
-def _batches(docs: Iterator[str], size: int) -> Iterator[List[str]]:
-    batch = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def sources_of(config) -> Dict[str, dict]:
     specs = {name: dict(spec) for name, spec in config.data.sources.items()}
     if not specs:
-        raise DataError("data.sources is empty: name at least one source (embedded, text or tfds)")
+        raise DataError(f"data.sources is empty: name at least one source ({', '.join(KINDS)})")
     return specs
+
+
+def saved_tokenizer(out_dir: str):
+    """The tokenizer a prepared directory was made with, or None."""
+    saved = storage.join(out_dir, "tokenizer")
+    if not storage.exists(storage.join(saved, "tokenizer.json")):
+        return None
+    return load_tokenizer(storage.local_copy(saved))
 
 
 def resolve_tokenizer(config, out_dir: str, sources, vocab_size: Optional[int] = None):
@@ -101,20 +74,20 @@ def resolve_tokenizer(config, out_dir: str, sources, vocab_size: Optional[int] =
     A directory prepared with another tokenizer than the one asked for is refused; a
     trained one is checked against the size asked for (a given one, by `check_tokenizer`,
     before shards are written)."""
-    saved = os.path.join(out_dir, "tokenizer")
+    saved = saved_tokenizer(out_dir)
     asked = config.data.tokenizer
     if not asked and config.teacher.path and config.mode != "pretrain":
         asked = hf.resolve_model_dir(config.teacher.path)
     if asked:
         tok = load_tokenizer(asked, lowercase=config.data.lowercase)
-        if os.path.isdir(saved) and tokenizer_hash(load_tokenizer(saved)) != tokenizer_hash(tok):
+        if saved is not None and tokenizer_hash(saved) != tokenizer_hash(tok):
             raise DataError(
-                f"{out_dir} was prepared with another tokenizer (hash {tokenizer_hash(load_tokenizer(saved))}) "
+                f"{out_dir} was prepared with another tokenizer (hash {tokenizer_hash(saved)}) "
                 f"than {asked} (hash {tokenizer_hash(tok)}); its token ids would mean other words. "
                 "Nothing was changed; set data.dir to another directory")
         return tok
-    if os.path.isdir(saved):
-        return load_tokenizer(saved)
+    if saved is not None:
+        return saved
     size = vocab_size or config.teacher.model.vocab_size
     seen = {"documents": 0, "words": 0}
 
@@ -125,8 +98,13 @@ def resolve_tokenizer(config, out_dir: str, sources, vocab_size: Optional[int] =
                 seen["words"] += len(doc.split())
                 yield doc
     tok = train_wordpiece(texts(), vocab_size=size, lowercase=config.data.lowercase)
+    if len(tok) > size:
+        raise DataError(
+            f"the WordPiece trained on the corpus has {len(tok)} entries, more than the {size} of the model's "
+            f"vocabulary (teacher.model.vocab_size): the corpus has more distinct characters than that "
+            f"({seen['documents']} documents). Check that it is text in one language, or set "
+            f"teacher.model.vocab_size to at least {len(tok)}")
     if len(tok) < size:
-        replaced = sum(getattr(s, "replaced_bytes", 0) for s in sources.values())
         where = ", ".join(sorted(sources))
         if seen["documents"] == 0:
             raise DataError(f"the corpus is empty: the training split of data.sources ({where}) has no "
@@ -135,7 +113,6 @@ def resolve_tokenizer(config, out_dir: str, sources, vocab_size: Optional[int] =
             f"the corpus is too small to train a vocabulary of {size} tokens: the training split of "
             f"data.sources ({where}) has {seen['documents']} documents and {seen['words']} words, which "
             f"give a WordPiece of {len(tok)} tokens (5 of them special)"
-            + (f"; {replaced} undecodable bytes were replaced: is it a text file (UTF-8)?" if replaced else "")
             + f". Give a larger corpus, or a smaller teacher.model.vocab_size (at most {len(tok)})")
     return tok
 
@@ -175,21 +152,21 @@ def check_tokenizer(tok, where: str, sources, vocab_size: Optional[int], from_te
 
 def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
             progress: bool = True) -> Dict:
-    """Prepare `config.data.sources` into `out_dir`; returns the manifest."""
+    """Prepare `config.data.sources` into `out_dir` (local or a bucket); returns the manifest."""
     specs = sources_of(config)
     sources = {name: make_source(spec) for name, spec in specs.items()}
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     tok = resolve_tokenizer(config, out_dir, sources, teacher_vocab_size)
-    seq_len = config.data.seq_len
+    seq_len, rows_per_unit = config.data.seq_len, config.data.docs_per_shard
+    limit = min(teacher_vocab_size or len(tok), len(tok))  # ids at or above it have no embedding
     fingerprint = hashlib.sha256(json.dumps({
         "format": FORMAT_VERSION, "tokenizer": tokenizer_hash(tok), "seq_len": seq_len,
-        "min_length": MIN_LENGTH, "max_unk": MAX_UNK_FRACTION, "docs_per_shard": config.data.docs_per_shard,
+        "min_length": MIN_LENGTH, "max_unk": MAX_UNK_FRACTION, "docs_per_shard": rows_per_unit,
         "sources": {n: s.fingerprint() for n, s in sources.items()}}, sort_keys=True).encode()).hexdigest()[:16]
 
-    manifest_path = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+    manifest_path = storage.join(out_dir, "manifest.json")
+    if storage.exists(manifest_path):
+        manifest = json.loads(storage.read_bytes(manifest_path))
         if manifest["fingerprint"] == fingerprint:
             return manifest
         raise DataError(f"{out_dir} holds a dataset prepared from other inputs (fingerprint "
@@ -198,122 +175,88 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
     given = config.data.tokenizer or (config.teacher.path if config.mode != "pretrain" else "")
     if given:  # before anything is written: the tokenizer must fit the teacher and the corpus
         check_tokenizer(tok, given, sources, teacher_vocab_size, from_teacher=not config.data.tokenizer)
-    if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
-        tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    if saved_tokenizer(out_dir) is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            storage.upload_dir(tmp, storage.join(out_dir, "tokenizer"))
 
-    ids = dict(cls=tok.cls_token_id, sep=tok.sep_token_id, unk=tok.unk_token_id)
-    dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.int32
-    bar = None
-    if progress:
-        bar = tqdm(unit="doc", desc="prepare", dynamic_ncols=True, mininterval=1.0)
-    start, total_tokens = time.perf_counter(), 0
-    shards: Dict[str, Dict[str, List[dict]]] = {split: {} for split in SPLITS}
-    for split in SPLITS:
-        for name, source in sources.items():
-            shard_dir = os.path.join(out_dir, split, name)
-            os.makedirs(shard_dir, exist_ok=True)
-            infos = []
-            for k, docs in enumerate(_batches(source.documents(split), config.data.docs_per_shard)):
-                base = os.path.join(shard_dir, f"shard-{k:05d}")
-                info = _read_done(base, fingerprint)
-                if info is None:
-                    info = _prepare_shard(base, docs, tok, seq_len, ids, dtype, fingerprint)
-                infos.append(info)
-                total_tokens += info["tokens"]
-                if bar is not None:
-                    bar.update(len(docs))
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix(tokens_per_s=f"{total_tokens / elapsed:.3g}", refresh=False)
-            replaced = getattr(source, "replaced_bytes", 0)
-            shards[split][name] = {"shards": infos, "replaced_bytes": replaced}
-    if bar is not None:
+    tasks = [(name, unit) for name, source in sources.items() for unit in source.units(rows_per_unit)]
+    writer = UnitWriter(out_dir, specs, tok.backend_tokenizer.to_str(), seq_len, fingerprint, limit - 1,
+                        len(tok))
+    special = dict(cls=tok.cls_token_id, sep=tok.sep_token_id, unk=tok.unk_token_id)
+    pending = [(name, unit) for name, unit in tasks if writer.done(name, unit.index) is None]
+    run_units(config, writer, pending, special, progress)
+    infos = {}
+    for name, unit in tasks:
+        infos[name, unit.index] = writer.done(name, unit.index)
+        if infos[name, unit.index] is None:
+            raise DataError(f"unit {unit.index} of source {name!r} has no done marker after the pipeline ran "
+                            f"({done_path(out_dir, name, unit.index)}); run mode prepare again to finish it")
+    return _finish(out_dir, manifest_path, fingerprint, tok, tasks, infos, specs, seq_len)
+
+
+def run_units(config, writer: UnitWriter, tasks: List[Tuple[str, Unit]], special: Dict[str, int],
+              progress: bool = True) -> None:
+    """Every task prepared: in this process (one worker, one task), else a Beam pipeline."""
+    options = list(config.data.beam_options)
+    workers = min(config.data.prepare_workers or os.cpu_count() or 1, len(tasks))
+    if not options and workers <= 1:
+        bar = tqdm(total=len(tasks), unit="shard", desc="prepare", dynamic_ncols=True, disable=not progress)
+        for _ in prepare_units(writer, iter(tasks), special):
+            bar.update(1)
         bar.close()
-    return _finish(out_dir, manifest_path, fingerprint, tok, shards, specs, seq_len, dtype)
+        return
+    options = options or ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+                          f"--direct_num_workers={workers}"]
+    logging.info("preparing %d shards with Beam: %s", len(tasks), " ".join(options))
+    beam_pipeline.run(tasks, writer, special, options)
 
 
-def _read_done(base: str, fingerprint: str) -> Optional[dict]:
-    """A finished shard's stats, or None if it must be (re)done."""
-    try:
-        with open(base + ".json") as f:
-            info = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if info.get("fingerprint") != fingerprint or not os.path.exists(base + ".array_record"):
-        return None
-    return info
-
-
-def _prepare_shard(base, docs, tok, seq_len, ids, dtype, fingerprint) -> dict:
-    sequences, short, unknown = [], 0, 0
-    for i in range(0, len(docs), ENCODE_BATCH):
-        encoded = tok.backend_tokenizer.encode_batch(docs[i: i + ENCODE_BATCH], add_special_tokens=False)
-        for enc in encoded:
-            kept, s, u = split_and_filter(enc.ids, seq_len, ids["cls"], ids["sep"], ids["unk"])
-            sequences += kept
-            short, unknown = short + s, unknown + u
-    lengths = np.array([len(s) for s in sequences], np.int32)
-    counts = np.bincount(np.concatenate(sequences), minlength=len(tok)) if sequences else np.zeros(len(tok), np.int64)
-    _write_records(base + ".array_record", sequences, dtype)
-    _atomic_write(base + ".lengths.npy", lambda p: np.save(open(p, "wb"), lengths))
-    _atomic_write(base + ".counts.npy", lambda p: np.save(open(p, "wb"), counts.astype(np.int64)))
-    info = {"fingerprint": fingerprint, "documents": len(docs), "sequences": int(len(sequences)),
-            "tokens": int(lengths.sum()), "dropped_short": short, "dropped_unknown": unknown}
-    _atomic_write(base + ".json", lambda p: open(p, "w").write(json.dumps(info)))  # done marker, last
-    return info
-
-
-def _finish(out_dir, manifest_path, fingerprint, tok, shards, specs, seq_len, dtype) -> Dict:
-    summary: Dict[str, Dict] = {}
+def _finish(out_dir, manifest_path, fingerprint, tok, tasks, infos, specs, seq_len) -> Dict:
+    summary: Dict[str, Dict] = {split: {} for split in SPLITS}
     counts = np.zeros(len(tok), np.int64)
     histogram = np.zeros(seq_len // 8 + 1, np.int64)
-    for split, by_source in shards.items():
-        summary[split] = {}
-        for name, entry in by_source.items():
-            infos = entry["shards"]
-            totals = {k: sum(i[k] for i in infos) for k in
-                      ("documents", "sequences", "tokens", "dropped_short", "dropped_unknown")}
-            summary[split][name] = {**totals, "shards": len(infos), "replaced_bytes": entry["replaced_bytes"],
-                                    "weight": float(specs[name].get("weight", 1.0))}
+    for split in SPLITS:
+        for name in specs:
+            units = [unit for n, unit in tasks if n == name]
+            parts = [infos[name, unit.index][split] for unit in units]
+            totals = {k: sum(p[k] for p in parts) for k in STATS}
+            summary[split][name] = {
+                **totals, "shards": len(units), "max_id": max((p["max_id"] for p in parts), default=0),
+                "replaced_bytes": sum(infos[name, unit.index]["replaced_bytes"] for unit in units) if split == "train"
+                else 0, "weight": float(specs[name].get("weight", 1.0))}
             if split == "train":
-                for k in range(len(infos)):
-                    base = os.path.join(out_dir, split, name, f"shard-{k:05d}")
-                    counts += np.load(base + ".counts.npy")
-                    histogram += np.bincount(np.load(base + ".lengths.npy") // 8, minlength=len(histogram))
+                for unit in units:
+                    base = shard_base(out_dir, split, name, unit.index)
+                    counts += load_npy(base + ".counts.npy")
+                    lengths = load_npy(base + ".lengths.npy")
+                    histogram += np.bincount(lengths // 8, minlength=len(histogram))
     train = summary["train"]
     if sum(s["documents"] for s in train.values()) == 0:
         raise DataError("the corpus is empty: the sources gave no training document; check data.sources")
     if sum(s["sequences"] for s in train.values()) == 0:
         raise DataError("every training document was filtered out (11 tokens or fewer, or half or more "
-                        "[UNK]); check the tokenizer matches the language of the corpus")
-    np.save(os.path.join(out_dir, "token_counts.npy"), counts)
+                        "[UNK]); check the tokenizer matches the language of the corpus, or pack sentence "
+                        "rows into documents (the source's pack=True)")
+    storage.write_bytes(storage.join(out_dir, "token_counts.npy"), npy_bytes(counts))
     manifest = {
         "fingerprint": fingerprint, "format": FORMAT_VERSION, "seq_len": seq_len,
-        "dtype": np.dtype(dtype).name, "vocab_size": len(tok), "tokenizer_hash": tokenizer_hash(tok),
+        "dtype": token_dtype(len(tok)).name, "vocab_size": len(tok),
+        "tokenizer_hash": tokenizer_hash(tok), "max_id": max(s["max_id"] for d in summary.values() for s in d.values()),
         "splits": summary, "length_histogram_bins_of_8": histogram.tolist(),
     }
-    _atomic_write(manifest_path, lambda p: open(p, "w").write(json.dumps(manifest, indent=2)))
+    storage.write_text(manifest_path, json.dumps(manifest, indent=2))
     return manifest
 
 
-
-def prepared_dir(config, workdir: str, process: int = 0) -> str:
-    """Where the tokenized corpus lives: data.dir, else WORKDIR/data.
-
-    A workdir on a bucket (gs://...) cannot hold it (preparation and the loader use local
-    files): then every process keeps its own copy on its host, under the temp dir and
-    named by the workdir, and prepares it itself (`per_process_data`). Set data.dir to a
-    directory every host sees (NFS, a gcsfuse mount) to prepare once.
-    """
-    if config.data.dir:
-        return config.data.dir
-    if per_process_data(config, workdir):
-        key = hashlib.sha256(workdir.encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), "distil_jax_data", key, f"process_{process}")
-    return os.path.join(workdir, "data")
+def prepared_dir(config, workdir: str) -> str:
+    """Where the tokenized corpus lives: data.dir, else WORKDIR/data (local or a bucket:
+    every host of a run reads the same one)."""
+    return config.data.dir or storage.join(workdir, "data")
 
 
-def per_process_data(config, workdir: str) -> bool:
-    return not config.data.dir and runtime.is_remote(workdir)
+def is_prepared(data_dir: str) -> bool:
+    return storage.exists(storage.join(data_dir, "manifest.json"))
 
 
 def run(config, workdir: str) -> Dict:

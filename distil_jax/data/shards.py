@@ -1,0 +1,204 @@
+"""One unit of a source -> its shards: tokenize, pack, split, filter, write.
+
+What every preparation worker runs (in this process, or in a Beam worker: see
+prepare.py), for one `Unit` at a time; its output depends on the unit alone, so any
+number of workers in any order writes the same files. For each split it writes
+`SPLIT/SOURCE/shard-NNNNN.array_record` (one record per sequence, token ids) with
+`.lengths.npy` and `.counts.npy`, then the unit's done marker `done/SOURCE/shard-NNNNN.json`
+(its statistics), last: a unit without its marker is unfinished and is redone.
+
+The rules are the reference's (lm_seqs_dataset.py): each document is [CLS] text [SEP];
+longer ones are cut into chunks of seq_len - 2 with [CLS]/[SEP] re-added; sequences of 11
+tokens or fewer and those half or more [UNK] are dropped. A packing source's documents
+are consecutive rows of one group joined up to seq_len - 2 tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import tempfile
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tokenizers import Tokenizer
+
+from distil_jax import storage
+from distil_jax.data.sources import SPLITS, Source, Unit, make_source
+from distil_jax.data.types import DataError
+
+MIN_LENGTH = 12  # the reference keeps sequences longer than 11 tokens
+MAX_UNK_FRACTION = 0.5  # ... and drops those half or more unknown
+ENCODE_BATCH = 512  # documents per call to the Rust tokenizer
+FORMAT_VERSION = 2  # the layout of a prepared directory (loader.py refuses others)
+STATS = ("documents", "rows", "sequences", "tokens", "dropped_short", "dropped_unknown")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """How a shard stores token ids: two bytes when the vocabulary allows."""
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
+
+
+def shard_base(out_dir: str, split: str, source: str, index: int) -> str:
+    return storage.join(out_dir, split, source, f"shard-{index:05d}")
+
+
+def done_path(out_dir: str, source: str, index: int) -> str:
+    return storage.join(out_dir, "done", source, f"shard-{index:05d}.json")
+
+
+def sequences_of(flat: np.ndarray, lengths: np.ndarray, seq_len: int, cls_id: int, sep_id: int,
+                 unk_id: int) -> Tuple[List[np.ndarray], int, int]:
+    """The sequences of documents given as their concatenated token ids `flat` and their
+    `lengths`: ([CLS] chunk [SEP], ...) in order, and how many were too short or unknown."""
+    step = seq_len - 2
+    if not len(lengths):
+        return [], 0, 0
+    chunks = np.maximum(-(-lengths // step), 1)  # an empty document is one (too short) chunk
+    doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    first = np.repeat(doc_start, chunks) + step * (np.arange(chunks.sum()) - np.repeat(np.cumsum(chunks) - chunks, chunks))
+    end = np.minimum(first + step, np.repeat(doc_start + lengths, chunks))
+    sizes = end - first + 2
+    unknown_in = np.add.reduceat(np.append(flat == unk_id, False), np.minimum(first, len(flat))) if len(first) else first
+    unknown_in = np.where(end > first, unknown_in, 0)
+    short = sizes < MIN_LENGTH
+    too_unknown = ~short & (unknown_in / sizes >= MAX_UNK_FRACTION)
+    kept = [np.concatenate([[cls_id], flat[a:b], [sep_id]]) for a, b in zip(first[~short & ~too_unknown],
+                                                                            end[~short & ~too_unknown])]
+    return kept, int(short.sum()), int(too_unknown.sum())
+
+
+def split_and_filter(ids: Sequence[int], seq_len: int, cls_id: int, sep_id: int,
+                     unk_id: int) -> Tuple[List[np.ndarray], int, int]:
+    """The sequences of one document (see `sequences_of`)."""
+    ids = np.asarray(ids, np.int64)
+    return sequences_of(ids, np.array([len(ids)]), seq_len, cls_id, sep_id, unk_id)
+
+
+def pack_rows(lengths: Sequence[int], groups: Sequence[str], budget: int) -> List[Tuple[int, int]]:
+    """Runs [start, stop) of consecutive rows of one group whose lengths add up to at most
+    `budget` (a row longer than that is a run of its own)."""
+    runs, start, total = [], 0, 0
+    for i, (n, g) in enumerate(zip(lengths, groups)):
+        if i > start and (g != groups[start] or total + n > budget):
+            runs.append((start, i))
+            start, total = i, 0
+        total += n
+    if len(lengths):
+        runs.append((start, len(lengths)))
+    return runs
+
+
+class UnitWriter:
+    """Prepares units into `out_dir`: the worker's state (sources, tokenizer) built once."""
+
+    def __init__(self, out_dir: str, specs: Dict[str, dict], tokenizer_json: str, seq_len: int,
+                 fingerprint: str, max_id: int, tokenizer_size: int):
+        self.out_dir, self.specs, self.seq_len, self.fingerprint = out_dir, specs, seq_len, fingerprint
+        self.max_id, self.tokenizer_size = max_id, tokenizer_size
+        self.tokenizer_json = tokenizer_json
+        self._sources: Dict[str, Source] = {}
+        self._tok: Optional[Tokenizer] = None
+
+    def source(self, name: str) -> Source:
+        if name not in self._sources:
+            self._sources[name] = make_source(self.specs[name])
+        return self._sources[name]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tok is None:
+            self._tok = Tokenizer.from_str(self.tokenizer_json)
+        return self._tok
+
+    def done(self, name: str, index: int) -> Optional[dict]:
+        """A finished unit's statistics, or None if it must be (re)done."""
+        try:
+            info = json.loads(storage.read_bytes(done_path(self.out_dir, name, index)))
+        except (FileNotFoundError, ValueError):
+            return None
+        return info if info.get("fingerprint") == self.fingerprint else None
+
+    def __call__(self, name: str, unit: Unit, special: Dict[str, int]) -> dict:
+        """Prepare one unit unless done; its statistics per split."""
+        info = self.done(name, unit.index)
+        if info is not None:
+            return info
+        source = self.source(name)
+        rows: Dict[str, List[Tuple[str, str]]] = {split: [] for split in SPLITS}
+        for text, group in source.rows(unit):
+            rows[source.split_of(unit, text, group)].append((text, group))
+        info = {"fingerprint": self.fingerprint, "replaced_bytes": source.replaced_bytes(unit)}
+        for split in SPLITS:
+            info[split] = self._write(shard_base(self.out_dir, split, name, unit.index), rows[split],
+                                      source.pack, special)
+        storage.write_text(done_path(self.out_dir, name, unit.index), json.dumps(info))  # the marker, last
+        return info
+
+    def _encode(self, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+        lengths, parts = [], []
+        for i in range(0, len(texts), ENCODE_BATCH):
+            for enc in self.tokenizer.encode_batch(texts[i: i + ENCODE_BATCH], add_special_tokens=False):
+                ids = enc.ids
+                lengths.append(len(ids))
+                parts.append(ids)
+        flat = np.fromiter(itertools.chain.from_iterable(parts), np.int64, count=sum(lengths))
+        return flat, np.asarray(lengths, np.int64)
+
+    def _write(self, base: str, rows: List[Tuple[str, str]], pack: bool, special: Dict[str, int]) -> dict:
+        flat, lengths = self._encode([text for text, _ in rows])
+        documents = len(rows)
+        if pack and len(rows):
+            runs = pack_rows(lengths, [g for _, g in rows], self.seq_len - 2)
+            ends = np.cumsum(lengths)
+            lengths = np.array([ends[b - 1] - (ends[a - 1] if a else 0) for a, b in runs], np.int64)
+            documents = len(runs)
+        if len(flat) and flat.max() > self.max_id:
+            raise DataError(f"token id {int(flat.max())} of {base} is beyond the model's vocabulary "
+                            f"(ids 0..{self.max_id}): the tokenizer does not belong to the teacher. Nothing "
+                            "of this shard was written; use the teacher's tokenizer (data.tokenizer empty)")
+        sequences, short, unknown = sequences_of(flat, lengths, self.seq_len, special["cls"], special["sep"],
+                                                 special["unk"])
+        seq_lengths = np.array([len(s) for s in sequences], np.int32)
+        size = self.tokenizer_size
+        counts = (np.bincount(np.concatenate(sequences), minlength=size) if sequences
+                  else np.zeros(size, np.int64)).astype(np.int64)
+        self._write_records(base + ".array_record", sequences, token_dtype(size))
+        storage.write_bytes(base + ".lengths.npy", npy_bytes(seq_lengths))
+        storage.write_bytes(base + ".counts.npy", npy_bytes(counts))
+        return {"documents": documents, "rows": len(rows), "sequences": len(sequences),
+                "tokens": int(seq_lengths.sum()), "dropped_short": short, "dropped_unknown": unknown,
+                "max_id": int(max((s.max() for s in sequences), default=0))}
+
+    @staticmethod
+    def _write_records(path: str, sequences: List[np.ndarray], dtype) -> None:
+        local_dir = None if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
+        if local_dir:
+            os.makedirs(local_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=local_dir)
+        os.close(fd)
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        for seq in sequences:
+            writer.write(seq.astype(dtype).tobytes())
+        writer.close()
+        storage.upload_file(tmp, path)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def load_npy(path: str) -> np.ndarray:
+    """A .npy file, local or in a bucket."""
+    return np.load(io.BytesIO(storage.read_bytes(path)))
+
+
+def prepare_units(writer: UnitWriter, tasks: Iterator[Tuple[str, Unit]], special: Dict[str, int]):
+    """Each (source name, unit) prepared in turn: the in-process runner."""
+    for name, unit in tasks:
+        yield name, unit, writer(name, unit, special)

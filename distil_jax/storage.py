@@ -1,0 +1,159 @@
+"""Files on local disk or in a bucket (gs://, any fsspec URL), through one set of calls.
+
+Everything that writes a run's files (prepared shards, manifests, exports, metrics, the
+lock) goes through here or through orbax (checkpoints), so a path is a path: local
+writes are atomic (a temporary file renamed into place); an object store writes an object
+whole or not at all. Listings are never cached: several processes (and hosts) write the
+same directory, and each must see the others' files.
+
+Libraries that only take local paths (ArrayRecord's reader and writer, transformers'
+`save_pretrained` / `from_pretrained`) work on a local copy: `local_copy` downloads a
+remote directory once into a cache (`DISTIL_JAX_CACHE`, default the temp dir) and
+`upload_dir` writes a local directory to a remote one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import List, Tuple
+
+import fsspec
+
+CACHE_ENV = "DISTIL_JAX_CACHE"
+
+
+def is_remote(path: str) -> bool:
+    """A URL (gs://bucket/...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute; a URL as it is."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def join(path: str, *parts: str) -> str:
+    return "/".join([path.rstrip("/"), *parts]) if is_remote(path) else os.path.join(path, *parts)
+
+
+def filesystem(path: str) -> Tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, its path) for a local path or URL, with no listing cache."""
+    return fsspec.core.url_to_fs(os.fspath(path), use_listings_cache=False)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    return fs.cat_file(p)
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write `path` whole: locally to a temporary file renamed into place; an object at once."""
+    if is_remote(path):
+        fs, p = filesystem(path)
+        fs.pipe_file(p, data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Write `path` only if it does not exist (an exclusive create locally; on GCS a write
+    with the precondition that no object is there): False if it exists."""
+    fs, p = filesystem(path)
+    try:
+        fs.pipe_file(p, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as e:  # gcsfs reports a failed precondition (412) as an OSError
+        if "412" in str(e) or "recondition" in str(e):
+            return False
+        raise
+    return True
+
+
+def makedirs(path: str) -> None:
+    """A local directory (a bucket needs none)."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def remove(path: str) -> None:
+    fs, p = filesystem(path)
+    try:
+        fs.rm_file(p)
+    except FileNotFoundError:
+        pass
+
+
+def listdir(path: str) -> List[str]:
+    """Names in a directory (an empty list when there is none)."""
+    fs, p = filesystem(path)
+    try:
+        return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def upload_file(local: str, path: str) -> None:
+    """A local file written to `path` (local: moved into place)."""
+    if is_remote(path):
+        fs, p = filesystem(path)
+        fs.put_file(local, p)
+        os.remove(local)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.replace(local, path)
+
+
+def upload_dir(local: str, path: str) -> None:
+    """Every file under a local directory written under `path` (local: copied)."""
+    for root, _, files in os.walk(local):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local)
+            with open(os.path.join(root, name), "rb") as f:
+                write_bytes(join(path, *rel.split(os.sep)), f.read())
+
+
+def cache_dir(path: str) -> str:
+    """The local directory that mirrors remote `path` on this host."""
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    return os.path.join(os.environ.get(CACHE_ENV) or tempfile.gettempdir(), "distil_jax_cache", key)
+
+
+def local_copy(path: str, files: List[str] = ()) -> str:
+    """A local directory holding `path`'s files (`files`, relative; empty: all): `path`
+    itself when local, else a cached mirror, each file downloaded once (kept while its
+    size matches)."""
+    if not is_remote(path):
+        return path
+    fs, root = filesystem(path)
+    local = cache_dir(path)
+    names = list(files) or [os.path.relpath(p, root) for p in fs.find(root)]
+    for rel in names:
+        target = os.path.join(local, rel)
+        size = fs.size(root.rstrip("/") + "/" + rel)
+        if os.path.exists(target) and os.path.getsize(target) == size:
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp{os.getpid()}"
+        fs.get_file(root.rstrip("/") + "/" + rel, tmp)
+        os.replace(tmp, target)
+    return local
