@@ -30,6 +30,14 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.8",  # the ablation's loss-curve plot
         "numpy>=2.0",
+        # Data preparation: an Apache Beam pipeline (DirectRunner here; Dataflow, Flink, Spark
+        # beyond), Parquet through pyarrow, hub datasets streamed by `datasets`, and paths on
+        # object storage (gs://, any fsspec URL) through fsspec / gcsfs.
+        "apache-beam>=2.77,<3",
+        "pyarrow>=21",
+        "datasets>=5.2,<6",
+        "fsspec>=2026.9",
+        "gcsfs>=2026.9",
     ],
     extras_require={
         # torch checks our Hugging Face export against transformers' PyTorch models.
