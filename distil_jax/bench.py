@@ -7,7 +7,8 @@
     python -m distil_jax.bench infer [shape flags] [--latency_seq 128 --throughput_batch 64]
     python -m distil_jax.bench matmul [--size 4096 --dtype float32]
     python -m distil_jax.bench compare [shape flags]      (needs torch: the reference step)
-    python -m distil_jax.bench data [--seq_len 512] [--vocab_size 30522] [--micro_batch 32]
+    python -m distil_jax.bench data [--seq_len 512] [--vocab_size 30522] [--tokens 20000000]
+        [--workers 1 2] [--micro_batch 32]                  (bench_data.py)
     python -m distil_jax.bench deploy [--models base|embedded] [--task feature-extraction]
         [--seq 128 --batch 32 --threads 2]       (needs the deploy extra; bench_deploy.py)
 
@@ -23,8 +24,10 @@ inputs. `matmul`: a large jitted matrix product, the machine's practical FLOP/s.
 transformers' BertForMaskedLM teacher without grad + DistilBertForMaskedLM student, the
 reference's triple loss with KL over all non-pad rows, AdamW, clipping) on the same
 shapes, timed in turn with ours, in this process or a child process of its own.
-`data`: tokenizer, preparation and loader throughput and the padding fraction with and
-without length grouping, on the embedded corpus. `deploy`: teacher and student exported
+`data`: preparation end to end (in this process, and Beam with 1 and 2 workers) against
+the tokenizer alone and against `datasets.map(num_proc=2)` + `save_to_disk`, on a Parquet
+corpus of 20M tokens made from the embedded text; loader throughput and the padding
+fraction with and without length grouping. `deploy`: teacher and student exported
 (transformers and ONNX Runtime, fp32 and int8), latency and throughput interleaved.
 """
 
@@ -44,13 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import bench_deploy, parallel, runtime, torch_reference, trainer
+from distil_jax import bench_data, bench_deploy, parallel, runtime, torch_reference, trainer
 from distil_jax.config import defaults, with_changes
 from distil_jax.data import next_update
-from distil_jax.data.loader import BatchLoader, PreparedSplit, epoch_indices, plan_batches
-from distil_jax.data.prepare import prepare
-from distil_jax.data.sources import EmbeddedSource
-from distil_jax.data.tokenizer import train_wordpiece
 from distil_jax.metrics import device_peak_tflops, train_flops_per_token
 from distil_jax.step import compiled_step
 from distil_jax.timing import interleaved, median_seconds
@@ -266,56 +265,6 @@ def bench_compare(args) -> None:
     _emit(ours)
 
 
-def bench_data(args) -> None:
-    docs = list(EmbeddedSource().documents("train"))
-    start = time.perf_counter()
-    tok = train_wordpiece(docs, vocab_size=args.vocab_size)
-    train_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    encoded = tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(e.ids) for e in encoded)
-    _emit({"bench": "data/tokenize", "documents": len(docs), "tokens": tokens, "seconds": seconds,
-           "tokens_per_s": tokens / seconds, "documents_per_s": len(docs) / seconds,
-           "tokenizer_train_s": train_s, "vocab_size": len(tok), **_machine()})
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = os.path.join(tmp, "tokenizer")
-        tok.save_pretrained(tok_dir)
-        c = defaults()
-        c.data.update(seq_len=args.seq_len, tokenizer=tok_dir)
-        start = time.perf_counter()
-        manifest = prepare(c, os.path.join(tmp, "data"), progress=False)
-        seconds = time.perf_counter() - start
-        n_tokens = manifest["splits"]["train"]["embedded"]["tokens"]
-        _emit({"bench": "data/prepare", "seconds": seconds, "tokens": n_tokens,
-               "tokens_per_s": n_tokens / seconds, "seq_len": args.seq_len})
-
-        split = PreparedSplit(os.path.join(tmp, "data"), "train")
-        for grouped in (True, False):
-            rng = np.random.default_rng(0)
-            plan = plan_batches(epoch_indices(split.ranges, split.weights, rng, True), split.lengths,
-                                args.micro_batch, rng, grouped, window=64, shuffle=True)
-            real = split.lengths[plan].sum()
-            padded = sum(-(-int(split.lengths[b].max()) // 8) * 8 * len(b) for b in plan)
-            _emit({"bench": "data/padding", "group_by_length": grouped, "micro_batch": args.micro_batch,
-                   "padding_fraction": 1 - real / padded, "seq_len": args.seq_len})
-
-        loader = BatchLoader(split, args.micro_batch, seed=0, num_threads=args.threads,
-                             prefetch=args.prefetch)
-        next(loader)  # start the threads
-        start, real, padded = time.perf_counter(), 0, 0
-        for _ in range(args.batches):
-            batch = next(loader)
-            real += int(batch["attention_mask"].sum())
-            padded += batch["input_ids"].size
-        seconds = time.perf_counter() - start
-        _emit({"bench": "data/loader", "batches": args.batches, "micro_batch": args.micro_batch,
-               "seconds": seconds, "tokens_per_s": real / seconds, "padded_tokens_per_s": padded / seconds,
-               "sequences_per_s": args.batches * args.micro_batch / seconds, "threads": args.threads})
-
-
 def _model_flags(p) -> None:
     """The models' shapes (BERT-base and its 6-layer student by default)."""
     p.add_argument("--teacher_layers", type=int, default=12)
@@ -369,20 +318,20 @@ def main(argv=None) -> None:
     mm.add_argument("--size", type=int, default=4096)
     mm.add_argument("--dtype", default="float32")
     mm.add_argument("--steps", type=int, default=5)
-    data = sub.add_parser("data", help="tokenizer, preparation and loader throughput; padding")
-    data.add_argument("--seq_len", type=int, default=512)
-    data.add_argument("--vocab_size", type=int, default=30522)
-    data.add_argument("--micro_batch", type=int, default=32)
-    data.add_argument("--batches", type=int, default=200)
-    data.add_argument("--threads", type=int, default=2)
-    data.add_argument("--prefetch", type=int, default=8)
+    data = sub.add_parser("data", help="preparation (in-process, Beam workers) against the tokenizer alone "
+                          "and datasets.map; loader throughput; padding (bench_data.py)")
+    bench_data.add_flags(data)
     dep = sub.add_parser("deploy", help="exported teacher and student: PyTorch and ONNX Runtime, fp32 and int8")
     _model_flags(dep)  # --models base
     bench_deploy.add_flags(dep)
     args = parser.parse_args(argv)
     if args.command == "deploy":
         return _emit(bench_deploy.run(args))
-    {"data": bench_data, "train": bench_train, "infer": bench_infer, "matmul": bench_matmul,
+    if args.command == "data":
+        for record in bench_data.run(args):
+            _emit({**record, **(_machine() if record["bench"] == "data/tokenize" else {})})
+        return
+    {"train": bench_train, "infer": bench_infer, "matmul": bench_matmul,
      "compare": bench_compare}[args.command](args)
 
 

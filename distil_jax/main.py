@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distil_jax import parallel, runtime, trainer
+from distil_jax import parallel, runtime, storage, trainer
 from distil_jax.apps import ablate, demo, deploy, evaluate, export, finetune, shapes
 from distil_jax.checkpoint import CheckpointMismatch, CheckpointSaveError, NoCheckpointError
 from distil_jax.config import ConfigError
@@ -53,7 +53,7 @@ APPS = {
 }
 # Errors whose message says what is wrong and what to do: printed without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointMismatch, CheckpointSaveError, NoCheckpointError,
-               NonFiniteError, runtime.WorkdirBusy)
+               NonFiniteError, runtime.WorkdirBusy, storage.StorageError)
 
 
 def run(config, workdir: str) -> dict:
@@ -61,6 +61,7 @@ def run(config, workdir: str) -> dict:
         raise ConfigError(f"config.mode {config.mode!r} is not one of {tuple(APPS)}")
     if not runtime.is_remote(workdir):  # a bucket (gs://...) needs no directories
         os.makedirs(workdir, exist_ok=True)
+    storage.check_writable(workdir)
     with runtime.hold_workdir(workdir):
         return APPS[config.mode](config, workdir)
 

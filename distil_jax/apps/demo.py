@@ -41,7 +41,7 @@ import numpy as np
 from distil_jax import assets, hf, trainer
 from distil_jax.apps import evaluate, export, finetune
 from distil_jax.config import with_changes
-from distil_jax.data import prepare, prepared_dir
+from distil_jax.data.prepare import prepare, prepared_dir
 from distil_jax.data.sources import EmbeddedSource
 from distil_jax.data.tokenizer import load_tokenizer
 

@@ -15,13 +15,14 @@ Hugging Face directory).
 
 from __future__ import annotations
 
-import os
+import json
+import tempfile
 from typing import Dict
 
 import jax
 
 from distil_jax import config as config_lib
-from distil_jax import hf, hf_heads, onnx_export
+from distil_jax import hf, hf_heads, onnx_export, storage
 from distil_jax.checkpoint import checkpoint_tokenizer, load_model
 from distil_jax.data import prepared_dir
 from distil_jax.models import QuestionAnswerer, SequenceClassifier
@@ -32,7 +33,9 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str = "float32", config
     A masked LM as *ForMaskedLM, a fine-tuned model (mode finetune) as its task's class."""
     module, params, meta = load_model(workdir)
     if jax.process_index() == 0:
-        fallback = os.path.join(prepared_dir(config, workdir), "tokenizer") if config is not None else ""
+        fallback = ""
+        if config is not None and storage.exists(storage.join(prepared_dir(config, workdir), "tokenizer")):
+            fallback = storage.local_copy(storage.join(prepared_dir(config, workdir), "tokenizer"))
         kw = dict(tokenizer=checkpoint_tokenizer(meta, fallback), dtype=config_lib.DTYPES[dtype])
         params = jax.device_get(params)
         if isinstance(module, SequenceClassifier):
@@ -45,8 +48,16 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str = "float32", config
 
 
 def run(config, workdir: str) -> Dict:
-    out_dir = config.export.dir or os.path.join(workdir, "hf")
-    result = {"export_dir": export_checkpoint(workdir, out_dir, config.export.dtype, config)}
-    if config.export.onnx and jax.process_index() == 0:
-        result["onnx"] = onnx_export.export(out_dir, int8=config.export.onnx == "int8")
+    """The export (and its ONNX files) in `export.dir`; on a bucket, written in a local
+    temporary directory first (transformers and ONNX write local files) and then uploaded."""
+    out_dir = config.export.dir or storage.join(workdir, "hf")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tmp if storage.is_remote(out_dir) else out_dir
+        export_checkpoint(workdir, local, config.export.dtype, config)
+        result = {"export_dir": out_dir}
+        if config.export.onnx and jax.process_index() == 0:
+            result["onnx"] = onnx_export.export(local, int8=config.export.onnx == "int8")
+            result["onnx"] = json.loads(json.dumps(result["onnx"]).replace(local, out_dir))  # where they end up
+        if local != out_dir and jax.process_index() == 0:
+            storage.upload_dir(local, out_dir)
     return result

@@ -16,17 +16,27 @@ import os
 from typing import Dict, Optional
 
 import numpy as np
-from jax.experimental import multihost_utils
+from etils import epy
 
 from distil_jax import storage
-from distil_jax.data.loader import BatchLoader, PreparedSplit
 from distil_jax.data.shards import load_npy
-from distil_jax.data.prepare import is_prepared, prepare, prepared_dir
 from distil_jax.data.synthetic import SyntheticCorpus
 from distil_jax.data.tokenizer import load_tokenizer, special_ids
 from distil_jax.data.types import BatchIterator, DataError, VocabInfo
 
+# Lazily: a preparation worker imports this package for shards.py alone, and JAX and
+# grain are most of the package's import time.
+with epy.lazy_imports():
+    from jax.experimental import multihost_utils
+
+    from distil_jax.data import loader as loader_lib
+    from distil_jax.data import prepare as prepare_lib
+
 __all__ = ["BatchIterator", "DataError", "VocabInfo", "make_data", "next_update", "prepared_dir"]
+
+
+def prepared_dir(config, workdir: str) -> str:
+    return prepare_lib.prepared_dir(config, workdir)
 
 
 def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
@@ -69,21 +79,21 @@ def next_update(data: BatchIterator, k: int, pad_id: int = 0) -> Dict[str, np.nd
 def _corpus_data(config, split, micro_batch_size, process_index, process_count, vocab_size, workdir,
                  keep_together):
     data_dir = prepared_dir(config, workdir)
-    if process_count > 1 and not is_prepared(data_dir):
+    if process_count > 1 and not prepare_lib.is_prepared(data_dir):
         raise DataError(
             f"{data_dir} holds no prepared dataset, and a run of {process_count} processes does not tokenize a "
             "corpus behind a barrier. Prepare it once, from one machine: `python -m distil_jax.main "
             f"--config=<this config> --workdir={workdir} --config.mode=prepare` (the same data settings; "
             "data.prepare_workers or data.beam_options for more workers), then start this run again")
     if process_index == 0:  # prepares (one process), or checks that the directory is of these inputs
-        prepare(config, data_dir, teacher_vocab_size=vocab_size)
+        prepare_lib.prepare(config, data_dir, teacher_vocab_size=vocab_size)
     if process_count > 1:
         multihost_utils.sync_global_devices("distil_jax: data checked")
     tok_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
     tok = load_tokenizer(tok_dir)
     d = config.data
-    loader = BatchLoader(
-        PreparedSplit(data_dir, split, vocab_size or len(tok)), micro_batch_size, config.train.seed,
+    loader = loader_lib.BatchLoader(
+        loader_lib.PreparedSplit(data_dir, split, vocab_size or len(tok)), micro_batch_size, config.train.seed,
         process_index=process_index, process_count=process_count, shuffle=split == "train",
         group_by_length=d.group_by_length and split == "train", group_window=d.group_window,
         pad_multiple=d.pad_multiple, length_buckets=tuple(d.length_buckets), pad_id=tok.pad_token_id,

@@ -7,6 +7,7 @@ and done markers itself, so nothing but the small unit descriptions crosses the 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Dict, List, Sequence, Tuple
 
@@ -22,6 +23,11 @@ class PrepareUnit(beam.DoFn):
     def __init__(self, writer: UnitWriter, special: Dict[str, int]):
         super().__init__()
         self._writer, self._special = writer, special
+
+    def setup(self):
+        # One worker per core: the tokenizer's own threads would only compete with the
+        # other workers (the in-process path keeps them).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     def process(self, task):
         name, unit = task

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
@@ -153,6 +152,7 @@ def check_tokenizer(tok, where: str, sources, vocab_size: Optional[int], from_te
 def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
             progress: bool = True) -> Dict:
     """Prepare `config.data.sources` into `out_dir` (local or a bucket); returns the manifest."""
+    storage.check_writable(out_dir)
     specs = sources_of(config)
     sources = {name: make_source(spec) for name, spec in specs.items()}
     storage.makedirs(out_dir)
