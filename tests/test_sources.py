@@ -173,3 +173,28 @@ def test_one_worker_and_beam_workers_write_the_same_shards(tmp_path, corpus):
         for sub in d.subdirs.values():
             same(sub)
     same(filecmp.dircmp(tmp_path / "w1", tmp_path / "w2"))
+
+
+def test_the_papers_config_prepares_parquet_copies_of_its_corpora(tmp_path, run_main):
+    """`configs/base.py:DIR` reads Wikipedia and BookCorpus as the hub's Parquet files laid
+    out under DIR by `hf download` (README), through mode prepare: articles one document
+    each, BookCorpus sentences packed into running text."""
+    from distil_jax.assets import DEMO_TEACHER
+    from distil_jax.data.sources import stdlib_files
+    wiki = tmp_path / "corpora" / "wikipedia" / "20231101.en"
+    books = tmp_path / "corpora" / "bookcorpus" / "plain_text" / "train"
+    wiki.mkdir(parents=True)
+    books.mkdir(parents=True)
+    articles = [open(f).read()[:3000] for f in stdlib_files()[:40]]
+    pq.write_table(pa.table({"id": [str(i) for i in range(40)], "title": ["t"] * 40, "text": articles}),
+                   wiki / "train.0000.parquet")
+    sentences = [s.strip() + "." for a in articles for s in a.split(".") if len(s.split()) > 2]
+    pq.write_table(pa.table({"text": sentences}), books / "0000.parquet", row_group_size=500)
+    result = run_main(f"configs/base.py:{tmp_path / 'corpora'}", str(tmp_path / "run"), "--config.mode=prepare",
+                      f"--config.teacher.path={DEMO_TEACHER}", "--config.data.seq_len=128",
+                      "--config.data.prepare_workers=1")
+    train = result["splits"]["train"]
+    assert train["wikipedia"]["documents"] + result["splits"]["eval"]["wikipedia"]["documents"] == 40
+    book = train["bookcorpus"]
+    assert book["rows"] + result["splits"]["eval"]["bookcorpus"]["rows"] == len(sentences) and book["documents"] < book["rows"] / 2  # several sentences a document
+    assert book["dropped_short"] < 0.05 * book["documents"]
