@@ -4,7 +4,8 @@ On a Parquet corpus of at least --tokens tokens made from the embedded text (its
 documents, repeated; 8 files, row groups of 10,000), with a WordPiece of --vocab_size
 trained on it, all in one run:
 - `data/tokenize`: the tokenizer alone (`encode_batch`, its own threads on every core)
-  over one copy of the corpus: the rate preparation is held to;
+  over three copies of the embedded corpus, the fastest of three passes: the rate
+  preparation is held to;
 - `data/prepare`: mode prepare end to end (read, tokenize, split, filter, count, write
   ArrayRecord shards and the manifest): in this process (`workers` 0: the in-process path,
   with the tokenizer's threads), and as a Beam pipeline on the DirectRunner with 1 and
@@ -32,7 +33,7 @@ from etils import epy
 from distil_jax.config import defaults
 from distil_jax.data.loader import BatchLoader, PreparedSplit, epoch_indices, plan_batches
 from distil_jax.data.prepare import prepare
-from distil_jax.data.shards import split_and_filter
+from distil_jax.data.shards import ENCODE_BATCH, split_and_filter
 from distil_jax.data.sources import EmbeddedSource
 from distil_jax.data.tokenizer import train_wordpiece
 
@@ -77,10 +78,16 @@ def run(args) -> List[Dict]:
     records = []
     docs = list(EmbeddedSource().documents("train"))
     tok, train_s = _timed(lambda: train_wordpiece(docs, vocab_size=args.vocab_size))
-    encoded, seconds = _timed(lambda: tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
-    per_copy = sum(len(e.ids) for e in encoded)
-    records.append({"bench": "data/tokenize", "documents": len(docs), "tokens": per_copy, "seconds": seconds,
-                    "tokens_per_s": per_copy / seconds, "documents_per_s": len(docs) / seconds,
+    per_copy = sum(len(e.ids) for e in tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
+    # The tokenizer alone at its best: all its threads, calls of ENCODE_BATCH documents (the
+    # size preparation uses) over three copies of the corpus, the fastest of three passes.
+    def three_copies():
+        for _ in range(3):
+            for i in range(0, len(docs), ENCODE_BATCH):
+                tok.backend_tokenizer.encode_batch(docs[i:i + ENCODE_BATCH], add_special_tokens=False)
+    seconds = min(_timed(three_copies)[1] for _ in range(3))
+    records.append({"bench": "data/tokenize", "documents": 3 * len(docs), "tokens": 3 * per_copy, "seconds": seconds,
+                    "tokens_per_s": 3 * per_copy / seconds, "documents_per_s": 3 * len(docs) / seconds,
                     "tokenizer_train_s": train_s, "vocab_size": len(tok), "cores": os.cpu_count()})
     tmp = tempfile.mkdtemp(prefix="distil_jax_bench_data_")
     try:

@@ -242,3 +242,26 @@ def test_plan_keeps_an_updates_micro_batches_together():
     assert stacked_padding(blocks) < 0.5 * stacked_padding(single)
 
 
+
+
+def test_token_ids_beyond_the_models_vocabulary_never_reach_it(tmp_path, corpus):
+    """Checked where shards are written (nothing of the shard is written) and where a
+    prepared directory is opened for a model (a smaller vocabulary is refused)."""
+    from distil_jax.data import make_data
+    from distil_jax.data.shards import UnitWriter
+    from distil_jax.data.sources import make_source
+    from distil_jax.data.tokenizer import load_tokenizer
+    text = tmp_path / "corpus.txt"
+    corpus.write(text, 200)
+    config = corpus.config([text])
+    manifest = prepare(config, str(tmp_path / "data"), progress=False)
+    assert manifest["max_id"] == 63 and manifest["vocab_size"] == 64
+    config.data.dir = str(tmp_path / "data")
+    with pytest.raises(DataError, match="holds token id 63, beyond the model's vocabulary of 40"):
+        make_data(config, "train", 16, vocab_size=40, workdir=str(tmp_path))
+    tok = load_tokenizer(str(tmp_path / "data" / "tokenizer"))
+    spec = {"kind": "text", "files": [str(text)]}
+    writer = UnitWriter(str(tmp_path / "other"), {"t": spec}, tok.backend_tokenizer.to_str(), 32, "f", 39, len(tok))
+    with pytest.raises(DataError, match=r"beyond the model's vocabulary \(ids 0..39\)"):
+        writer("t", make_source(spec).units(50)[0], dict(cls=2, sep=3, unk=1))
+    assert not list((tmp_path / "other").rglob("*.*"))

@@ -1,9 +1,10 @@
 """Data for the train step: iterators of micro-batches and what the masking needs to know.
 
-sources.py (TFDS, text files, the embedded corpus) -> tokenizer.py -> prepare.py
-(tokenized, split and filtered shards) -> loader.py (grain, length-grouped batches);
-synthetic.py is a fixed corpus without files, for tests and smoke runs; types.py holds
-VocabInfo, DataError and the iterator protocol.
+sources.py (TFDS, Parquet, `datasets`, text files, the embedded corpus; each cut into
+units) -> prepare.py (the tokenizer, then a Beam pipeline over the units: beam_pipeline.py)
+-> shards.py (one unit tokenized, packed, split, filtered and written) -> loader.py (grain,
+length-grouped batches); synthetic.py is a fixed corpus without files, for tests and smoke
+runs; types.py holds VocabInfo, DataError and the iterator protocol.
 
 Every source yields dicts of int32 numpy arrays `input_ids` and `attention_mask` of
 shape [micro_batch // process_count, seq] (this process's rows of each global batch),

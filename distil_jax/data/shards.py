@@ -32,7 +32,9 @@ from distil_jax.data.types import DataError
 
 MIN_LENGTH = 12  # the reference keeps sequences longer than 11 tokens
 MAX_UNK_FRACTION = 0.5  # ... and drops those half or more unknown
-ENCODE_BATCH = 512  # documents per call to the Rust tokenizer
+# Documents per call to the Rust tokenizer: large enough for its threads to share the work
+# (the in-process path), small enough that a call's encodings stay well under a GB.
+ENCODE_BATCH = 4096
 FORMAT_VERSION = 2  # the layout of a prepared directory (loader.py refuses others)
 STATS = ("documents", "rows", "sequences", "tokens", "dropped_short", "dropped_unknown")
 
@@ -131,35 +133,40 @@ class UnitWriter:
         rows: Dict[str, List[Tuple[str, str]]] = {split: [] for split in SPLITS}
         for text, group in source.rows(unit):
             rows[source.split_of(unit, text, group)].append((text, group))
+        encoded = {split: self._encode(rows[split], source.pack) for split in SPLITS}
+        for split, (flat, _, _) in encoded.items():  # before anything of the unit is written
+            if len(flat) and flat.max() > self.max_id:
+                raise DataError(f"token id {int(flat.max())} of unit {unit.index} of source {name!r} is beyond the "
+                                f"model's vocabulary (ids 0..{self.max_id}): the tokenizer does not belong to the "
+                                "teacher. Nothing of this unit was written; use the teacher's tokenizer "
+                                "(data.tokenizer empty)")
         info = {"fingerprint": self.fingerprint, "replaced_bytes": source.replaced_bytes(unit)}
         for split in SPLITS:
-            info[split] = self._write(shard_base(self.out_dir, split, name, unit.index), rows[split],
-                                      source.pack, special)
+            info[split] = self._write(shard_base(self.out_dir, split, name, unit.index), *encoded[split], special)
+            info[split]["rows"] = len(rows[split])
         storage.write_text(done_path(self.out_dir, name, unit.index), json.dumps(info))  # the marker, last
         return info
 
-    def _encode(self, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    def _encode(self, rows: List[Tuple[str, str]], pack: bool) -> Tuple[np.ndarray, np.ndarray, int]:
+        """(token ids of the rows concatenated, each document's length, documents): a
+        document is a row, or (packing) a run of rows of one group."""
         lengths, parts = [], []
+        texts = [text for text, _ in rows]
         for i in range(0, len(texts), ENCODE_BATCH):
             for enc in self.tokenizer.encode_batch(texts[i: i + ENCODE_BATCH], add_special_tokens=False):
                 ids = enc.ids
                 lengths.append(len(ids))
                 parts.append(ids)
         flat = np.fromiter(itertools.chain.from_iterable(parts), np.int64, count=sum(lengths))
-        return flat, np.asarray(lengths, np.int64)
-
-    def _write(self, base: str, rows: List[Tuple[str, str]], pack: bool, special: Dict[str, int]) -> dict:
-        flat, lengths = self._encode([text for text, _ in rows])
-        documents = len(rows)
+        lengths = np.asarray(lengths, np.int64)
         if pack and len(rows):
             runs = pack_rows(lengths, [g for _, g in rows], self.seq_len - 2)
             ends = np.cumsum(lengths)
             lengths = np.array([ends[b - 1] - (ends[a - 1] if a else 0) for a, b in runs], np.int64)
-            documents = len(runs)
-        if len(flat) and flat.max() > self.max_id:
-            raise DataError(f"token id {int(flat.max())} of {base} is beyond the model's vocabulary "
-                            f"(ids 0..{self.max_id}): the tokenizer does not belong to the teacher. Nothing "
-                            "of this shard was written; use the teacher's tokenizer (data.tokenizer empty)")
+        return flat, lengths, len(lengths)
+
+    def _write(self, base: str, flat: np.ndarray, lengths: np.ndarray, documents: int,
+               special: Dict[str, int]) -> dict:
         sequences, short, unknown = sequences_of(flat, lengths, self.seq_len, special["cls"], special["sep"],
                                                  special["unk"])
         seq_lengths = np.array([len(s) for s in sequences], np.int32)
@@ -169,8 +176,8 @@ class UnitWriter:
         self._write_records(base + ".array_record", sequences, token_dtype(size))
         storage.write_bytes(base + ".lengths.npy", npy_bytes(seq_lengths))
         storage.write_bytes(base + ".counts.npy", npy_bytes(counts))
-        return {"documents": documents, "rows": len(rows), "sequences": len(sequences),
-                "tokens": int(seq_lengths.sum()), "dropped_short": short, "dropped_unknown": unknown,
+        return {"documents": documents, "sequences": len(sequences), "tokens": int(seq_lengths.sum()),
+                "dropped_short": short, "dropped_unknown": unknown,
                 "max_id": int(max((s.max() for s in sequences), default=0))}
 
     @staticmethod
