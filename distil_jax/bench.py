@@ -325,6 +325,8 @@ def main(argv=None) -> None:
     _model_flags(dep)  # --models base
     bench_deploy.add_flags(dep)
     args = parser.parse_args(argv)
+    if args.command != "data":  # as main.py does for the steps; its one arena would serialise the tokenizer
+        runtime.keep_host_memory()
     if args.command == "deploy":
         return _emit(bench_deploy.run(args))
     if args.command == "data":
@@ -336,5 +338,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    runtime.keep_host_memory()  # as main.py does: host memory reused between steps
     main(sys.argv[1:])

@@ -69,7 +69,8 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.keep_host_memory()  # first, before any array: reuse host memory between steps
+    if FLAGS.config.mode != "prepare":  # (its single malloc arena would serialise the tokenizer's threads)
+        runtime.keep_host_memory()  # first, before any array: reuse host memory between steps
     try:
         parallel.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

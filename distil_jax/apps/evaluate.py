@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import hf, losses
+from distil_jax import hf, losses, storage
 from distil_jax.checkpoint import NoCheckpointError, load_model
 from distil_jax.data import make_data
 from distil_jax.masking import corrupt, target_partition
@@ -228,6 +228,5 @@ def run(config, workdir: str) -> Dict:
         raise NoCheckpointError(os.path.join(workdir, "checkpoints"))
     results, _ = compare_on_held_out(config, workdir, models)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        storage.write_text(storage.join(workdir, "eval.json"), json.dumps(results, indent=2))
     return results

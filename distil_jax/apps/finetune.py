@@ -25,7 +25,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from distil_jax import runtime, task, trainer
+from distil_jax import runtime, storage, task, trainer
 from distil_jax.checkpoint import checkpoint_tokenizer, load_model, params_fingerprint, saved_steps
 from distil_jax.config import with_changes
 from distil_jax.data import tasks
@@ -105,6 +105,5 @@ def run(config, workdir: str) -> Dict:
     f = config.finetune
     result, _, _ = finetune_in(config, run_dir(config, workdir), f.model or workdir, f.teacher)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "finetune.json"), "w") as out:
-            json.dump(result, out, indent=2)
+        storage.write_text(storage.join(workdir, "finetune.json"), json.dumps(result, indent=2))
     return result
