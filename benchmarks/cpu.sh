@@ -38,6 +38,8 @@ done
 # Inference: the paper's batch-1 latency and a large-batch throughput.
 bench infer "${base[@]}" --latency_seq 128 --throughput_batch 64 --steps 5
 bench matmul --size 4096
+# Data preparation: the tokenizer alone, in-process, Beam with 1 and 2 workers, datasets.map (20M tokens).
+bench data
 # Deployment (needs the deploy extra): the exported models in PyTorch and ONNX Runtime, fp32 and int8.
 bench deploy --models base
 bench deploy --models embedded --steps 40 --pause 0.05

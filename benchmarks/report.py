@@ -94,6 +94,22 @@ def main(path):
     for r in by("matmul"):
         print(f"Matmul ({r['size']}² {r['dtype']}): {r['tflops']:.3f} TFLOP/s.\n")
 
+    tokenize = next(iter(by("data/tokenize")), None)
+    prepare_rows = by("data/prepare") + by("data/datasets_map")
+    if tokenize and prepare_rows:
+        print("### Data preparation (Parquet corpus made from the embedded text)\n")
+        one = next((r for r in by("data/prepare") if r.get("workers") == 1), None)
+        rows = [dict(tokenize, what="the tokenizer alone (all threads)")] + [
+            dict(r, what=("datasets.map(num_proc=2) + save_to_disk" if r["bench"] == "data/datasets_map" else
+                          "in this process" if not r.get("workers") else f"Beam DirectRunner, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"))
+            for r in prepare_rows]
+        print(_table(rows, [
+            ("run", lambda r: r["what"]), ("tokens", lambda r: r["tokens"]), ("seconds", lambda r: r["seconds"]),
+            ("tokens/s", lambda r: r["tokens_per_s"]),
+            ("÷ tokenizer alone", lambda r: r["tokens_per_s"] / tokenize["tokens_per_s"]),
+            ("÷ one Beam worker", lambda r: r["tokens_per_s"] / one["tokens_per_s"] if one else None)]))
+        print()
+
 
 if __name__ == "__main__":
     main(sys.argv[1])
