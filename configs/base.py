@@ -45,7 +45,8 @@ def get_config(corpora: str = ""):
                       {"kind": "parquet", "files": f"{corpora}/wikipedia/20231101.en/*.parquet"})
                      | {"text_key": "text", "eval_percent": 1, "weight": 1.0},
         # 74M rows of one sentence each: packed into running text of up to seq_len - 2 tokens.
-        "bookcorpus": ({"kind": "datasets", "path": "bookcorpus/bookcorpus", "split": "train"} if not corpora else
+        "bookcorpus": ({"kind": "datasets", "path": "bookcorpus/bookcorpus", "revision": "refs/convert/parquet",
+                        "split": "train"} if not corpora else
                        {"kind": "parquet", "files": f"{corpora}/bookcorpus/**/*.parquet"})
                       | {"text_key": "text", "pack": True, "eval_percent": 1, "weight": 1.0},
     }

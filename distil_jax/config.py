@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 import jax.numpy as jnp
 import ml_collections
 
+from distil_jax.data import sources
 from distil_jax.models import BertConfig, EncoderConfig
 from distil_jax.objective import LAYER_TERMS, LossWeights, layer_terms
 
@@ -22,7 +23,7 @@ TRAIN_MODES = ("distill", "pretrain")
 MODES = TRAIN_MODES + ("prepare", "eval", "export", "finetune", "demo", "ablate", "shapes", "deploy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STUDENT_INITS = ("teacher", "random", "prune")
-SOURCE_KINDS = ("embedded", "text", "parquet", "datasets", "tfds")  # data/sources.py:KINDS
+SOURCE_KINDS = tuple(sources.KINDS)
 MIN_SEQ_LEN = 12  # the reference drops sequences of 11 tokens or fewer
 # The rules flax's lm1b example uses, with the batch over both data-parallel axes.
 DEFAULT_RULES = (

@@ -15,6 +15,7 @@ remote directory once into a cache (`DISTIL_JAX_CACHE`, default the temp dir) an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import tempfile
@@ -70,9 +71,13 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_text(path: str, text: str) -> None:
@@ -80,8 +85,9 @@ def write_text(path: str, text: str) -> None:
 
 
 def create_exclusive(path: str, data: bytes) -> bool:
-    """Write `path` only if it does not exist (an exclusive create locally; on GCS a write
-    with the precondition that no object is there): False if it exists."""
+    """Write `path` only if it does not exist: False if it exists. On GCS one request with
+    the precondition that no object is there (atomic); elsewhere fsspec's create mode,
+    which checks and then writes (the lock creates local files with O_EXCL itself)."""
     fs, p = filesystem(path)
     try:
         fs.pipe_file(p, data, mode="create")
@@ -128,13 +134,14 @@ def upload_file(local: str, path: str) -> None:
         os.replace(local, path)
 
 
-def upload_dir(local: str, path: str) -> None:
-    """Every file under a local directory written under `path` (local: copied)."""
-    for root, _, files in os.walk(local):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), local)
-            with open(os.path.join(root, name), "rb") as f:
-                write_bytes(join(path, *rel.split(os.sep)), f.read())
+def upload_dir(local: str, path: str, last: str = "") -> None:
+    """Every file under a local directory written under `path` (local: copied); the file
+    named `last` after all the others (the one whose presence says the directory is whole)."""
+    rels = sorted(os.path.relpath(os.path.join(root, name), local) for root, _, files in os.walk(local)
+                  for name in files)
+    for rel in sorted(rels, key=lambda r: r == last):
+        with open(os.path.join(local, rel), "rb") as f:
+            write_bytes(join(path, *rel.split(os.sep)), f.read())
 
 
 def cache_dir(path: str) -> str:
@@ -145,24 +152,36 @@ def cache_dir(path: str) -> str:
 
 def local_copy(path: str, files: List[str] = ()) -> str:
     """A local directory holding `path`'s files (`files`, relative; empty: all): `path`
-    itself when local, else a cached mirror, each file downloaded once (kept while its
-    size matches)."""
+    itself when local, else this host's cached mirror. One listing of the remote directory
+    gives every file's size and version (GCS generation, checksum); a cached file is kept
+    while they match and downloaded again when the object was rewritten."""
     if not is_remote(path):
         return path
     fs, root = filesystem(path)
+    root = root.rstrip("/")
     local = cache_dir(path)
-    names = list(files) or [os.path.relpath(p, root) for p in fs.find(root)]
-    for rel in names:
+    listing = {os.path.relpath(p, root): info for p, info in fs.find(root, detail=True).items()}
+    for rel in list(files) or sorted(listing):
+        if rel not in listing:
+            raise FileNotFoundError(f"{join(path, rel)} does not exist")
+        info = listing[rel]
+        version = json.dumps([info.get(k) for k in ("size", "generation", "md5Hash", "crc32c", "ETag", "mtime")],
+                             default=str)
         target = os.path.join(local, rel)
-        size = fs.size(root.rstrip("/") + "/" + rel)
-        if os.path.exists(target) and os.path.getsize(target) == size:
+        stamp = target + ".version"
+        if os.path.exists(target) and os.path.exists(stamp) and open(stamp).read() == version:
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.tmp{os.getpid()}"
-        fs.get_file(root.rstrip("/") + "/" + rel, tmp)
-        os.replace(tmp, target)
+        try:
+            fs.get_file(root + "/" + rel, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        with open(stamp, "w") as f:
+            f.write(version)
     return local
-
 
 def check_writable(path: str) -> None:
     """Raise StorageError, naming the bucket and the fix, if `path` on object storage cannot be

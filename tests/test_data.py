@@ -68,6 +68,39 @@ def test_split_boundaries_and_filters():
     assert len(split_and_filter(under, 64, CLS, SEP, UNK)[0]) == 1
 
 
+def test_sequences_of_many_documents_are_each_documents_own(corpus):
+    """The vectorised cut and filter over a batch of documents (empty ones, [UNK]-heavy ones,
+    chunk ends between documents) gives what the reference's loop gives one document at a
+    time (lm_seqs_dataset.py: [CLS] chunk [SEP], keep > 11 tokens, drop half or more [UNK])."""
+    from distil_jax.data.shards import sequences_of
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        seq_len = int(rng.integers(12, 40))
+        docs = [rng.choice([UNK, 10, 11], size=int(rng.integers(0, 90)), p=[q, (1 - q) / 2, (1 - q) / 2])
+                for q in rng.uniform(0, 0.9, size=int(rng.integers(1, 6)))]
+        expected, short, unknown = [], 0, 0
+        for doc in docs:
+            for start in range(0, max(len(doc), 1), seq_len - 2):
+                seq = [CLS, *doc[start: start + seq_len - 2], SEP]
+                if len(seq) < 12:
+                    short += 1
+                elif seq.count(UNK) / len(seq) >= 0.5:
+                    unknown += 1
+                else:
+                    expected.append(seq)
+        flat = np.concatenate(docs + [np.zeros(0, np.int64)]).astype(np.int64)
+        got, got_short, got_unknown = sequences_of(flat, np.array([len(d) for d in docs]), seq_len, CLS, SEP, UNK)
+        assert [g.tolist() for g in got] == expected and (got_short, got_unknown) == (short, unknown), trial
+
+
+def test_packing_joins_adjacent_rows_of_one_group_only():
+    from distil_jax.data.shards import pack_rows
+    lengths, groups = [3, 3, 3, 3, 9, 2, 2], ["a", "a", "a", "b", "b", "b", "b"]
+    assert pack_rows(lengths, groups, 8) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 7)]
+    assert pack_rows(lengths, groups, 8, rows=[0, 1, 2, 3, 4, 5, 9]) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6),
+                                                                          (6, 7)]  # row 9 is not next to row 5
+
+
 # --- preparation -----------------------------------------------------------------------
 def test_prepare_is_idempotent_resumable_and_refuses_other_inputs(tmp_path, corpus):
     text = tmp_path / "corpus.txt"

@@ -55,6 +55,10 @@ def test_a_tfds_array_record_dataset_is_read_for_real(tfds_dir):
     assert [g for _, g in titled.rows(titled.units(10)[1])][:2] == ["t10", "t11"]
     with pytest.raises(DataError, match="has no feature 'body'; its features are text, title"):
         list(TfdsSource("tiny_text", data_dir=str(tfds_dir), text_key="body").documents("train"))
+    with pytest.raises(DataError, match="has no feature 'book'; its features are text, title"):
+        list(TfdsSource("tiny_text", data_dir=str(tfds_dir), group_key="book", pack=True).documents("train"))
+    with pytest.raises(DataError, match="TFDS has no dataset 'no_such_corpus_xyz'"):
+        TfdsSource("no_such_corpus_xyz", data_dir=str(tfds_dir)).units(10)
 
 
 def test_a_tfds_dataset_prepared_in_tfrecord_is_refused_naming_the_flag(tfds_dir, tmp_path):
@@ -134,21 +138,27 @@ def test_sentence_rows_are_packed_into_running_text_of_one_book(tmp_path, corpus
                      str(tmp_path / "packed"), progress=False)
     train, held = packed["splits"]["train"]["books"], packed["splits"]["eval"]["books"]
     assert train["rows"] + held["rows"] == len(rows) and train["dropped_short"] + held["dropped_short"] <= 8
+    ids = {}
+    for text, book in rows:
+        ids.setdefault(book, []).extend(tok(text, add_special_tokens=False)["input_ids"])
     for split, books in (("train", ["book0", "book1", "book3", "book4", "book5", "book6"]), ("eval", ["book2", "book7"])):
         data = PreparedSplit(str(tmp_path / "packed"), split)
-        sequences = [data[i] for i in range(len(data))]
-        assert max(len(s) for s in sequences) <= 32
-        body = np.concatenate([s[1:-1] for s in sequences]).tolist()
-        expected = [i for text, book in rows if book in books for i in tok(text, add_special_tokens=False)["input_ids"]]
-        assert len(body) >= len(expected) - 8 * 32  # at most one short tail per book dropped
-        assert _in_order(body, expected)
-    assert np.mean([len(s) for s in sequences]) > 24  # running text, not 8-token sentences
+        bodies = [data[i][1:-1].tolist() for i in range(len(data))]
+        assert max(len(b) for b in bodies) <= 30 and np.mean([len(b) for b in bodies]) > 22  # running text
+        assert all(any(_contains(ids[book], body) for book in books) for body in bodies)  # one book's, whole rows
+        expected = [i for book in books for i in ids[book]]
+        body = [i for b in bodies for i in b]
+        assert len(body) >= len(expected) - 8 * 30 and _in_order(body, expected)  # at most a short tail dropped
 
 
 def _in_order(kept, expected):
     """`kept` is `expected` with whole runs left out (the dropped short tails)."""
     it = iter(expected)
     return all(any(x == y for y in it) for x in kept)
+
+
+def _contains(haystack, needle):
+    return any(haystack[i:i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
 
 
 def test_one_worker_and_beam_workers_write_the_same_shards(tmp_path, corpus):

@@ -86,10 +86,18 @@ def _corpus_data(config, split, micro_batch_size, process_index, process_count, 
             "corpus behind a barrier. Prepare it once, from one machine: `python -m distil_jax.main "
             f"--config=<this config> --workdir={workdir} --config.mode=prepare` (the same data settings; "
             "data.prepare_workers or data.beam_options for more workers), then start this run again")
+    error = None
     if process_index == 0:  # prepares (one process), or checks that the directory is of these inputs
-        prepare_lib.prepare(config, data_dir, teacher_vocab_size=vocab_size)
+        try:
+            prepare_lib.prepare(config, data_dir, teacher_vocab_size=vocab_size)
+        except Exception as e:  # noqa: BLE001 - the other processes must hear of it, not wait forever
+            error = e
     if process_count > 1:
-        multihost_utils.sync_global_devices("distil_jax: data checked")
+        failed = int(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
+        if failed and error is None:
+            error = DataError(f"process 0 could not check the prepared data in {data_dir} (its log names why)")
+    if error is not None:
+        raise error
     tok_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
     tok = load_tokenizer(tok_dir)
     d = config.data

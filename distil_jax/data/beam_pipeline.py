@@ -1,8 +1,9 @@
 """Preparation's units as an Apache Beam pipeline (see prepare.py).
 
 One element per (source, unit); `Reshuffle` spreads them over the workers; each worker
-builds its `UnitWriter` (sources, tokenizer) once in `setup` and writes its units' shards
-and done markers itself, so nothing but the small unit descriptions crosses the runner.
+unpickles the `UnitWriter` once, builds its sources and tokenizer on its first unit,
+and writes its units' shards and done markers itself, so nothing but the small unit
+descriptions crosses the runner, and nothing comes back.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class PrepareUnit(beam.DoFn):
 
     def process(self, task):
         name, unit = task
-        info = self._writer(name, unit, self._special)
-        yield name, unit.index, info["train"]["tokens"] + info["eval"]["tokens"]
+        self._writer(name, unit, self._special)
+        return ()
 
 
 def run(tasks: List[Tuple[str, Unit]], writer: UnitWriter, special: Dict[str, int], options: Sequence[str]) -> None:

@@ -59,7 +59,8 @@ def sources_of(config) -> Dict[str, dict]:
 
 
 def saved_tokenizer(out_dir: str):
-    """The tokenizer a prepared directory was made with, or None."""
+    """The tokenizer a prepared directory was made with, or None (its tokenizer.json is
+    written last: a directory without it was not saved whole)."""
     saved = storage.join(out_dir, "tokenizer")
     if not storage.exists(storage.join(saved, "tokenizer.json")):
         return None
@@ -178,7 +179,7 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
     if saved_tokenizer(out_dir) is None:
         with tempfile.TemporaryDirectory() as tmp:
             tok.save_pretrained(tmp)
-            storage.upload_dir(tmp, storage.join(out_dir, "tokenizer"))
+            storage.upload_dir(tmp, storage.join(out_dir, "tokenizer"), last="tokenizer.json")
 
     tasks = [(name, unit) for name, source in sources.items() for unit in source.units(rows_per_unit)]
     writer = UnitWriter(out_dir, specs, tok.backend_tokenizer.to_str(), seq_len, fingerprint, limit - 1,
@@ -198,7 +199,13 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
 def run_units(config, writer: UnitWriter, tasks: List[Tuple[str, Unit]], special: Dict[str, int],
               progress: bool = True) -> None:
     """Every task prepared: in this process (one worker, one task), else a Beam pipeline."""
+    if not tasks:
+        return
     options = list(config.data.beam_options)
+    runner = next((o.split("=", 1)[1] for o in options if o.startswith("--runner=")), "DirectRunner")
+    if runner not in ("DirectRunner", "direct") and not storage.is_remote(writer.out_dir):
+        raise DataError(f"data.beam_options runs the pipeline on {runner}, whose workers cannot write this "
+                        f"machine's {writer.out_dir}: set data.dir to a bucket (gs://...) they all reach")
     workers = min(config.data.prepare_workers or os.cpu_count() or 1, len(tasks))
     if not options and workers <= 1:
         bar = tqdm(total=len(tasks), unit="shard", desc="prepare", dynamic_ncols=True, disable=not progress)

@@ -64,7 +64,7 @@ def sequences_of(flat: np.ndarray, lengths: np.ndarray, seq_len: int, cls_id: in
     first = np.repeat(doc_start, chunks) + step * (np.arange(chunks.sum()) - np.repeat(np.cumsum(chunks) - chunks, chunks))
     end = np.minimum(first + step, np.repeat(doc_start + lengths, chunks))
     sizes = end - first + 2
-    unknown_in = np.add.reduceat(np.append(flat == unk_id, False), np.minimum(first, len(flat))) if len(first) else first
+    unknown_in = np.add.reduceat(np.append(flat == unk_id, False), np.minimum(first, len(flat)))
     unknown_in = np.where(end > first, unknown_in, 0)
     short = sizes < MIN_LENGTH
     too_unknown = ~short & (unknown_in / sizes >= MAX_UNK_FRACTION)
@@ -80,12 +80,15 @@ def split_and_filter(ids: Sequence[int], seq_len: int, cls_id: int, sep_id: int,
     return sequences_of(ids, np.array([len(ids)]), seq_len, cls_id, sep_id, unk_id)
 
 
-def pack_rows(lengths: Sequence[int], groups: Sequence[str], budget: int) -> List[Tuple[int, int]]:
-    """Runs [start, stop) of consecutive rows of one group whose lengths add up to at most
-    `budget` (a row longer than that is a run of its own)."""
+def pack_rows(lengths: Sequence[int], groups: Sequence[str], budget: int,
+              rows: Sequence[int] = ()) -> List[Tuple[int, int]]:
+    """Runs [start, stop) of rows of one group, adjacent in the source (`rows`: their
+    indices there), whose lengths add up to at most `budget` (a row longer than that is a
+    run of its own)."""
     runs, start, total = [], 0, 0
     for i, (n, g) in enumerate(zip(lengths, groups)):
-        if i > start and (g != groups[start] or total + n > budget):
+        apart = len(rows) and rows[i] != rows[i - 1] + 1
+        if i > start and (g != groups[start] or total + n > budget or apart):
             runs.append((start, i))
             start, total = i, 0
         total += n
@@ -94,8 +97,70 @@ def pack_rows(lengths: Sequence[int], groups: Sequence[str], budget: int) -> Lis
     return runs
 
 
+class _ShardWriter:
+    """One split's shard of a unit, built chunk by chunk: records go to a local temporary
+    file, lengths and counts are kept; `finish` puts the three files in place (the records
+    last but one, the unit's marker after all splits)."""
+
+    def __init__(self, base: str, tokenizer_size: int):
+        self.base, self.size = base, tokenizer_size
+        local_dir = None if storage.is_remote(base) else os.path.dirname(os.path.abspath(base))
+        if local_dir:
+            os.makedirs(local_dir, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(suffix=".tmp", dir=local_dir)
+        os.close(fd)
+        self.writer, self.closed = ArrayRecordWriter(self.tmp, "group_size:1"), False
+        self.dtype = token_dtype(tokenizer_size)
+        self.lengths: List[np.ndarray] = []
+        self.counts = np.zeros(tokenizer_size, np.int64)
+        self.stats = dict(documents=0, rows=0, dropped_short=0, dropped_unknown=0, max_id=0)
+
+    def add(self, sequences: List[np.ndarray], documents: int, rows: int, short: int, unknown: int) -> None:
+        for seq in sequences:
+            self.writer.write(seq.astype(self.dtype).tobytes())
+        if sequences:
+            joined = np.concatenate(sequences)
+            self.counts += np.bincount(joined, minlength=self.size)
+            self.stats["max_id"] = max(self.stats["max_id"], int(joined.max()))
+        self.lengths.append(np.array([len(s) for s in sequences], np.int32))
+        for key, value in (("documents", documents), ("rows", rows), ("dropped_short", short),
+                           ("dropped_unknown", unknown)):
+            self.stats[key] += value
+
+    def finish(self) -> dict:
+        self.writer.close()
+        self.closed = True
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
+        storage.write_bytes(self.base + ".lengths.npy", npy_bytes(lengths))
+        storage.write_bytes(self.base + ".counts.npy", npy_bytes(self.counts))
+        storage.upload_file(self.tmp, self.base + ".array_record")
+        return {**self.stats, "sequences": len(lengths), "tokens": int(lengths.sum())}
+
+    def discard(self) -> None:
+        try:
+            if not self.closed:
+                self.writer.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+def _chunks_of(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 class UnitWriter:
-    """Prepares units into `out_dir`: the worker's state (sources, tokenizer) built once."""
+    """Prepares units into `out_dir`: the worker's state (sources, tokenizer) built once, on
+    its first unit. A unit is read, tokenized and written `ENCODE_BATCH` rows at a time, so
+    a worker holds one chunk, whatever the unit's size (a packed document never spans two
+    chunks: one cut per 4,096 rows)."""
 
     def __init__(self, out_dir: str, specs: Dict[str, dict], tokenizer_json: str, seq_len: int,
                  fingerprint: str, max_id: int, tokenizer_size: int):
@@ -125,73 +190,46 @@ class UnitWriter:
         return info if info.get("fingerprint") == self.fingerprint else None
 
     def __call__(self, name: str, unit: Unit, special: Dict[str, int]) -> dict:
-        """Prepare one unit unless done; its statistics per split."""
+        """Prepare one unit unless done; its statistics per split. Nothing of a unit that
+        fails (an id beyond the vocabulary, a read error) is left at its shard paths."""
         info = self.done(name, unit.index)
         if info is not None:
             return info
         source = self.source(name)
-        rows: Dict[str, List[Tuple[str, str]]] = {split: [] for split in SPLITS}
-        for text, group in source.rows(unit):
-            rows[source.split_of(unit, text, group)].append((text, group))
-        encoded = {split: self._encode(rows[split], source.pack) for split in SPLITS}
-        for split, (flat, _, _) in encoded.items():  # before anything of the unit is written
-            if len(flat) and flat.max() > self.max_id:
-                raise DataError(f"token id {int(flat.max())} of unit {unit.index} of source {name!r} is beyond the "
-                                f"model's vocabulary (ids 0..{self.max_id}): the tokenizer does not belong to the "
-                                "teacher. Nothing of this unit was written; use the teacher's tokenizer "
-                                "(data.tokenizer empty)")
-        info = {"fingerprint": self.fingerprint, "replaced_bytes": source.replaced_bytes(unit)}
-        for split in SPLITS:
-            info[split] = self._write(shard_base(self.out_dir, split, name, unit.index), *encoded[split], special)
-            info[split]["rows"] = len(rows[split])
+        writers = {split: _ShardWriter(shard_base(self.out_dir, split, name, unit.index), self.tokenizer_size)
+                   for split in SPLITS}
+        try:
+            for chunk in _chunks_of(enumerate(source.rows(unit)), ENCODE_BATCH):
+                by_split: Dict[str, list] = {split: [] for split in SPLITS}
+                for i, (text, group) in chunk:
+                    by_split[source.split_of(unit, text, group)].append((i, text, group))
+                for split, rows in by_split.items():
+                    if rows:
+                        self._add(writers[split], rows, source.pack, special, f"unit {unit.index} of source {name!r}")
+            info = {"fingerprint": self.fingerprint, "replaced_bytes": source.replaced_bytes(unit),
+                    **{split: writers[split].finish() for split in SPLITS}}
+        finally:
+            for writer in writers.values():
+                writer.discard()
         storage.write_text(done_path(self.out_dir, name, unit.index), json.dumps(info))  # the marker, last
         return info
 
-    def _encode(self, rows: List[Tuple[str, str]], pack: bool) -> Tuple[np.ndarray, np.ndarray, int]:
-        """(token ids of the rows concatenated, each document's length, documents): a
-        document is a row, or (packing) a run of rows of one group."""
-        lengths, parts = [], []
-        texts = [text for text, _ in rows]
-        for i in range(0, len(texts), ENCODE_BATCH):
-            for enc in self.tokenizer.encode_batch(texts[i: i + ENCODE_BATCH], add_special_tokens=False):
-                ids = enc.ids
-                lengths.append(len(ids))
-                parts.append(ids)
-        flat = np.fromiter(itertools.chain.from_iterable(parts), np.int64, count=sum(lengths))
-        lengths = np.asarray(lengths, np.int64)
-        if pack and len(rows):
-            runs = pack_rows(lengths, [g for _, g in rows], self.seq_len - 2)
-            ends = np.cumsum(lengths)
-            lengths = np.array([ends[b - 1] - (ends[a - 1] if a else 0) for a, b in runs], np.int64)
-        return flat, lengths, len(lengths)
-
-    def _write(self, base: str, flat: np.ndarray, lengths: np.ndarray, documents: int,
-               special: Dict[str, int]) -> dict:
+    def _add(self, writer: _ShardWriter, rows: List[Tuple[int, str, str]], pack: bool, special: Dict[str, int],
+             where: str) -> None:
+        """Tokenize rows of one split, pack them (a packing source), cut and filter, write."""
+        encoded = self.tokenizer.encode_batch([text for _, text, _ in rows], add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) for e in encoded), np.int64, count=len(encoded))
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encoded), np.int64, count=int(lengths.sum()))
+        if len(flat) and flat.max() > self.max_id:
+            raise DataError(f"token id {int(flat.max())} of {where} is beyond the model's vocabulary (ids "
+                            f"0..{self.max_id}): the tokenizer does not belong to the teacher. Nothing of this unit "
+                            "was written; use the teacher's tokenizer (data.tokenizer empty)")
+        if pack:
+            runs = pack_rows(lengths, [g for _, _, g in rows], self.seq_len - 2, [i for i, _, _ in rows])
+            lengths = np.add.reduceat(lengths, [a for a, _ in runs]) if runs else lengths
         sequences, short, unknown = sequences_of(flat, lengths, self.seq_len, special["cls"], special["sep"],
                                                  special["unk"])
-        seq_lengths = np.array([len(s) for s in sequences], np.int32)
-        size = self.tokenizer_size
-        counts = (np.bincount(np.concatenate(sequences), minlength=size) if sequences
-                  else np.zeros(size, np.int64)).astype(np.int64)
-        self._write_records(base + ".array_record", sequences, token_dtype(size))
-        storage.write_bytes(base + ".lengths.npy", npy_bytes(seq_lengths))
-        storage.write_bytes(base + ".counts.npy", npy_bytes(counts))
-        return {"documents": documents, "sequences": len(sequences), "tokens": int(seq_lengths.sum()),
-                "dropped_short": short, "dropped_unknown": unknown,
-                "max_id": int(max((s.max() for s in sequences), default=0))}
-
-    @staticmethod
-    def _write_records(path: str, sequences: List[np.ndarray], dtype) -> None:
-        local_dir = None if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
-        if local_dir:
-            os.makedirs(local_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=local_dir)
-        os.close(fd)
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-        for seq in sequences:
-            writer.write(seq.astype(dtype).tobytes())
-        writer.close()
-        storage.upload_file(tmp, path)
+        writer.add(sequences, len(lengths), len(rows), short, unknown)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -31,6 +31,7 @@ import fsspec
 import pydoc_data.topics
 from etils import epy
 
+from distil_jax import storage
 from distil_jax.data.types import DataError
 
 with epy.lazy_imports():  # heavy, and only their sources need them
@@ -109,7 +110,7 @@ def expand(patterns: Sequence[str], what: str) -> List[str]:
         patterns = [patterns]
     paths, missing = [], []
     for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(os.path.expanduser(pattern))
+        fs, path = storage.filesystem(os.path.expanduser(pattern))
         try:
             found = sorted(p for p in fs.glob(path) if fs.isfile(p))
         except (FileNotFoundError, OSError) as e:
@@ -121,6 +122,27 @@ def expand(patterns: Sequence[str], what: str) -> List[str]:
         raise DataError(f"no file matches {', '.join(map(repr, missing))} (data source {what}); "
                         "check the path or glob")
     return paths
+
+
+def _file_splits(train_paths: List[str], eval_paths: List[str]) -> List[Tuple[str, List[str]]]:
+    """(split, files): train files hold both splits by the hash unless eval files are given."""
+    return [("train" if eval_paths else "", train_paths), ("eval", eval_paths)]
+
+
+def _named_splits(split: str, eval_split: str) -> List[Tuple[str, str]]:
+    """(our split, the dataset's split name): `split` holds both by the hash unless an
+    `eval_split` is named."""
+    return [("train" if eval_split else "", split), ("eval", eval_split)]
+
+
+def _file_stats(paths: List[str]) -> List[tuple]:
+    """What a files source's fingerprint sees of its files: path, size, modification time."""
+    stats = []
+    for p in paths:
+        fs, path = storage.filesystem(p)
+        info = fs.info(path)
+        stats.append((p, info.get("size"), str(info.get("mtime") or info.get("updated") or "")))
+    return stats
 
 
 # --- the embedded corpus --------------------------------------------------------------
@@ -207,8 +229,8 @@ class TextFilesSource(Source):
     """Documents from text files (local or any fsspec URL): one per line, or one per
     blank-line-separated paragraph.
 
-    Files are UTF-8; undecodable bytes become U+FFFD and are counted (a file with more
-    than 20% of them is refused as not text). `eval_files` gives the held-out split;
+    Files are UTF-8; undecodable bytes become U+FFFD and are counted (a unit of a file
+    with more than 20% of them is refused as not text). `eval_files` gives the held-out split;
     without it, a content-hash `eval_percent` is held out. Units: byte ranges of a file
     that start at a document and hold `rows_per_unit` documents.
     """
@@ -225,14 +247,16 @@ class TextFilesSource(Source):
 
     def units(self, rows_per_unit: int) -> List[Unit]:
         units = []
-        for split, paths in (("" if not self.eval_paths else "train", self.train_paths), ("eval", self.eval_paths)):
+        for split, paths in _file_splits(self.train_paths, self.eval_paths):
             for path in paths:
                 for start, stop in self._ranges(path, rows_per_unit):
                     units.append(Unit(len(units), split, (path, start, stop)))
         return units
 
-    def _ranges(self, path: str, rows_per_unit: int) -> List[Tuple[int, int]]:
-        """Byte ranges of `rows_per_unit` documents each (a range starts where a document does)."""
+    @functools.lru_cache(maxsize=None)
+    def _ranges(self, path: str, rows_per_unit: int) -> Tuple[Tuple[int, int], ...]:
+        """Byte ranges of `rows_per_unit` documents each (a range starts where a document
+        does); the file is scanned once per source object."""
         starts, docs, offset, in_paragraph = [0], 0, 0, False
         with fsspec.open(path, "rb") as f:
             for line in f:
@@ -247,7 +271,7 @@ class TextFilesSource(Source):
                 offset += len(line)
         if starts[-1] == offset and len(starts) > 1:
             starts.pop()
-        return list(zip(starts, starts[1:] + [offset]))
+        return tuple(zip(starts, starts[1:] + [offset]))
 
     def replaced_bytes(self, unit: Unit) -> int:
         return self._replaced.get(unit.part, 0)
@@ -282,11 +306,7 @@ class TextFilesSource(Source):
                 yield part, f"{path}:{start}:{i // PACK_BLOCK_ROWS}"
 
     def fingerprint(self) -> str:
-        stats = []
-        for p in self.train_paths + self.eval_paths:
-            fs, path = fsspec.core.url_to_fs(p)
-            info = fs.info(path)
-            stats.append((p, info.get("size"), str(info.get("mtime") or info.get("updated") or "")))
+        stats = _file_stats(self.train_paths + self.eval_paths)
         return _hash("text", self.doc_per, self.eval_percent, self.pack, stats)
 
 
@@ -315,7 +335,7 @@ class ParquetSource(Source):
 
     def units(self, rows_per_unit: int) -> List[Unit]:
         units = []
-        for split, paths in (("" if not self.eval_paths else "train", self.train_paths), ("eval", self.eval_paths)):
+        for split, paths in _file_splits(self.train_paths, self.eval_paths):
             for path in paths:
                 with fsspec.open(path, "rb") as f:
                     meta = pq.ParquetFile(f).metadata
@@ -342,11 +362,7 @@ class ParquetSource(Source):
                 yield text, str(group)
 
     def fingerprint(self) -> str:
-        stats = []
-        for p in self.train_paths + self.eval_paths:
-            fs, path = fsspec.core.url_to_fs(p)
-            info = fs.info(path)
-            stats.append((p, info.get("size"), str(info.get("mtime") or info.get("updated") or "")))
+        stats = _file_stats(self.train_paths + self.eval_paths)
         return _hash("parquet", self.text_key, self.group_key, self.pack, self.eval_percent, stats)
 
 
@@ -354,22 +370,23 @@ class ParquetSource(Source):
 class DatasetsSource(Source):
     """A dataset as `datasets.load_dataset(path, name, split=..., streaming=True)` gives it:
     a hub name with its config (`wikimedia/wikipedia`, `20231101.en`) or a local folder of
-    data files. Streamed, so nothing is downloaded whole before preparation starts; units
-    are the stream's shards (its files). Without `eval_split`, a content-hash
+    data files; `revision` a branch (`refs/convert/parquet`: the hub's Parquet copy of a
+    dataset published as a script). Streamed, so nothing is downloaded whole before
+    preparation starts; units are the stream's shards (its files), read in chunks. Without `eval_split`, a content-hash
     `eval_percent` of `split` is held out."""
 
     def __init__(self, path: str, name: str = "", split: str = "train", eval_split: str = "",
                  text_key: str = "text", group_key: str = "", pack: bool = False, eval_percent: int = 1,
-                 data_files: Sequence[str] = ()):
+                 data_files: Sequence[str] = (), revision: str = ""):
         self.path, self.config_name, self.split, self.eval_split = path, name or None, split, eval_split
         self.text_key, self.group_key, self.pack, self.eval_percent = text_key, group_key, pack, eval_percent
-        self.data_files = list(data_files) or None
+        self.data_files, self.revision = list(data_files) or None, revision or None
 
     @functools.lru_cache(maxsize=4)
     def _stream(self, split: str):
         try:
             return datasets.load_dataset(self.path, self.config_name, split=split, streaming=True,
-                                         data_files=self.data_files)
+                                         data_files=self.data_files, revision=self.revision)
         except Exception as e:  # noqa: BLE001 - no such dataset, config or split; no network
             raise DataError(f"`datasets` cannot open {self.path!r} (config {self.config_name!r}, split "
                             f"{split!r}): {type(e).__name__}: {str(e).splitlines()[0][:300]}. Check the name, "
@@ -378,7 +395,7 @@ class DatasetsSource(Source):
     def units(self, rows_per_unit: int) -> List[Unit]:
         del rows_per_unit  # the stream's shards are the units
         units = []
-        for split, asked in (("" if not self.eval_split else "train", self.split), ("eval", self.eval_split)):
+        for split, asked in _named_splits(self.split, self.eval_split):
             if asked:
                 stream = self._stream(asked)
                 units += [Unit(len(units), split, (asked, k, stream.num_shards))
@@ -399,14 +416,14 @@ class DatasetsSource(Source):
 
     def fingerprint(self) -> str:
         return _hash("datasets", self.path, self.config_name, self.split, self.eval_split, self.text_key,
-                     self.group_key, self.pack, self.eval_percent, self.data_files)
+                     self.group_key, self.pack, self.eval_percent, self.data_files, self.revision)
 
 
 # --- TFDS ----------------------------------------------------------------------------
 def _tfrecord_prepared(data_dir: Optional[str], name: str) -> bool:
     """Whether `name` was prepared in data_dir in TFRecord (what `tfds build` writes by default)."""
-    root = os.path.join(data_dir or os.path.expanduser("~/tensorflow_datasets"), *name.split("/"))
-    fs, path = fsspec.core.url_to_fs(root)
+    root = storage.join(data_dir or os.path.expanduser("~/tensorflow_datasets"), *name.split("/"))
+    fs, path = storage.filesystem(root)
     try:
         return any(".tfrecord" in p for p in fs.glob(path + "/**"))
     except (FileNotFoundError, OSError):
@@ -448,7 +465,7 @@ class TfdsSource(Source):
 
     def units(self, rows_per_unit: int) -> List[Unit]:
         units = []
-        for split, asked in (("" if not self.eval_split else "train", self.split), ("eval", self.eval_split)):
+        for split, asked in _named_splits(self.split, self.eval_split):
             if asked:
                 units += [Unit(len(units), split, (asked, a, b))
                           for a, b in _chunks(len(self._load(asked)), rows_per_unit)]
@@ -458,9 +475,10 @@ class TfdsSource(Source):
         asked, start, stop = unit.part
         examples = self._load(asked).__getitems__(list(range(start, stop)))
         for i, example in enumerate(examples, start):
-            if self.text_key not in example:
-                raise DataError(f"TFDS {self.tfds_name!r} has no feature {self.text_key!r}; its features are "
-                                f"{', '.join(example)}: set text_key")
+            missing = [k for k in (self.text_key, self.group_key) if k and k not in example]
+            if missing:
+                raise DataError(f"TFDS {self.tfds_name!r} has no feature {', '.join(map(repr, missing))}; its "
+                                f"features are {', '.join(example)}: set text_key (and group_key) to them")
             text = _text(example[self.text_key])
             if text and not text.isspace():
                 yield text, _text(example[self.group_key]) if self.group_key else f"{start}:{(i - start) // PACK_BLOCK_ROWS}"
