@@ -214,6 +214,20 @@ def data_non_utf8_bytes_replaced_and_counted(tmp, kit):
     assert manifest["splits"]["train"]["text"]["replaced_bytes"] == 3
 
 
+def data_parquet_without_the_text_column(tmp, kit):
+    """A Parquet source whose text is in another column: named with the columns there are,
+    before anything is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["some words here"] * 50}), tmp / "corpus.parquet")
+    c = kit.corpus.config([])
+    c.data.sources = ml_collections.ConfigDict({"wiki": {"kind": "parquet", "files": [str(tmp / "*.parquet")]}})
+    try:
+        prepare(c, str(tmp / "out"), progress=False)
+    finally:
+        assert not list((tmp / "out").rglob("*.*"))
+
+
 def data_prepared_with_another_tokenizer(tmp, kit):
     corpus = tmp / "corpus.txt"
     kit.corpus.write(corpus, 200)
@@ -307,6 +321,8 @@ ROWS = [
                                            "smaller teacher.model.vocab_size"]),
     (data_every_document_filtered, DataError, ["every training document was filtered out"]),
     (data_non_utf8_bytes_replaced_and_counted, None, []),
+    (data_parquet_without_the_text_column, DataError, ["corpus.parquet has no column 'text'", "its columns are content",
+                                                       "set text_key"]),
     (data_prepared_with_another_tokenizer, DataError, ["prepared with another tokenizer", "cased",
                                                        "set data.dir to another directory"]),
     (checkpoint_of_another_shape, CheckpointMismatch,
