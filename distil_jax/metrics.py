@@ -24,10 +24,9 @@ import time
 from typing import Dict, Optional
 
 import jax
-from etils import epath
 from tqdm import tqdm
 
-from distil_jax import runtime
+from distil_jax import storage
 from distil_jax.models import EncoderConfig
 from distil_jax.objective import Objective
 
@@ -99,34 +98,13 @@ def _step_of(line: str) -> Optional[int]:
         return None
 
 
-def _drop_records_after(path: str, step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
-class _RewrittenFile:
-    """metrics.jsonl on object storage: every write replaces the whole object."""
-
-    def __init__(self, path: str, initial_step: int):
-        self._path = epath.Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        old = self._path.read_text().splitlines() if self._path.exists() else []
-        self._lines = [x + "\n" for x in old if x.strip() and json.loads(x)["step"] <= initial_step]
-
-    def write(self, line: str) -> None:
-        self._lines.append(line)
-
-    def flush(self) -> None:
-        self._path.write_text("".join(self._lines))
-
-    def close(self) -> None:
-        self.flush()
+def _records_up_to(path: str, step: int) -> bytes:
+    """The complete records of `path` up to `step` (a resume repeats what came after its
+    checkpoint; a line torn by a kill is dropped)."""
+    if not storage.exists(path):
+        return b""
+    lines = storage.read_text(path).splitlines(keepends=True)
+    return "".join(line for line in lines if _step_of(line) is not None and _step_of(line) <= step).encode()
 
 
 # --- TensorBoard event files --------------------------------------------------------------
@@ -194,31 +172,19 @@ def scalar_event(step: int, values: Dict[str, float], wall_time: Optional[float]
 
 class EventWriter:
     """DIR/events.out.tfevents.TIME.HOST.PID, what TensorBoard reads: a version record, then
-    one event of scalars per `write`. On object storage the file is rewritten whole at each write."""
+    one event of scalars per `write`, appended (on a bucket: composed, storage.Appender)."""
 
     def __init__(self, directory: str):
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._path = epath.Path(directory) / name
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._remote = runtime.is_remote(directory)
-        self._written = b""
-        self._file = None if self._remote else open(self._path, "ab")
-        self._append(tfrecord(b"\x09" + struct.pack("<d", time.time()) + _field(3, b"brain.Event:2")))
-
-    def _append(self, record: bytes) -> None:
-        if self._remote:
-            self._written += record
-            self._path.write_bytes(self._written)
-        else:
-            self._file.write(record)
-            self._file.flush()
+        self._file = storage.Appender(storage.join(directory, name),
+                                      tfrecord(b"\x09" + struct.pack("<d", time.time()) + _field(3, b"brain.Event:2")))
 
     def write(self, step: int, values: Dict[str, float]) -> None:
-        self._append(tfrecord(scalar_event(step, values)))
+        self._file.write(tfrecord(scalar_event(step, values)))
+        self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._file.close()
 
 
 class MetricWriter:
@@ -229,14 +195,9 @@ class MetricWriter:
         self._jsonl = self._tb = self._bar = None
         if not enabled:
             return
-        path = os.path.join(workdir, "metrics.jsonl")
-        if runtime.is_remote(workdir):  # a bucket (gs://) cannot append: the file is rewritten whole
-            self._jsonl = _RewrittenFile(path, initial_step)
-        else:
-            os.makedirs(workdir, exist_ok=True)
-            _drop_records_after(path, initial_step)  # a resume repeats what came after its checkpoint
-            self._jsonl = open(path, "a")
-        self._tb = EventWriter(os.path.join(workdir, "tensorboard"))
+        path = storage.join(workdir, "metrics.jsonl")
+        self._jsonl = storage.Appender(path, _records_up_to(path, initial_step))
+        self._tb = EventWriter(storage.join(workdir, "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                          mininterval=1.0)
 
@@ -244,7 +205,7 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write((json.dumps(record) + "\n").encode())
         self._jsonl.flush()
         if self._tb is not None:
             self._tb.write(step, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

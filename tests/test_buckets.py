@@ -96,7 +96,7 @@ def _config_file(tmp_path, tiny_source, text, data_dir, steps):
 
 
 def test_a_run_on_a_bucket_checkpoints_resumes_logs_and_exports_there(bucket, tmp_path, corpus, tiny_source,
-                                                                       run_main):
+                                                                       run_main, read_events):
     """`--workdir=gs://...`: the data, checkpoints, metrics.jsonl, TensorBoard events,
     eval.json and the export all land in the bucket (nothing in a local `gs:` directory); a second
     command with more updates resumes from the bucket's checkpoint."""
@@ -112,7 +112,9 @@ def test_a_run_on_a_bucket_checkpoints_resumes_logs_and_exports_there(bucket, tm
     assert storage.listdir(f"{workdir}/checkpoints") == ["2", "4"]
     steps = [json.loads(line)["step"] for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
     assert steps == [1, 2, 3, 4]  # updates 3 and 4 continued from the bucket's checkpoint 2
-    assert storage.listdir(f"{workdir}/tensorboard")
+    events = [e for name in storage.listdir(f"{workdir}/tensorboard")  # one file per start, appended to
+              for e in read_events(storage.read_bytes(f"{workdir}/tensorboard/{name}"))]
+    assert [e.step for e in events if e.step] == [1, 2, 3, 4]
     evaluated = run_main(_config_file(tmp_path, tiny_source, text, f"{workdir}/data", 4), workdir,
                          "--config.mode=eval", "--config.eval.batches=1")
     assert json.loads(storage.read_text(f"{workdir}/eval.json")) == json.loads(json.dumps(evaluated))
@@ -121,3 +123,27 @@ def test_a_run_on_a_bucket_checkpoints_resumes_logs_and_exports_there(bucket, tm
     assert exported["export_dir"] == f"{workdir}/hf"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(f"{workdir}/hf"))
     assert not os.path.exists(os.path.join(os.getcwd(), "gs:"))
+
+
+def test_logs_on_a_bucket_are_appended_not_rewritten(bucket, monkeypatch):
+    """metrics.jsonl and the event files on a bucket grow by GCS compose: each flush uploads
+    only what it adds (a rewrite of the whole object every REWRITE_EVERY flushes keeps it
+    under GCS's 1024 components), and the object holds every line in order."""
+    fs, _ = storage.filesystem(bucket)
+    uploads, pipe = [], fs.pipe_file  # storage's calls get this (cached) filesystem object
+
+    def counted(path, data, *args, **kwargs):  # every upload of a whole object goes here
+        uploads.append(len(data))
+        return pipe(path, data, *args, **kwargs)
+    monkeypatch.setattr(fs, "pipe_file", counted)
+    monkeypatch.setattr(storage.Appender, "REWRITE_EVERY", 20)
+    log = storage.Appender(f"{bucket}/run/metrics.jsonl", b"0\n")
+    lines = [f"{i:04d} {'x' * 95}\n".encode() for i in range(1, 51)]
+    for line in lines:
+        log.write(line)
+        log.flush()
+    log.close()
+    assert storage.read_bytes(f"{bucket}/run/metrics.jsonl") == b"0\n" + b"".join(lines)
+    whole = [n for n in uploads if n > 101]
+    assert uploads[0] == 2 and len(whole) == 2 and len(uploads) == 1 + 50  # 48 parts of 101 bytes, 2 rewrites
+    assert not [n for n in storage.listdir(f"{bucket}/run") if ".part-" in n]

@@ -38,13 +38,32 @@ PARAMS_ATOL = 1e-6
 LOSS_RTOL = 1e-6
 
 
-def launch_local(workdir, env, num_processes=2, devices=4):
+# A stand-in for a TPU slice's topology-aware device order: every process's devices
+# interleaved with the other's along the mesh, so each process holds separate runs of every
+# global batch's rows. The processes run main through this (test-only) wrapper of the mesh.
+INTERLEAVED = """import runpy, sys
+import jax
+from distil_jax import parallel
+make_mesh = parallel.make_mesh
+def interleaved(shape, devices=None):
+    by_process = [sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+                  for p in range(jax.process_count())]
+    mesh = make_mesh(shape, [d for group in zip(*by_process) for d in group])
+    print("process rows", parallel.process_rows(mesh, 16).tolist(), file=sys.stderr, flush=True)
+    return mesh
+parallel.make_mesh = interleaved
+sys.argv = ["distil_jax.main", *sys.argv[3:]]  # after '-m distil_jax.main'
+runpy.run_module("distil_jax.main", run_name="__main__")
+"""
+
+
+def launch_local(workdir, env, num_processes=2, devices=4, python=sys.executable):
     """launch/local.sh: num_processes processes of `devices` fake CPU devices each (the
     session's compilation cache is in the environment `env`: a second launch loads the
     step; local.sh keeps its XLA_FLAGS and sets the device count)."""
     proc = subprocess.run(
         ["bash", "launch/local.sh", f"--num_processes={num_processes}",
-         f"--devices_per_process={devices}", f"--python={sys.executable}",
+         f"--devices_per_process={devices}", f"--python={python}",
          f"--log_dir={workdir}/logs", "--", "--config=configs/tiny.py", f"--workdir={workdir}", *FLAGS],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -95,11 +114,18 @@ def runs(tmp_path_factory, config_file, env):
     t0 = time.perf_counter()
     launch_local(resume_from(one, 2, base / "one_then_two"), env())
     timings["two_resumed_s"] = time.perf_counter() - t0
+    # Two processes whose devices are interleaved along the mesh (INTERLEAVED).
+    wrapper = base / "python_interleaved"
+    (base / "interleaved.py").write_text(INTERLEAVED)
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1 $2\" = '-m distil_jax.main' ] && exec {sys.executable} "
+                       f"{base / 'interleaved.py'} \"$@\"\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    launch_local(base / "interleaved", env(), python=str(wrapper))
     # One process from the two processes' checkpoint at update 2.
     one_after_two = resume_from(two, 2, base / "two_then_one")
     trainer.train(tiny_config(), str(one_after_two))
     print("timings", timings)
-    return {"two": two, "one": one, "result": result, "single": single,
+    return {"two": two, "one": one, "result": result, "single": single, "interleaved": base / "interleaved",
             "one_then_two": base / "one_then_two", "two_then_one": one_after_two,
             "params_at": lambda workdir, update: params_at(workdir, update, tmp_path_factory)}
 
@@ -120,6 +146,18 @@ def test_two_processes_equal_one(runs):
     start = runs["params_at"](runs["one"], 2)
     moved = _max_diff(start, expected)
     assert moved > 100 * PARAMS_ATOL
+
+
+def test_any_device_order_trains_as_the_plain_one(runs):
+    """Processes whose devices alternate along the mesh (process 0 holds rows 0-1, 4-5, ...
+    of each global batch) read exactly those rows and train to the params of one process:
+    the global batches are the same whatever the device order."""
+    log = (runs["interleaved"] / "logs" / "process_1.log").read_text()
+    assert "process rows [2, 3, 6, 7, 10, 11, 14, 15]" in log  # separate runs of each global batch
+    expected = jax.device_get(runs["single"].params)
+    chex.assert_trees_all_close(runs["params_at"](runs["interleaved"], 4), expected, atol=PARAMS_ATOL, rtol=0)
+    got, one = losses(runs["interleaved"]), losses(runs["one"])
+    np.testing.assert_allclose([got[s] for s in (1, 2, 3, 4)], [one[s] for s in (1, 2, 3, 4)], rtol=LOSS_RTOL)
 
 
 def test_only_process_zero_writes_logs_and_metrics(runs):

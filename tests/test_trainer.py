@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2, summary_pb2
-from tensorboardX.record_writer import RecordWriter, masked_crc32c
+from tensorboardX.record_writer import RecordWriter
 
 import oracles
 from conftest import NARROW
@@ -225,7 +225,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny, host):
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, err_msg=f"step {ra['step']} {k}")
 
 
-def test_loss_falls_when_pretraining_on_a_fixed_corpus(tmp_path, tiny):
+def test_loss_falls_when_pretraining_on_a_fixed_corpus(tmp_path, tiny, read_events):
     config = tiny(**{"mode": "pretrain", "train.steps": 60, "train.learning_rate": 1e-2,
                      "train.log_every": 10, "checkpoint.every_steps": 60,
                      "data.synthetic.num_sequences": 64})
@@ -241,21 +241,6 @@ def test_loss_falls_when_pretraining_on_a_fixed_corpus(tmp_path, tiny):
     for e, r in zip(logged[1:], records):
         values = {v.tag: v.simple_value for v in e.summary.value}
         assert values["loss"] == pytest.approx(r["loss"], rel=1e-6) and values.keys() <= r.keys()
-
-
-def read_events(data: bytes):
-    """The Event protos of a TFRecord file, each record's two checksums checked (by
-    tensorboardX's own CRC and protos, the oracle; the writer does not import it)."""
-    events, i = [], 0
-    while i < len(data):
-        header = data[i: i + 8]
-        (n,) = np.frombuffer(header, "<u8")
-        assert int(np.frombuffer(data[i + 8: i + 12], "<u4")[0]) == masked_crc32c(header)
-        record = data[i + 12: i + 12 + int(n)]
-        assert int(np.frombuffer(data[i + 12 + int(n): i + 16 + int(n)], "<u4")[0]) == masked_crc32c(record)
-        events.append(event_pb2.Event.FromString(record))
-        i += 16 + int(n)
-    return events
 
 
 def test_tensorboard_events_are_byte_for_byte_what_tensorboardx_writes(tmp_path):

@@ -7,7 +7,7 @@ length-grouped batches); synthetic.py is a fixed corpus without files, for tests
 runs; types.py holds VocabInfo, DataError and the iterator protocol.
 
 Every source yields dicts of int32 numpy arrays `input_ids` and `attention_mask` of
-shape [micro_batch // process_count, seq] (this process's rows of each global batch),
+shape [len(rows), seq] (this process's rows of each global batch),
 and has `get_state()` / `set_state()` so that the checkpoint resumes it exactly.
 """
 
@@ -40,24 +40,35 @@ def prepared_dir(config, workdir: str) -> str:
     return prepare_lib.prepared_dir(config, workdir)
 
 
+def block_rows(process_index: int, process_count: int, micro_batch_size: int) -> np.ndarray:
+    """Process `process_index`'s equal block of the rows of a global micro-batch."""
+    if micro_batch_size % process_count:
+        raise DataError(f"micro batch {micro_batch_size} is not divisible by {process_count} processes")
+    local = micro_batch_size // process_count
+    return np.arange(process_index * local, (process_index + 1) * local)
+
+
 def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
               process_count: int = 1, vocab_size: Optional[int] = None, workdir: str = "",
-              keep_together: int = 1):
-    """(iterator, VocabInfo) for `config.data` and split 'train' or 'eval'.
+              keep_together: int = 1, rows: Optional[np.ndarray] = None):
+    """(iterator, VocabInfo) for `config.data` and split 'train' or 'eval': process
+    `process_index` of `process_count`, reading `rows` of each global micro-batch (their
+    positions: parallel.process_rows; default the process's block of them).
 
     With source 'corpus' a single process prepares the sources first when they are not
     yet; a run of several processes reads a directory prepared beforehand (mode prepare)
     and stops with that command when there is none. `keep_together` consecutive micro-batches (an
     update's) come from one length group."""
+    if rows is None:
+        rows = block_rows(process_index, process_count, micro_batch_size)
     if config.data.source == "synthetic":
         corpus = SyntheticCorpus(vocab_size=vocab_size, seq_len=config.data.seq_len,
                                  **config.data.synthetic.to_dict())
-        it = corpus.batches(split, micro_batch_size, seed=config.train.seed,
-                            process_index=process_index, process_count=process_count)
+        it = corpus.batches(split, micro_batch_size, seed=config.train.seed, rows=rows)
         return it, corpus.vocab_info()
     if config.data.source == "corpus":
         return _corpus_data(config, split, micro_batch_size, process_index, process_count,
-                            vocab_size, workdir, keep_together)
+                            vocab_size, workdir, keep_together, rows)
     raise DataError(f"data.source {config.data.source!r} is not one of: corpus, synthetic")
 
 
@@ -78,7 +89,7 @@ def next_update(data: BatchIterator, k: int, pad_id: int = 0) -> Dict[str, np.nd
 
 
 def _corpus_data(config, split, micro_batch_size, process_index, process_count, vocab_size, workdir,
-                 keep_together):
+                 keep_together, rows):
     data_dir = prepared_dir(config, workdir)
     if process_count > 1 and not prepare_lib.is_prepared(data_dir):
         raise DataError(
@@ -103,7 +114,7 @@ def _corpus_data(config, split, micro_batch_size, process_index, process_count, 
     d = config.data
     loader = loader_lib.BatchLoader(
         loader_lib.PreparedSplit(data_dir, split, vocab_size or len(tok)), micro_batch_size, config.train.seed,
-        process_index=process_index, process_count=process_count, shuffle=split == "train",
+        rows=rows, shuffle=split == "train",
         group_by_length=d.group_by_length and split == "train", group_window=d.group_window,
         pad_multiple=d.pad_multiple, length_buckets=tuple(d.length_buckets), pad_id=tok.pad_token_id,
         num_threads=d.num_threads, prefetch=d.prefetch,

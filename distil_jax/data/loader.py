@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import threading
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import grain
 import numpy as np
@@ -121,18 +121,16 @@ def padded_length(longest: int, seq_len: int, pad_multiple: int, buckets: Sequen
 
 
 class BatchLoader:
-    """This process's rows of each global micro-batch, as int32 numpy arrays."""
+    """This process's rows of each global micro-batch (`rows`: their positions,
+    parallel.process_rows; default all), as int32 numpy arrays."""
 
     def __init__(self, split_data: PreparedSplit, micro_batch_size: int, seed: int, *,
-                 process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                 rows: Optional[np.ndarray] = None, shuffle: bool = True,
                  group_by_length: bool = True, group_window: int = 64, pad_multiple: int = 8,
                  length_buckets: Sequence[int] = (), pad_id: int = 0, num_threads: int = 2,
                  prefetch: int = 8, keep_together: int = 1):
-        if micro_batch_size % process_count:
-            raise DataError(f"micro batch {micro_batch_size} is not divisible by {process_count} processes")
         self._data, self._batch, self._seed = split_data, micro_batch_size, seed
-        self._local = micro_batch_size // process_count
-        self._offset = process_index * self._local
+        self._rows = np.arange(micro_batch_size) if rows is None else np.asarray(rows)
         self._shuffle, self._group, self._window = shuffle, group_by_length, group_window
         self._keep_together = keep_together
         self._pad_multiple, self._buckets, self._pad_id = pad_multiple, tuple(length_buckets), pad_id
@@ -166,9 +164,9 @@ class BatchLoader:
         rows = self.global_rows(index)
         length = padded_length(int(self._data.lengths[rows].max()), self._seq_len,
                                self._pad_multiple, self._buckets)
-        ids = np.full((self._local, length), self._pad_id, np.int32)
-        mask = np.zeros((self._local, length), np.int32)
-        for i, row in enumerate(rows[self._offset: self._offset + self._local]):
+        ids = np.full((len(self._rows), length), self._pad_id, np.int32)
+        mask = np.zeros((len(self._rows), length), np.int32)
+        for i, row in enumerate(rows[self._rows]):
             seq = self._data[row]
             ids[i, : len(seq)] = seq
             mask[i, : len(seq)] = 1

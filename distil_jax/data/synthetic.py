@@ -51,9 +51,7 @@ class SyntheticCorpus:
         counts = np.bincount(self._train[self._train != PAD], minlength=self.vocab_size)
         return VocabInfo(self.vocab_size, PAD, MASK, SPECIALS, counts)
 
-    def batches(self, split: str, micro_batch_size: int, seed: int, process_index: int = 0,
-                process_count: int = 1) -> ShuffledBatches:
+    def batches(self, split: str, micro_batch_size: int, seed: int, rows=None) -> ShuffledBatches:
         ids = {"train": self._train, "eval": self._eval}[split]
         data = {"input_ids": ids, "attention_mask": (ids != PAD).astype(np.int32)}
-        return ShuffledBatches(data, micro_batch_size, seed, process_index, process_count,
-                               shuffle=split == "train")
+        return ShuffledBatches(data, micro_batch_size, seed, rows, shuffle=split == "train")
