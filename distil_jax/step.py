@@ -76,7 +76,9 @@ def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx
     applied = 1.0 - skipped
     # AdamW's schedule counts the applied updates only (a skipped one leaves its state as it was).
     metrics.update(grad_norm=jnp.where(applied > 0, optax.tree.norm(grads), 0.0),
-                   lr=applied * schedule(state.step - skipped_before), updates=applied, skipped_updates=skipped)
+                   lr=applied * schedule(state.step - skipped_before), updates=applied, skipped_updates=skipped,
+                   # (skipped in all, skipped in a row) after this update: read by the loop, not summed
+                   skip_counters=jnp.stack(optim.skip_counts(new_opt)))
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=new_opt), metrics
 

@@ -341,20 +341,27 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f) -> Tuple[TrainSt
     with runtime.PreemptionFlag() as stop, contextlib.ExitStack() as cleanup:
         cleanup.callback(ckpt.close)  # also on an error: no manager or writer left open
         cleanup.callback(writer.close)
+        previous = None  # the last update's skip counters (device arrays), and its number
         while update < total:
             local = data_lib.next_update(tr.data, k, tr.vocab.pad_id)
             state, metrics = jitted(state, tr.teacher_params, parallel.global_batch(local, tr.mesh))
+            counters = metrics.pop("skip_counters")
             window = _sums(window, metrics)
             seq = local["input_ids"].shape[-1]
             flops += train_flops_per_token(tr.objective, tr.model.config, teacher_config, seq) * rows * seq
             sequences += rows
             update += 1
             writer.advance()
-            # One host sync per update, so that a run of NaNs stops where it happens.
-            skipped_total, consecutive = (int(x) for x in jax.device_get(optim.skip_counts(state.opt_state)))
-            too_many = consecutive >= config.train.max_consecutive_skips  # the one comparison
+            # Nothing here waits for the update just dispatched, so the device always has the
+            # next one queued: its skip counters are read at the next update (the previous
+            # update's are done by then), or now where the loop syncs anyway (a log or a
+            # checkpoint). A run of NaNs stops at most one update late.
             checkpoint_due = update % config.checkpoint.every_steps == 0 or update == total
-            if update % config.train.log_every == 0 or checkpoint_due or too_many:
+            log_due = update % config.train.log_every == 0 or checkpoint_due
+            read, previous = ((counters, update) if log_due else previous), (counters, update)
+            skipped_total, consecutive = (0, 0) if read is None else (int(x) for x in jax.device_get(read[0]))
+            too_many = consecutive >= config.train.max_consecutive_skips  # the one comparison
+            if log_due or too_many:
                 sums = {key: float(v) for key, v in jax.device_get(window).items()}
                 last = window_summary(sums, time.perf_counter() - window_start, flops, sequences,
                                       jax.device_count(), peak)
@@ -363,7 +370,7 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f) -> Tuple[TrainSt
                 window, flops, sequences, window_start = None, 0.0, 0, time.perf_counter()
             if too_many:
                 ckpt.wait()  # the last checkpoint is complete before the run stops
-                raise optim.too_many_skips(consecutive, config.train.max_consecutive_skips, update,
+                raise optim.too_many_skips(consecutive, config.train.max_consecutive_skips, read[1],
                                            last_checkpoint())
             if checkpoint_due:
                 save()

@@ -188,8 +188,8 @@ def test_process_rows_are_the_global_batchs_rows_in_any_arrangement(prepared):
     """Each process reads the rows of the global batch its devices hold, whatever they are
     (one block each, or runs interleaved with the other process's, as a TPU slice's device
     order can give), and together they are the global batch."""
-    single, split = _loader(prepared)
     for arrangement in ([np.arange(0, 8), np.arange(8, 16)], [np.r_[0:4, 8:12], np.r_[4:8, 12:16]]):
+        single, _ = _loader(prepared)
         parts = [_loader(prepared, rows=rows)[0] for rows in arrangement]
         for _ in range(3):
             full = next(single)

@@ -270,3 +270,34 @@ def test_a_non_finite_state_is_never_saved(tmp_path, tiny):
     with pytest.raises(optim.NonFiniteError, match="update 1 is not finite; it was not saved"):
         trainer.train(config, str(tmp_path))
     assert _finished_steps(tmp_path) == []
+
+
+def test_the_loop_reads_nothing_of_the_update_it_just_dispatched(tmp_path, tiny, monkeypatch):
+    """No host sync per update: the loop reads an update's outputs to the host (its skip
+    counters, the window's metrics) only at a log or checkpoint; otherwise one update late,
+    so the device always has the next update queued. (On this CPU a dispatch is nearly
+    synchronous, so the property is checked on what the loop reads, not on timing.)"""
+    calls, latest, fetched = [0], [set()], set()
+    compiled = trainer.compiled_step
+
+    def counting(*args, **kwargs):
+        jitted = compiled(*args, **kwargs)
+
+        def call(*a):
+            out = jitted(*a)
+            calls[0] += 1
+            latest[0] = {id(x) for x in jax.tree.leaves(out)}
+            return out
+        return call
+    device_get = jax.device_get
+
+    def watched(x):
+        if any(id(leaf) in latest[0] for leaf in jax.tree.leaves(x)):
+            fetched.add(calls[0])
+        return device_get(x)
+    monkeypatch.setattr(trainer, "compiled_step", counting)
+    monkeypatch.setattr(jax, "device_get", watched)
+    config = tiny(**{"train.steps": 6, "train.log_every": 3, "checkpoint.every_steps": 6})
+    _, summary = trainer.train(config, str(tmp_path))
+    assert summary["update"] == 6 and calls[0] == 6
+    assert fetched == {3, 6}  # the updates that log
