@@ -185,10 +185,10 @@ def prepare(config, out_dir: str, teacher_vocab_size: Optional[int] = None,
     writer = UnitWriter(out_dir, specs, tok.backend_tokenizer.to_str(), seq_len, fingerprint, limit - 1,
                         len(tok))
     special = dict(cls=tok.cls_token_id, sep=tok.sep_token_id, unk=tok.unk_token_id)
-    pending = [(name, unit) for name, unit in tasks if writer.done(name, unit.index) is None]
+    infos = {(name, unit.index): writer.done(name, unit.index) for name, unit in tasks}
+    pending = [(name, unit) for name, unit in tasks if infos[name, unit.index] is None]
     run_units(config, writer, pending, special, progress)
-    infos = {}
-    for name, unit in tasks:
+    for name, unit in pending:  # written by the workers: read back their markers
         infos[name, unit.index] = writer.done(name, unit.index)
         if infos[name, unit.index] is None:
             raise DataError(f"unit {unit.index} of source {name!r} has no done marker after the pipeline ran "
