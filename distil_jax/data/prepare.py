@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from distil_jax import hf, storage
 from distil_jax.data.shards import (MAX_UNK_FRACTION, MIN_LENGTH, STATS, UnitWriter, done_path, load_npy, npy_bytes,
-                                    prepare_units, shard_base, token_dtype, FORMAT_VERSION)
+                                    shard_base, token_dtype, FORMAT_VERSION)
 from distil_jax.data.sources import KINDS, SPLITS, Unit, make_source
 from distil_jax.data.tokenizer import (load_tokenizer, lowercases, says_how_to_normalise, tokenizer_hash,
                                        train_wordpiece, unknown_fraction)
@@ -209,7 +209,8 @@ def run_units(config, writer: UnitWriter, tasks: List[Tuple[str, Unit]], special
     workers = min(config.data.prepare_workers or os.cpu_count() or 1, len(tasks))
     if not options and workers <= 1:
         bar = tqdm(total=len(tasks), unit="shard", desc="prepare", dynamic_ncols=True, disable=not progress)
-        for _ in prepare_units(writer, iter(tasks), special):
+        for name, unit in tasks:  # the function every Beam worker runs, in turn
+            writer(name, unit, special)
             bar.update(1)
         bar.close()
         return

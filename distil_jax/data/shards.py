@@ -241,9 +241,3 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def load_npy(path: str) -> np.ndarray:
     """A .npy file, local or in a bucket."""
     return np.load(io.BytesIO(storage.read_bytes(path)))
-
-
-def prepare_units(writer: UnitWriter, tasks: Iterator[Tuple[str, Unit]], special: Dict[str, int]):
-    """Each (source name, unit) prepared in turn: the in-process runner."""
-    for name, unit in tasks:
-        yield name, unit, writer(name, unit, special)
