@@ -31,6 +31,33 @@ def _shape(r):
     return f"{r['teacher_layers']}→{r['student_layers']} × {r['hidden']}, V {r['vocab']}, {r['batch']}×{r['seq']}"
 
 
+def _variant(r):
+    extra = ", ".join(r.get("set") or [])
+    return f"{r['dtype']}, {r['attention']} attention" + (f", {extra}" if extra else "")
+
+
+def _accelerator(rows, fits) -> None:
+    """The accelerator check (benchmarks/gpu.sh, tpu.sh): each step against the float32
+    step with XLA attention of the same micro-batch and accumulation."""
+    print(f"### Train step on `{rows[0]['device']}` ({rows[0]['num_devices']} device, jax {rows[0]['jax']})\n")
+
+    def baseline(r):
+        return next((b for b in rows if b["dtype"] == "float32" and b["attention"] == "xla" and not b.get("set")
+                     and b["batch"] == r["batch"] and b["micro_batches_per_update"] == 1), None)
+
+    print(_table(rows, [
+        ("shape", _shape), ("compute", _variant), ("micro-batches per update", lambda r: r["micro_batches_per_update"]),
+        ("compile s", lambda r: r["compile_s"]), ("update s", lambda r: r["step_s"]),
+        ("tokens/s", lambda r: r["tokens_per_s"]), ("TFLOP/s per device", lambda r: r["model_tflops_per_device"]),
+        ("MFU", lambda r: r["mfu"]), ("peak device GiB", lambda r: r["device_peak_gb"]),
+        ("tokens/s ÷ float32 XLA", lambda r: (r["tokens_per_s"] / baseline(r)["tokens_per_s"]) if baseline(r) else None)]))
+    print()
+    for f in fits:
+        print(f"Largest micro-batch ({f['seq']} tokens, {_variant(f)}): {f['largest_micro_batch']} "
+              f"(first failure: {f['smallest_failed']}; tried {f['tried']}); at that size "
+              f"{_fmt(f.get('tokens_per_s'))} tokens/s, MFU {_fmt(f.get('mfu'))}, peak {_fmt(f.get('device_peak_gb'))} GiB.\n")
+
+
 def main(path):
     records = [json.loads(line) for line in open(path) if line.strip()]
     by = lambda name: [r for r in records if r["bench"] == name]  # noqa: E731
@@ -54,7 +81,10 @@ def main(path):
             ("fraction of matmul", lambda p: p[1].get("fraction_of_matmul"))]))
         print()
 
-    train_rows = [r for r in by("train") if r["step_s"]]
+    accel = [r for r in by("train") if r["step_s"] and r.get("device", "cpu") != "cpu"]
+    if accel:
+        _accelerator(accel, by("fit"))
+    train_rows = [r for r in by("train") if r["step_s"] and r.get("device", "cpu") == "cpu"]
     if train_rows:
         print("### Train step variants\n")
         print(_table(train_rows, [
@@ -90,6 +120,17 @@ def main(path):
             ("student seq/s", lambda r: r["student_throughput_sequences_per_s"]),
             ("throughput speed-up", lambda r: r["throughput_speedup"]),
             ("params teacher / student", lambda r: f"{r['teacher_params'] / 1e6:.1f}M / {r['student_params'] / 1e6:.1f}M")]))
+        print()
+    for r in by("attention"):
+        print(f"### Attention kernels on `{r['device']}` ({r['layers']} layers × {r['hidden']}, "
+              f"{r['batch']}×{r['seq']} right-padded, {r['dtype']}; errors against XLA attention in float32)\n")
+        print(_table([n for n in ("xla", "cudnn") if f"{n}_fwd_bwd_ms" in r], [
+            ("attention", lambda n: n), ("hidden-state rel. error", lambda n: r[f"{n}_hidden_rel_err"]),
+            ("gradient rel. error", lambda n: r[f"{n}_grad_rel_err"]),
+            ("forward + backward ms", lambda n: r[f"{n}_fwd_bwd_ms"])]))
+        for n in ("xla", "cudnn"):
+            if f"{n}_error" in r:
+                print(f"\n{n}: {r[f'{n}_error']}")
         print()
     for r in by("matmul"):
         print(f"Matmul ({r['size']}² {r['dtype']}): {r['tflops']:.3f} TFLOP/s.\n")

@@ -5,6 +5,8 @@
         [--config configs/base.py] [--loss_chunk N] [--restrict_ce_to_mask] [--remat dots]
         [--accumulation K] [--matmul] [--peak_tflops X]
     python -m distil_jax.bench infer [shape flags] [--latency_seq 128 --throughput_batch 64]
+    python -m distil_jax.bench attention [shape flags] [--dtype bfloat16]
+    python -m distil_jax.bench fit [shape flags] [--start 16 --bisect 2]
     python -m distil_jax.bench matmul [--size 4096 --dtype float32]
     python -m distil_jax.bench compare [shape flags]      (needs torch: the reference step)
     python -m distil_jax.bench data [--seq_len 512] [--vocab_size 30522] [--tokens 20000000]
@@ -19,7 +21,10 @@ teacher fwd, metrics.py), MFU where the device's peak is known (or --peak_tflops
 with --matmul the fraction of this machine's measured matmul rate; peak memory
 (device peak bytes on GPU/TPU, XLA's compiled estimate and the process's peak RSS).
 `infer`: forward latency (batch 1) and throughput of teacher and student on the same
-inputs. `matmul`: a large jitted matrix product, the machine's practical FLOP/s.
+inputs. `attention`: cuDNN flash attention against XLA's on a
+right-padded batch (hidden states and gradients vs float32, time). `fit`: the largest micro-batch whose
+train step compiles and runs on this device (each size tried in a process of its own).
+`matmul`: a large jitted matrix product, the machine's practical FLOP/s.
 `compare`: our step against the PyTorch reference step (torch_reference.py:
 transformers' BertForMaskedLM teacher without grad + DistilBertForMaskedLM student, the
 reference's triple loss with KL over all non-pad rows, AdamW, clipping) on the same
@@ -34,11 +39,14 @@ fraction with and without length grouping. `deploy`: teacher and student exporte
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
 import platform
+import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,7 +114,22 @@ def shape_config(args):
                "distill.restrict_ce_to_mask": args.restrict_ce_to_mask, "mesh.shape": (-1, 1, 1)}
     if args.loss_chunk is not None:
         changes["train.loss_chunk"] = args.loss_chunk
+    changes.update(_settings(args.set))
     return with_changes(c, **changes)
+
+
+def _settings(pairs) -> dict:
+    """--set KEY=VALUE ... as config changes; a VALUE that is a Python literal is read as one."""
+    changes = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set takes KEY=VALUE (a dotted config key), got {pair!r}")
+        try:
+            changes[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            changes[key] = text
+    return changes
 
 
 def _random_batch(config, vocab_size: int, rows: int, seed: int = 0):
@@ -211,9 +234,123 @@ def _timed_with_matmul(args, timer, others=None):
 def bench_train(args) -> None:
     timer = _StepTimer(shape_config(args), args.peak_tflops)
     try:
-        _emit(_timed_with_matmul(args, timer)[0])
+        _emit({**_timed_with_matmul(args, timer)[0], "set": args.set})
     finally:
         timer.close()
+
+
+def _fits(argv, batch: int, timeout: float):
+    """One `bench train` of micro-batch `batch` in a process of its own (a fresh device
+    allocator): its record, or None when it ran out of memory (or failed otherwise: the
+    reason is the stderr's last line)."""
+    cmd = [sys.executable, "-m", "distil_jax.bench", "train", *argv, "--batch", str(batch), "--steps", "2"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and records:
+        return records[-1], "ok"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "RESOURCE_EXHAUSTED" in line or "Out of memory" in line),
+                  next((line for line in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b", line)),
+                       f"exit status {proc.returncode}"))
+    return None, reason[-300:]
+
+
+def bench_fit(args, argv) -> None:
+    """The largest micro-batch whose train step compiles and runs: doubling from --start
+    until a size fails, then --bisect halvings of the gap, each size in its own process."""
+    shape_argv = _without(argv, ("--start", "--max_batch", "--bisect", "--trial_timeout", "--batch", "--steps"))
+    tried, best, best_record, failed = {}, None, None, None
+    batch = args.start
+    while failed is None and batch <= args.max_batch:
+        record, tried[batch] = _fits(shape_argv, batch, args.trial_timeout)
+        if record is None:
+            failed = batch
+        else:
+            best, best_record = batch, record
+            batch *= 2
+    for _ in range(args.bisect):
+        if best is None or failed is None or failed - best <= 1:
+            break
+        batch = (best + failed) // 2
+        record, tried[batch] = _fits(shape_argv, batch, args.trial_timeout)
+        if record is None:
+            failed = batch
+        else:
+            best, best_record = batch, record
+    out = {"bench": "fit", "set": args.set, "largest_micro_batch": best, "smallest_failed": failed,
+           "tried": {str(b): why for b, why in sorted(tried.items())}}
+    if best_record:
+        out.update({k: best_record[k] for k in ("teacher_layers", "student_layers", "hidden", "vocab", "seq",
+                                                "dtype", "attention", "remat", "loss_chunk", "step_s",
+                                                "tokens_per_s", "mfu", "device_peak_gb", "compile_s")})
+    _emit({**out, **_machine()})
+
+
+def _without(argv, flags):
+    """argv less the given flags (and their values)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not any(a.startswith(f + "=") for f in flags):
+            out.append(a)
+    return out
+
+
+def bench_attention(args) -> None:
+    """The fused attention kernel against XLA's on one BERT-shaped encoder (the student's
+    shape, the given dtype) and a right-padded batch (lengths from a quarter to all of
+    --seq): the last hidden state and the gradient of a loss on it, each as the relative
+    error ||x - ref|| / ||ref|| against XLA attention in float32, and the forward + backward
+    time of each. The kernel's error should be the dtype's (the XLA row in the same dtype)."""
+    from distil_jax.models import DistilBert, DistilBertConfig
+    cfg = DistilBertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.student_layers,
+                           num_heads=args.heads, intermediate_size=args.ffn,
+                           max_position_embeddings=max(512, args.seq))
+    rng = np.random.default_rng(0)
+    rows = args.batch or 8
+    ids = rng.integers(5, args.vocab, (rows, args.seq)).astype(np.int32)
+    lengths = rng.integers(args.seq // 4, args.seq + 1, rows)
+    mask = (np.arange(args.seq)[None, :] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, ids, 0)
+    params = DistilBert(cfg).init(jax.random.key(0), ids[:1], mask[:1])["params"]
+
+    def loss_and_grad(dtype, impl):
+        model = DistilBert(cfg, dtype=getattr(jnp, dtype), attention_impl=impl)
+
+        def loss(p):
+            h = model.apply({"params": p}, ids, mask, compute_logits=False).hidden_states[-1]
+            h = h.astype(jnp.float32) * mask[..., None]
+            return jnp.sum(h * jnp.sin(jnp.arange(h.shape[-1]))) / mask.sum(), h
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    def flat(tree):
+        return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+    def rel(x, ref):
+        return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+    (_, h_ref), g_ref = loss_and_grad("float32", None)(params)
+    h_ref, g_ref = np.asarray(h_ref, np.float64), flat(g_ref)
+    out = {"bench": "attention", "dtype": args.dtype, "batch": rows, "seq": args.seq,
+           "layers": args.student_layers, "hidden": args.hidden, **_machine()}
+    for name, impl in (("xla", None), ("cudnn", "cudnn")):
+        f = loss_and_grad(args.dtype, impl)
+        try:
+            (_, h), g = f(params)
+        except Exception as e:  # noqa: BLE001 -- a kernel this device or shape lacks
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            continue
+        out[f"{name}_hidden_rel_err"] = rel(np.asarray(h, np.float64), h_ref)
+        out[f"{name}_grad_rel_err"] = rel(flat(g), g_ref)
+        seconds, _ = median_seconds(lambda: jax.block_until_ready(f(params)), args.steps)
+        out[f"{name}_fwd_bwd_ms"] = seconds * 1e3
+    _emit(out)
 
 
 def bench_infer(args) -> None:
@@ -290,6 +427,8 @@ def _shape_flags(p) -> None:
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--attention", default="", choices=("", "xla", "cudnn"))
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per update")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config change on top, e.g. --set student.attention_dropout=0.0 (repeatable)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--latency_seq", type=int, default=128)
     p.add_argument("--throughput_batch", type=int, default=64)
@@ -300,6 +439,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "the jitted train step: time, tokens/s, TFLOP/s, MFU, memory"),
+                        ("attention", "cuDNN vs XLA attention: errors against float32 XLA, time"),
                         ("infer", "teacher vs student forward latency and throughput"),
                         ("compare", "our train step vs the PyTorch reference step (needs torch)")):
         p = sub.add_parser(name, help=help_)
@@ -314,6 +454,12 @@ def main(argv=None) -> None:
                            help="same: the reference runs in this process, with this process's "
                            "malloc settings (runtime.keep_host_memory); separate: in a child process with the "
                            "system's malloc, as the reference's users run it")
+    fit = sub.add_parser("fit", help="the largest micro-batch whose train step runs (doubling, then bisection)")
+    _shape_flags(fit)
+    fit.add_argument("--start", type=int, default=16, help="the first micro-batch tried")
+    fit.add_argument("--max_batch", type=int, default=4096)
+    fit.add_argument("--bisect", type=int, default=2, help="halvings of the gap after the first failure")
+    fit.add_argument("--trial_timeout", type=float, default=600.0, help="seconds per size")
     mm = sub.add_parser("matmul", help="a large jitted matmul: the machine's practical FLOP/s")
     mm.add_argument("--size", type=int, default=4096)
     mm.add_argument("--dtype", default="float32")
@@ -333,7 +479,10 @@ def main(argv=None) -> None:
         for record in bench_data.run(args):
             _emit({**record, **(_machine() if record["bench"] == "data/tokenize" else {})})
         return
-    {"train": bench_train, "infer": bench_infer, "matmul": bench_matmul,
+    if args.command == "fit":
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return bench_fit(args, argv[argv.index("fit") + 1:])
+    {"train": bench_train, "infer": bench_infer, "matmul": bench_matmul, "attention": bench_attention,
      "compare": bench_compare}[args.command](args)
 
 

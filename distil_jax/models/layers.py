@@ -148,8 +148,16 @@ class SelfAttention(nn.Module):
         if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
             # No dropout on the probabilities and no probabilities to return: the fused
             # attention (cuDNN flash attention on GPU where it applies, XLA elsewhere).
-            context = jax.nn.dot_product_attention(
-                query, key, value, mask=keep, implementation=self.attention_impl)
+            if self.attention_impl == "cudnn":
+                # cuDNN's flash attention takes the key padding as lengths (our batches are
+                # right-padded), not as the [B, 1, 1, S] mask, which it would refuse (it needs
+                # a [B, N, T, S] bias). A row of padding alone gets length 1: no target reads it.
+                lengths = jnp.maximum(attention_mask.astype(jnp.int32).sum(-1), 1)
+                context = jax.nn.dot_product_attention(
+                    query, key, value, key_value_seq_lengths=lengths, implementation="cudnn")
+            else:
+                context = jax.nn.dot_product_attention(
+                    query, key, value, mask=keep, implementation=self.attention_impl)
             probs = None
         else:
             query = query / jnp.sqrt(cfg.head_dim).astype(self.dtype)
