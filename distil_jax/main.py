@@ -8,6 +8,10 @@ workdir: a second start on a workdir in use is refused, naming the first.
 Several processes (hosts, or one per GPU) run the same command: on a TPU VM or in a
 SLURM job JAX finds its peers by itself; elsewhere give every process
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (launch/README.md).
+
+Exit status: 0 when the run finished; 75 (`runtime.RESUMABLE_EXIT`) when SIGTERM or
+Ctrl-C stopped it with a checkpoint before its last update (run the same command to
+resume); 1 on an error.
 """
 
 from __future__ import annotations
@@ -86,6 +90,9 @@ def main(argv):
     logging.info("%s: %s", FLAGS.config.mode, result)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2, default=str))
+    if runtime.stopped_early(result):  # every process: they all stopped at the same update
+        return runtime.RESUMABLE_EXIT
+    return 0
 
 
 if __name__ == "__main__":

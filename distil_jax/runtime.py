@@ -4,6 +4,8 @@
   (the start-up shim: call it before the first JAX array is made).
 - `PreemptionFlag`: SIGTERM (a preemption notice) or SIGINT (Ctrl-C) asks the loop to
   checkpoint and stop; every process of a multi-host run stops at the same step.
+  `main` then exits with `RESUMABLE_EXIT` (75), so that a supervisor (launch/) tells a
+  stopped run, which the same command resumes, from a finished one (0).
 - `is_remote`: a workdir on object storage (gs://...) rather than a local path.
 - `WorkdirLock`: one run per workdir; a second start is refused, naming the first.
 
@@ -82,6 +84,21 @@ is_remote, absolute = storage.is_remote, storage.absolute  # where they live: st
 
 
 # --- preemption -------------------------------------------------------------------------
+# main's exit status when a signal stopped the run before its last update, after a
+# checkpoint: EX_TEMPFAIL of sysexits.h ("try again later"). The same command resumes it.
+# 0 means finished; any other status is an error that running again will not cure.
+RESUMABLE_EXIT = 75
+
+
+def stopped_early(summary) -> bool:
+    """Whether a run's summary says a signal stopped it before its last update.
+
+    A signal that lands during the last update stops nothing: that run is finished."""
+    if not isinstance(summary, dict) or summary.get("stopped_by") is None:
+        return False
+    return summary.get("update", 0) < summary.get("total_updates", 0)
+
+
 class PreemptionFlag:
     """Set by SIGTERM (preemption notice) or SIGINT (Ctrl-C); the loop checkpoints and exits."""
 

@@ -129,7 +129,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_touches_nothing(tmp_path,
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])  # a preemption notice; Ctrl-C
-def test_signal_checkpoints_exits_cleanly_and_resumes(tmp_path, signame, env, run_here):
+def test_signal_checkpoints_exits_75_and_resumes(tmp_path, signame, env, run_here):
     changes = {"train.steps": 30, "train.log_every": 1, "checkpoint.every_steps": 1000}
     cmd = [sys.executable, "-m", "distil_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
            *SMALL_FLAGS, *(f"--config.{k}={v}" for k, v in changes.items())]
@@ -140,7 +140,7 @@ def test_signal_checkpoints_exits_cleanly_and_resumes(tmp_path, signame, env, ru
         time.sleep(0.2)
     proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == runtime.RESUMABLE_EXIT == 75, err[-3000:]  # stopped, not finished
     stopped = json.loads(out[out.index("{"):])
     assert stopped["stopped_by"] == signame and 0 < stopped["update"] < 30
     assert f"{signame} received: checkpoint at update {stopped['update']}, stopping" in out
@@ -151,3 +151,13 @@ def test_signal_checkpoints_exits_cleanly_and_resumes(tmp_path, signame, env, ru
     # Every update logged exactly once across the stop and the resume.
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, 31))
+
+
+def test_only_a_stop_before_the_last_update_is_resumable():
+    """main's exit status: 75 when a signal stopped the run early, 0 when it finished (a
+    signal during the last update stops nothing), 0 for the apps' summaries."""
+    stopped = {"stopped_by": "SIGTERM", "update": 12, "total_updates": 30}
+    assert runtime.stopped_early(stopped)
+    assert not runtime.stopped_early({**stopped, "update": 30})
+    assert not runtime.stopped_early({**stopped, "stopped_by": None})
+    assert not runtime.stopped_early({"mlm_accuracy": 0.5}) and not runtime.stopped_early(None)
