@@ -6,7 +6,7 @@
 # paper's 4K-sequence update is 8 GPUs x 16 micro-batches x 32).
 #
 #   pip install -e . "jax[cuda13]==$(python -c 'import jax; print(jax.__version__)')"
-#   bash benchmarks/gpu.sh [OUT]             # about 8 minutes on an H200
+#   bash benchmarks/gpu.sh [OUT]             # its length is unmeasured: see BENCHMARKS.md "GPU"
 #
 # One JSON line per measurement goes to OUT (default benchmarks/results/gpu.jsonl), then the
 # tables (benchmarks/report.py). What it prints, in order:
@@ -30,9 +30,14 @@ mkdir -p "$(dirname "$out")"
 : >"$out"
 # Let the fit search use the card's memory, not JAX's default 75% preallocation.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-limit=${BENCH_TIME_LIMIT:-300}  # seconds per command
+# Seconds per command. The one H200 run so far (BENCHMARKS.md "GPU") saw the base step's XLA
+# compile take longer than 170 s, so the default leaves room; the cache below keeps a compiled
+# program for the next command or run of the same shapes.
+limit=${BENCH_TIME_LIMIT:-1200}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/distil_jax/xla}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 bench() {
-  echo "+ python -m distil_jax.bench $*" >&2
+  echo "+ [$(date +%T)] python -m distil_jax.bench $*" >&2
   local log status
   log=$(mktemp)
   timeout "$limit" "${PYTHON:-python}" -m distil_jax.bench "$@" 2>"$log" | grep '^{' | tee -a "$out"

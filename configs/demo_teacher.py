@@ -13,19 +13,15 @@ gives what it scores. `python -m distil_jax.main --config=configs/demo.py
 --config.demo.teacher=train` runs the same recipe inside the demo.
 """
 
-import importlib.util
 import os
 
 from distil_jax.apps.demo import TEACHER_RECIPE
-from distil_jax.config import with_changes
+from distil_jax.config import config_file, with_changes
 
 
 def get_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_config", path)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    c = with_changes(demo.get_config(), mode="pretrain", **TEACHER_RECIPE)
+    demo = config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
+    c = with_changes(demo, mode="pretrain", **TEACHER_RECIPE)
     c.train.update(steps=c.demo.teacher_steps, epochs=0, log_every=100)
     c.checkpoint.update(every_steps=500, keep=100)
     return c

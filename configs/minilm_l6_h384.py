@@ -21,19 +21,13 @@ MiniLM figures for this shape: MNLI-m about 83 and SST-2 about 91 (MiniLM L6 x H
 here; `--config.mode=shapes` on configs/demo.py is the same comparison at small scale.
 """
 
-import importlib.util
 import os
 
-
-def _base():
-    spec = importlib.util.spec_from_file_location("base", os.path.join(os.path.dirname(__file__), "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from distil_jax.config import config_file
 
 
 def get_config():
-    c = _base()
+    c = config_file(os.path.join(os.path.dirname(__file__), "base.py"))
     c.student.update(num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536, init="random")
     c.distill.update(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0, alpha_mse=0.0,
                      layer_terms=(("relation",),), relation_heads=12)

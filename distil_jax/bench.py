@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import platform
@@ -56,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import bench_data, bench_deploy, parallel, runtime, torch_reference, trainer
-from distil_jax.config import defaults, with_changes
+from distil_jax.config import config_file, defaults, with_changes
 from distil_jax.data import next_update
 from distil_jax.metrics import device_peak_tflops, train_flops_per_token
 from distil_jax.step import compiled_step
@@ -87,10 +86,7 @@ def shape_config(args):
     """A distillation config of the benchmark's shape (a random teacher, synthetic data),
     or --config's file with the shape flags that were given applied on top."""
     if args.config:
-        spec = importlib.util.spec_from_file_location("bench_config", args.config)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        c = module.get_config()
+        c = config_file(args.config)
     else:
         c = defaults()
         c.teacher.model.update(num_layers=args.teacher_layers, hidden_size=args.hidden,
@@ -252,9 +248,13 @@ def _fits(argv, batch: int, timeout: float):
     if proc.returncode == 0 and records:
         return records[-1], "ok"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    reason = next((line for line in reversed(lines) if "RESOURCE_EXHAUSTED" in line or "Out of memory" in line),
-                  next((line for line in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b", line)),
-                       f"exit status {proc.returncode}"))
+    at = next((i for i in reversed(range(len(lines))) if "RESOURCE_EXHAUSTED" in lines[i]
+               or "Out of memory" in lines[i]), None)
+    if at is None:
+        at = next((i for i in reversed(range(len(lines))) if re.match(r"^[\w.]*(Error|Exception)\b", lines[i])), None)
+    if at is None:
+        return None, f"exit status {proc.returncode}"
+    reason = " ".join(line.strip() for line in lines[at:at + 2 if lines[at].endswith(":") else at + 1])
     return None, reason[-300:]
 
 
@@ -283,7 +283,7 @@ def bench_fit(args, argv) -> None:
     out = {"bench": "fit", "set": args.set, "largest_micro_batch": best, "smallest_failed": failed,
            "tried": {str(b): why for b, why in sorted(tried.items())}}
     if best_record:
-        out.update({k: best_record[k] for k in ("teacher_layers", "student_layers", "hidden", "vocab", "seq",
+        out.update({k: best_record.get(k) for k in ("teacher_layers", "student_layers", "hidden", "vocab", "seq",
                                                 "dtype", "attention", "remat", "loss_chunk", "step_s",
                                                 "tokens_per_s", "mfu", "device_peak_gb", "compile_s")})
     _emit({**out, **_machine()})

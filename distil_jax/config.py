@@ -8,7 +8,9 @@ file is read): the teacher's architecture is passed in by whoever read it (hf.py
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 from typing import List, Optional, Sequence
 
 import jax.numpy as jnp
@@ -140,6 +142,16 @@ def defaults() -> ml_collections.ConfigDict:
     # and its dynamic quantization, model_quantized.onnx); needs the deploy extra (onnx_export.py).
     c.export = ml_collections.ConfigDict(dict(dir="", dtype="float32", onnx=""))
     return c
+
+
+def config_file(path: str, *args) -> ml_collections.ConfigDict:
+    """get_config(*args) of the config file at `path` (a path relative to the calling
+    config file's folder works as `config_file(os.path.join(os.path.dirname(__file__), ...))`)."""
+    name = "config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
 
 
 def with_changes(config, **changes):

@@ -120,3 +120,61 @@ def test_bench_deploy_times_both_runtimes_and_precisions(capsys):
     assert r["speedup_onnx_int8_student_vs_fp32_teacher_latency"] == pytest.approx(
         r["teacher_onnx_fp32_latency_ms"] / r["student_onnx_int8_latency_ms"])
     assert r["student_int8_over_teacher_fp32_file"] == pytest.approx(r["student_onnx_int8_mb"] / r["teacher_onnx_fp32_mb"])
+
+
+def test_bench_fit_doubles_then_bisects(capsys, monkeypatch):
+    """The search: doubling from --start to the first failure, then --bisect halvings of the
+    gap; the largest size that ran is reported (a fake trial that fails above 37 rows)."""
+    calls = []
+
+    def trial(argv, batch, timeout):
+        calls.append(batch)
+        return ({"step_s": 1.0} if batch <= 37 else None), ("ok" if batch <= 37 else "RESOURCE_EXHAUSTED")
+    monkeypatch.setattr(bench, "_fits", trial)
+    (r,) = _records(capsys, ["fit", *TINY, "--start", "8", "--bisect", "2"])
+    assert calls == [8, 16, 32, 64, 48, 40]
+    assert (r["largest_micro_batch"], r["smallest_failed"]) == (32, 40)
+    assert r["tried"]["64"] == "RESOURCE_EXHAUSTED" and r["tried"]["32"] == "ok"
+
+
+def test_bench_fit_runs_each_size_in_a_process_of_its_own(capsys):
+    (r,) = _records(capsys, ["fit", *TINY, "--start", "8", "--max_batch", "8", "--dtype", "bfloat16"])
+    assert r["tried"] == {"8": "ok"} and r["largest_micro_batch"] == 8 and r["smallest_failed"] is None
+    assert r["dtype"] == "bfloat16" and r["seq"] == 16 and r["tokens_per_s"] > 0
+
+
+def test_bench_attention_errors_against_float32(capsys):
+    """XLA attention in float32 is the reference itself (error 0); in bf16 its error is the
+    dtype's (small, not zero); cuDNN on a CPU is reported as an error, not a number."""
+    argv = ["attention", *TINY[:-6], "--batch", "4", "--seq", "32", "--steps", "1"]
+    (f32,) = _records(capsys, argv + ["--dtype", "float32"])
+    (bf16,) = _records(capsys, argv + ["--dtype", "bfloat16"])
+    assert f32["xla_hidden_rel_err"] == 0.0 and f32["xla_grad_rel_err"] == 0.0
+    assert 1e-4 < bf16["xla_hidden_rel_err"] < 0.05 and 1e-4 < bf16["xla_grad_rel_err"] < 0.3
+    assert "cuDNN" in bf16["cudnn_error"] and "cudnn_hidden_rel_err" not in bf16
+
+
+def test_scaling_takes_measured_mfu_and_labels_the_rest_assumed(tmp_path):
+    """launch/scaling.py: a bf16 train record of an H100 at the recipe's shapes sets that row's
+    MFU (and its hours); a float32 record, another shape or another device does not."""
+    import subprocess
+    import sys
+    shape = {"bench": "train", "teacher_layers": 12, "student_layers": 6, "hidden": 768, "seq": 512}
+    records = [dict(shape, device="NVIDIA H100 80GB HBM3", dtype="bfloat16", mfu=0.5),
+               dict(shape, device="NVIDIA H100 80GB HBM3", dtype="float32", mfu=0.9),
+               dict(shape, device="NVIDIA H100 80GB HBM3", dtype="bfloat16", mfu=0.7, seq=128),
+               dict(shape, device="TPU v4", dtype="bfloat16", mfu=None)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "launch", "scaling.py"), "--mfu", "0.25",
+                          "--results", str(results)], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=root)).stdout
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and "machine" not in line}
+    flops = float(out.split(" FLOPs in all")[0].rsplit(" ", 1)[1])
+    assert rows["8 x H100"][1:3] == ["50.0%", "measured (bench train, one device)"]
+    assert float(rows["8 x H100"][3]) == pytest.approx(flops / (8 * 989e12 * 0.5) / 3600, abs=0.05)
+    for name in ("TPU v4-32 (16 chips)", "TPU v5e-64 (64 chips)"):
+        assert rows[name][1:3] == ["25.0%", "**assumed**"]
+    assert float(rows["TPU v4-32 (16 chips)"][3]) == pytest.approx(flops / (16 * 275e12 * 0.25) / 3600, abs=0.05)
