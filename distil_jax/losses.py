@@ -14,13 +14,22 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from distil_jax import parallel
+
 # torch.nn.functional.cosine_embedding_loss guards its norms with this epsilon.
 _COSINE_EPS = 1e-12
 
 
 def _mean_over_rows(per_row: jax.Array, weights: jax.Array) -> jax.Array:
+    """The weighted mean over the micro-batch's rows; on one device group of several
+    (parallel.per_device), this group's share of it: its rows' sum over the whole count."""
     weights = weights.astype(jnp.float32)
-    return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(per_row * weights) / jnp.maximum(parallel.batch_sum(weights), 1.0)
+
+
+def mean_over_rows(per_row: jax.Array) -> jax.Array:
+    """The mean over every row of the micro-batch (a task's examples)."""
+    return _mean_over_rows(per_row, jnp.ones_like(per_row, jnp.float32))
 
 
 def kd_loss(student_logits, teacher_logits, weights, temperature: float) -> jax.Array:
@@ -236,7 +245,7 @@ def vocab_terms(s_feat, s_head, labels, mlm_weights, t_feat=None, t_head=None, k
     has_teacher = t_feat is not None
     mlm_w = mlm_weights.astype(jnp.float32)
     kd_w = kd_weights.astype(jnp.float32) if has_teacher else jnp.zeros_like(mlm_w)
-    n_mlm, n_kd = jnp.maximum(jnp.sum(mlm_w), 1.0), jnp.maximum(jnp.sum(kd_w), 1.0)
+    n_mlm, n_kd = jnp.maximum(parallel.batch_sum(mlm_w), 1.0), jnp.maximum(parallel.batch_sum(kd_w), 1.0)
     per = lambda k: n_mlm if k in ("loss_mlm", "mlm_accuracy") else n_kd  # noqa: E731
     weights = {"loss_mlm": mlm}
     if has_teacher:

@@ -264,15 +264,20 @@ class Objective:
     def uses_teacher(self) -> bool:
         return self.weights.uses_teacher
 
-    def micro_batch(self, rng, batch, params, teacher_params, *, model, teacher):
-        """Dynamic masking with `rng`, then (metrics, gradients, counts) of one micro-batch
-        (`targets`: how many MLM targets it had)."""
+    def prepare(self, rng, batch):
+        """Dynamic masking with `rng` over the whole micro-batch: (inputs, dropout key,
+        counts), inputs the masked ids, attention mask, labels and targets [rows, seq]."""
         mask_rng, dropout_rng = jax.random.split(rng)
         am = batch["attention_mask"]
         masked, labels, targets = self.mask(mask_rng, batch["input_ids"], am)
-        metrics, grads = loss_and_grads(params, teacher_params, masked, am, labels, targets, dropout_rng,
-                                        model=model, teacher=teacher, obj=self)
-        return metrics, grads, {"targets": jnp.sum(targets).astype(jnp.float32)}
+        inputs = {"input_ids": masked, "attention_mask": am, "labels": labels, "targets": targets}
+        return inputs, dropout_rng, {"targets": jnp.sum(targets).astype(jnp.float32)}
+
+    def grads(self, inputs, rng, params, teacher_params, *, model, teacher):
+        """(metrics, gradients) of one prepared micro-batch (on a device group's rows: its
+        share of each mean, parallel.per_device)."""
+        return loss_and_grads(params, teacher_params, inputs["input_ids"], inputs["attention_mask"],
+                              inputs["labels"], inputs["targets"], rng, model=model, teacher=teacher, obj=self)
 
     @property
     def targets_only(self) -> bool:

@@ -9,6 +9,7 @@ and reach the devices as global arrays built from each process's local rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -195,3 +197,56 @@ def global_batch(local: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Arra
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}
+
+
+# --- the update's per-device region ----------------------------------------------------------
+# Inside `per_device` (step.py's micro-batch loop) each data-parallel group of devices holds
+# its own rows of every micro-batch and its own partial gradients; what needs the whole
+# micro-batch asks for it here: the sums behind every mean (a loss's denominator, a
+# metric), and a row's global index (dropout keys). Outside, these are plain sums and 0.
+_manual_axes: Tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def _manual(axes: Tuple[str, ...]):
+    global _manual_axes
+    saved, _manual_axes = _manual_axes, axes
+    try:
+        yield
+    finally:
+        _manual_axes = saved
+
+
+def batch_sum(x) -> jax.Array:
+    """The sum of `x` over the whole micro-batch (every device's rows)."""
+    total = jnp.sum(x)
+    return jax.lax.psum(total, _manual_axes) if _manual_axes else total
+
+
+def batch_psum(tree):
+    """Per-device partial sums (gradients, metrics) summed over the micro-batch's devices."""
+    return jax.lax.psum(tree, _manual_axes) if _manual_axes else tree
+
+
+def row_offset(local_rows: int) -> jax.Array:
+    """The global index of this device group's first row of the micro-batch (0 outside)."""
+    if not _manual_axes:
+        return jnp.zeros((), jnp.int32)
+    return (jax.lax.axis_index(_manual_axes) * local_rows).astype(jnp.int32)
+
+
+def per_device(fn, mesh: Mesh, in_specs, out_specs):
+    """`fn` run once per data-parallel group of devices (`jax.shard_map`, manual over the
+    'data' axis; 'fsdp' stays with XLA's partitioner), with `batch_sum`, `batch_psum` and
+    `row_offset` reaching across the groups. With one group, or with a 'tensor' axis (XLA
+    aborts partitioning the embedding gather of a partly manual program over it: "Check
+    failed: partition_group_list..." in spmd_partitioner_util, jax 0.10.2), `fn` itself,
+    left whole to the partitioner: the same values, the gradients reduced per micro-batch."""
+    if mesh.shape["data"] == 1 or mesh.shape["tensor"] > 1:
+        return fn
+
+    def manual(*args):
+        with _manual(("data",)):
+            return fn(*args)
+    return jax.shard_map(manual, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names={"data"}, check_vma=False)

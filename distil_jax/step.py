@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from distil_jax import optim, parallel
 
@@ -44,31 +45,56 @@ def tree_all_finite(tree) -> jax.Array:
 
 def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj):
     """(gradients, metrics) of one micro-batch by `obj` (objective.Objective: masked LM
-    distillation; task.TaskObjective: a task), with the random key `rng`.
+    distillation; task.TaskObjective: a task), with the random key `rng`, on one device
+    group: what an update with k = 1 computes (train_step), for the oracles of the tests.
 
     A non-finite micro-batch's metrics are zeroed and `finite_micro_batches` (0 or 1) says
     whether it was finite; `real_tokens` and the objective's counts (`targets`,
     `examples`) count what the means divide by."""
-    metrics, grads, counts = obj.micro_batch(rng, batch, params, teacher_params, model=model, teacher=teacher)
-    metrics, finite = finite_metrics(metrics)
-    counts = {**counts, "finite_micro_batches": finite,
-              "real_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
-    return grads, {**metrics, **counts}
+    inputs, dropout_rng, counts = obj.prepare(rng, batch)
+    grads, metrics = _grads(inputs, dropout_rng, params, teacher_params, model=model, teacher=teacher, obj=obj)
+    return grads, {**metrics, **counts, "real_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
 
 
-def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx, schedule, obj):
+def _grads(inputs, dropout_rng, params, teacher_params, *, model, teacher, obj):
+    """One prepared micro-batch on this device group's rows: (its partial gradients, the
+    micro-batch's metrics, zeroed when not finite, with finite_micro_batches 0 or 1)."""
+    metrics, grads = obj.grads(inputs, dropout_rng, params, teacher_params, model=model, teacher=teacher)
+    metrics, finite = finite_metrics(parallel.batch_psum(metrics))  # a few scalars
+    return grads, {**metrics, "finite_micro_batches": finite}
+
+
+def train_step(state: TrainState, teacher_params, batches, *, model, teacher, tx, schedule, obj, mesh=None):
     """One update over `batches` [k, rows, seq]: the summed micro-batch gradients, averaged,
-    then clip -> AdamW (skipped and counted when not finite)."""
+    then clip -> AdamW (skipped and counted when not finite).
+
+    Each micro-batch is prepared whole (masking draws its targets over all its rows); the
+    k micro-batches then run on each data-parallel device group's own rows
+    (parallel.per_device over `mesh`), each group summing its partial gradients locally,
+    and the groups' sums are added once, after the k-th: one gradient reduction per update,
+    whatever k (the losses' denominators and the metrics, a few scalars, are summed per
+    micro-batch)."""
     k = batches["input_ids"].shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(state.rng, state.step * k + i))(jnp.arange(k))
+    inputs, dropout_keys, counts = jax.lax.map(lambda x: obj.prepare(*x), (keys, batches))
+    counts = {name: jnp.sum(v) for name, v in counts.items()}
+    counts["real_tokens"] = jnp.sum(batches["attention_mask"]).astype(jnp.float32)
 
-    def one(index, batch):  # index [1] and batch [1, rows, seq]: one of the k micro-batches
-        rng = jax.random.fold_in(state.rng, state.step * k + index[0])
-        return micro_batch_grads(rng, jax.tree.map(lambda x: x[0], batch), state.params, teacher_params,
-                                 model=model, teacher=teacher, obj=obj)
+    def accumulate(params, teacher_params, inputs, dropout_keys):
+        def one(index, x):  # index [1] and x [1, rows, ...]: one of the k micro-batches
+            return _grads(jax.tree.map(lambda v: v[0], x), dropout_keys[index[0]], params, teacher_params,
+                          model=model, teacher=teacher, obj=obj)
 
-    summed = optax.microbatch(one, argnums=(0, 1), microbatch_size=1,
-                              accumulator=optax.microbatching.AccumulationType.SUM)
-    grad_sum, metrics = summed(jnp.arange(k), batches)
+        summed = optax.microbatch(one, argnums=(0, 1), microbatch_size=1,
+                                  accumulator=optax.microbatching.AccumulationType.SUM)
+        grad_sum, metrics = summed(jnp.arange(k), inputs)
+        return parallel.batch_psum(grad_sum), metrics  # the update's one gradient reduction
+
+    if mesh is not None:
+        accumulate = parallel.per_device(accumulate, mesh, in_specs=(P(), P(), P(None, "data"), P()),
+                                         out_specs=(P(), P()))
+    grad_sum, metrics = accumulate(state.params, teacher_params, inputs, dropout_keys)
+    metrics.update(counts)
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     skipped_before = optim.skip_counts(state.opt_state)[0]
@@ -89,7 +115,7 @@ def compiled_step(model, teacher, tx, schedule, obj, mesh, state_shardings,
     buffers donated. `step_wrapper` wraps the pure step before jit (e.g. a trace counter)."""
     def step_fn(state, teacher_params, batches):
         return train_step(state, teacher_params, batches, model=model, teacher=teacher, tx=tx,
-                          schedule=schedule, obj=obj)
+                          schedule=schedule, obj=obj, mesh=mesh)
 
     rows = parallel.batch_sharding(mesh)  # every array of the batches: [k, rows, ...]
     return jax.jit(step_wrapper(step_fn), in_shardings=(state_shardings, teacher_shardings, rows),

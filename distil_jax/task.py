@@ -71,13 +71,14 @@ class TaskObjective:
         return self.alpha_kd > 0
 
     def task_loss(self, out, batch) -> jax.Array:
+        mean = losses.mean_over_rows
         if self.kind == "question_answering":
             ce = optax.softmax_cross_entropy_with_integer_labels
-            return 0.5 * (ce(out[0].astype(jnp.float32), batch["start"]).mean()
-                          + ce(out[1].astype(jnp.float32), batch["end"]).mean())
+            return 0.5 * (mean(ce(out[0].astype(jnp.float32), batch["start"]))
+                          + mean(ce(out[1].astype(jnp.float32), batch["end"])))
         if self.kind == "regression":
-            return jnp.mean((out[:, 0].astype(jnp.float32) - batch["labels"]) ** 2)
-        return optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), batch["labels"]).mean()
+            return mean((out[:, 0].astype(jnp.float32) - batch["labels"]) ** 2)
+        return mean(optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), batch["labels"]))
 
     def kd_loss(self, out, teacher_out, batch) -> jax.Array:
         t = self.temperature
@@ -86,11 +87,15 @@ class TaskObjective:
             return 0.5 * (losses.task_kd_loss(out[0], teacher_out[0], t, am)
                           + losses.task_kd_loss(out[1], teacher_out[1], t, am))
         if self.kind == "regression":
-            return jnp.mean((out[:, 0].astype(jnp.float32) - teacher_out[:, 0].astype(jnp.float32)) ** 2)
+            return losses.mean_over_rows((out[:, 0].astype(jnp.float32) - teacher_out[:, 0].astype(jnp.float32)) ** 2)
         return losses.task_kd_loss(out, teacher_out, t)
 
-    def micro_batch(self, rng, batch, params, teacher_params, *, model, teacher):
-        """(metrics, gradients, counts) of one micro-batch, as `objective.Objective.micro_batch`."""
+    def prepare(self, rng, batch):
+        """(inputs, dropout key, counts) of one micro-batch, as `objective.Objective.prepare`."""
+        return dict(batch), rng, {"examples": jnp.float32(batch["input_ids"].shape[0])}
+
+    def grads(self, batch, rng, params, teacher_params, *, model, teacher):
+        """(metrics, gradients) of one prepared micro-batch, as `objective.Objective.grads`."""
         inputs = model_inputs(batch)
         teacher_out = None
         if teacher is not None and self.uses_teacher:
@@ -107,7 +112,7 @@ class TaskObjective:
             return loss, {**terms, "loss": loss}
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return metrics, grads, {"examples": jnp.float32(batch["input_ids"].shape[0])}
+        return metrics, grads
 
 
 def model_inputs(batch) -> Dict[str, Any]:

@@ -4,7 +4,9 @@ teacher, checkpoints, the config's problems."""
 import dataclasses
 import functools
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +22,9 @@ from tensorboardX.record_writer import RecordWriter
 import oracles
 from conftest import NARROW
 from distil_jax import config as config_lib
-from distil_jax import metrics, objective, step, trainer
+from distil_jax import metrics, objective, parallel, step, trainer
 from distil_jax.checkpoint import Checkpointer, params_fingerprint
+from distil_jax.data import next_update
 from distil_jax.masking import IGNORE_INDEX
 from distil_jax.metrics import train_flops_per_token
 from distil_jax.objective import Objective
@@ -203,6 +206,70 @@ def test_sharded_training_equals_single_device(tmp_path, tiny, tiny_source, env)
         assert flat.keys() == single.keys()
         for k in flat:
             np.testing.assert_allclose(flat[k], single[k], atol=2e-5, rtol=1e-4, err_msg=f"{shape} {k}")
+
+
+def _computations(hlo: str):
+    """{computation name: its instruction lines} of a compiled module's text."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if head:
+            name = head.group(1)
+            comps[name] = []
+        elif name and line.startswith(" "):
+            comps[name].append(line)
+    return comps
+
+
+def all_reduces(hlo: str):
+    """[(inside a while loop, elements reduced)] for every all-reduce of a compiled module."""
+    comps = _computations(hlo)
+    called = r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+    todo = [body for lines in comps.values() for line in lines for body in re.findall(r"body=%?([\w.\-]+)", line)]
+    in_loop = set()
+    while todo:
+        name = todo.pop()
+        if name in in_loop or name not in comps:
+            continue
+        in_loop.add(name)
+        for line in comps[name]:
+            todo += re.findall(called, line)
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                todo += [g.strip().lstrip("%") for g in group.split(",")]
+    found = []
+    for name, lines in comps.items():
+        for line in lines:
+            op = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.*?) all-reduce(?:-start)?\(", line)
+            if op:
+                elements = sum(math.prod(int(d) for d in dims.split(",") if d)
+                               for dims in re.findall(r"[a-z]\w*\[([\d,]*)\]", op.group(1)))
+                found.append((name in in_loop, elements))
+    return found
+
+
+def test_gradients_cross_the_devices_once_per_update_whatever_k(tiny, tmp_path):
+    """On an 8-device data-parallel mesh, the compiled update reduces the gradients once,
+    after its micro-batch loop: no all-reduce of more than a few scalars inside the loop, and
+    as many gradient-sized all-reduces executed for k = 4 as for k = 1. (With the loop left
+    to XLA's partitioner, the gradients' all-reduce sits inside it and runs k times.)"""
+    assert jax.device_count() == 8, "conftest.py gives the tests 8 CPU devices"
+    executed = {}
+    for k in (1, 4):
+        tr = trainer.build(tiny(**{"train.batch_size": 16 * k, "mesh.shape": (8, 1, 1)}), str(tmp_path / str(k)))
+        state = tr.create(tr.initial_params())
+        batch = parallel.global_batch(next_update(tr.data, k, tr.vocab.pad_id), tr.mesh)
+        hlo = step.compiled_step(tr.model, tr.teacher, tr.tx, tr.schedule, tr.objective, tr.mesh, tr.state_shardings,
+                                 tr.teacher_shardings).lower(state, tr.teacher_params, batch).compile().as_text()
+        found = all_reduces(hlo)
+        in_loop = [n for inside, n in found if inside]
+        assert k == 1 or in_loop, "k = 4 compiles to a loop over the micro-batches"
+        # (the losses' denominators and the metrics: a few scalars per micro-batch; no parameter has <= 16)
+        assert all(n <= 16 for n in in_loop), f"k={k}: a gradient all-reduce inside the micro-batch loop: {in_loop}"
+        big = [n for inside, n in found if not inside and n > 16]
+        executed[k] = len(big)
+        # the one reduction carries the student's gradients (every parameter)
+        assert sum(big) >= sum(x.size for x in jax.tree.leaves(state.params)), (k, big)
+    assert executed[1] == executed[4] == 1, executed
 
 
 # --- resume, learning, teacher --------------------------------------------------------------

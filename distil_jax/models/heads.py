@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from distil_jax.models.distilbert import DistilBertConfig
-from distil_jax.models.layers import MaskedLM
+from distil_jax.models.layers import Dropout, MaskedLM
 
 
 def dropout_rate(head) -> float:
@@ -41,7 +41,7 @@ class SequenceClassifier(nn.Module):
         h = out.last_hidden_state[:, 0]
         activation = nn.relu if isinstance(self.encoder.config, DistilBertConfig) else jnp.tanh
         h = activation(nn.Dense(h.shape[-1], name="pre_classifier")(h))
-        h = nn.Dropout(dropout_rate(self))(h, deterministic=deterministic)
+        h = Dropout(dropout_rate(self))(h, deterministic=deterministic)
         return nn.Dense(self.num_labels, name="classifier")(h)
 
 
@@ -60,6 +60,6 @@ class QuestionAnswerer(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         out = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
                            compute_logits=False)
-        h = nn.Dropout(dropout_rate(self))(out.last_hidden_state, deterministic=deterministic)
+        h = Dropout(dropout_rate(self))(out.last_hidden_state, deterministic=deterministic)
         logits = nn.Dense(2, name="qa_outputs")(h)
         return logits[..., 0], logits[..., 1]

@@ -19,6 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from distil_jax import parallel
+
 Dtype = Any
 
 # HF's ACT2FN names -> functions. "gelu" is the exact erf GELU (HF `GELUActivation`).
@@ -120,6 +122,26 @@ def layer_norm(eps: float, name: Optional[str] = None, *, dtype: Dtype,
         use_fast_variance=False)
 
 
+class Dropout(nn.Module):
+    """Dropout whose mask is drawn row by row, each row's from its global index in the
+    micro-batch (parallel.row_offset), so that the masks are the same however the rows are
+    spread over devices (the update's per-device loop, parallel.per_device)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        key = self.make_rng("dropout")
+        rows = parallel.row_offset(x.shape[0]) + jnp.arange(x.shape[0], dtype=jnp.int32)
+        keep = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(key, r), 1.0 - self.rate,
+                                                       x.shape[1:]))(rows)
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 class SelfAttention(nn.Module):
     """Bidirectional multi-head self-attention over a key padding mask.
 
@@ -164,7 +186,7 @@ class SelfAttention(nn.Module):
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
             scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1)
-            dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+            dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
             context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
         self.sow(INTERMEDIATES, "context", context)  # [B, S, H, d], before the output projection
         out = nn.DenseGeneral(
@@ -195,7 +217,7 @@ class EncoderLayer(nn.Module):
         attn, probs = SelfAttention(cfg, name="attention", attention_impl=self.attention_impl, **kw)(
             x, attention_mask, deterministic, output_attentions)
         if self.dropout_after_attention:
-            attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
+            attn = Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
         x = layer_norm(cfg.layer_norm_eps, "attention_norm", **kw)(x + attn)
         h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=kernel_init(cfg, ("embed", "mlp")),
                      bias_init=zeros_init(("mlp",)), **kw)(x)
@@ -203,7 +225,7 @@ class EncoderLayer(nn.Module):
         self.sow(INTERMEDIATES, "ffn", h)
         h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=kernel_init(cfg, ("mlp", "embed")),
                      bias_init=zeros_init(("embed",)), **kw)(h)
-        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        h = Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = layer_norm(cfg.layer_norm_eps, "output_norm", **kw)(x + h)
         return x, probs
 
@@ -310,7 +332,7 @@ class MaskedLM(nn.Module):
         self.position_embeddings = Embed(
             cfg.max_position_embeddings, cfg.hidden_size, cfg, (None, "embed"), **kw)
         self.embeddings_norm = layer_norm(cfg.layer_norm_eps, **kw)
-        self.embeddings_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.embeddings_dropout = Dropout(cfg.hidden_dropout)
         self.encoder = Encoder(cfg, self.dropout_after_attention, attention_impl=self.attention_impl,
                                remat=self.remat, **kw)
         self.mlm_head = MLMHead(cfg, **kw)
