@@ -26,27 +26,11 @@
 # A row whose command failed is missing, and the failure is printed (each command has a time limit).
 set -uo pipefail
 out=${1:-benchmarks/results/gpu.jsonl}
-mkdir -p "$(dirname "$out")"
-: >"$out"
 # Let the fit search use the card's memory, not JAX's default 75% preallocation.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-# Seconds per command. The one H200 run so far (BENCHMARKS.md "GPU") saw the base step's XLA
-# compile take longer than 170 s, so the default leaves room; the cache below keeps a compiled
-# program for the next command or run of the same shapes.
-limit=${BENCH_TIME_LIMIT:-1200}
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/distil_jax/xla}
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
-bench() {
-  echo "+ [$(date +%T)] python -m distil_jax.bench $*" >&2
-  local log status
-  log=$(mktemp)
-  timeout "$limit" "${PYTHON:-python}" -m distil_jax.bench "$@" 2>"$log" | grep '^{' | tee -a "$out"
-  status=${PIPESTATUS[0]}
-  ((status == 0)) || { echo "  failed (status $status):" >&2; tail -n 5 "$log" >&2; }
-  rm -f "$log"
-}
+# shellcheck source-path=SCRIPTDIR source=accelerator.sh
+source "$(dirname "$0")/accelerator.sh"
 
-base=(--teacher_layers 12 --student_layers 6 --hidden 768 --heads 12 --ffn 3072 --vocab 30522 --seq 512)
 fast=(--dtype bfloat16 --attention cudnn)
 no_attention_dropout=(--set teacher.model.attention_dropout=0.0)  # the student copies the teacher's
 
@@ -58,4 +42,4 @@ bench train "${base[@]}" "${fast[@]}" --batch 32 --accumulation 16 --steps 3
 bench train "${base[@]}" "${fast[@]}" "${no_attention_dropout[@]}" --batch 32 --steps 10
 bench train "${base[@]}" --dtype bfloat16 --attention xla --batch 32 --steps 5
 bench fit "${base[@]}" "${fast[@]}" --start 128 --bisect 0 --trial_timeout "$limit"
-"${PYTHON:-python}" benchmarks/report.py "$out"
+"$py" benchmarks/report.py "$out"

