@@ -251,7 +251,7 @@ def _fits(argv, batch: int, timeout: float):
     at = next((i for i in reversed(range(len(lines))) if "RESOURCE_EXHAUSTED" in lines[i]
                or "Out of memory" in lines[i]), None)
     if at is None:
-        at = next((i for i in reversed(range(len(lines))) if re.match(r"^[\w.]*(Error|Exception)\b", lines[i])), None)
+        at = next((i for i in reversed(range(len(lines))) if re.match(r"^[\w.]*(Error|Exception)\b|.*\berror: ", lines[i])), None)
     if at is None:
         return None, f"exit status {proc.returncode}"
     reason = " ".join(line.strip() for line in lines[at:at + 2 if lines[at].endswith(":") else at + 1])
