@@ -181,6 +181,63 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs):
     chex.assert_trees_all_close(runs["params_at"](runs["two_then_one"], 4), expected, atol=PARAMS_ATOL, rtol=0)
 
 
+# The first start of a run stands still once its first checkpoint is complete (a
+# preemption is about to come): every process waits for the save, writes its pid to
+# $STANDING_DIR/I, and sleeps until killed. A start that finds a checkpoint trains on.
+STAND_AFTER_FIRST_CHECKPOINT = """import os, runpy, sys, time
+from distil_jax import checkpoint
+args = dict(a[2:].split("=", 1) for a in sys.argv[3:] if "=" in a)  # after '-m distil_jax.main'
+if not checkpoint.saved_steps(args["workdir"]):
+    save = checkpoint.Checkpointer.save
+    def save_and_stand(self, *a, **k):
+        save(self, *a, **k)
+        self.wait()
+        with open(os.path.join(os.environ["STANDING_DIR"], args["process_id"]), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)
+    checkpoint.Checkpointer.save = save_and_stand
+sys.argv = ["distil_jax.main", *sys.argv[3:]]
+runpy.run_module("distil_jax.main", run_name="__main__")
+"""
+
+
+def test_a_supervised_run_killed_after_a_checkpoint_restarts_and_ends_as_if_never_killed(runs, tmp_path, env):
+    """launch/local.sh --supervise: process 1 is killed (SIGKILL) once checkpoint 2 exists;
+    the supervisor stops process 0, starts both again on a new port, they resume from
+    update 2 and finish (exit 0) with the params of the uninterrupted two-process run."""
+    workdir, standing = tmp_path / "run", tmp_path / "standing"
+    standing.mkdir()
+    (tmp_path / "stand.py").write_text(STAND_AFTER_FIRST_CHECKPOINT)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1 $2\" = '-m distil_jax.main' ] && exec {sys.executable} "
+                       f"{tmp_path / 'stand.py'} \"$@\"\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            ["bash", "launch/local.sh", "--supervise", "--num_processes=2", "--devices_per_process=4",
+             f"--python={wrapper}", f"--log_dir={tmp_path}/logs", "--", "--config=configs/tiny.py",
+             f"--workdir={workdir}", *FLAGS], cwd=ROOT, env=env(STANDING_DIR=str(standing)), stdout=stdout,
+            stderr=stderr)
+        try:
+            deadline = time.monotonic() + 300
+            while not ((standing / "1").exists() and (workdir / "checkpoints" / "2").is_dir()):
+                assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-4000:]
+                time.sleep(0.05)  # waits for the checkpoint (the event), then kills at once
+            os.kill(int((standing / "1").read_text()), 9)  # SIGKILL: a lost host
+            proc.wait(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err.read_text()[-4000:]
+    restarts = [line for line in err.read_text().splitlines() if line.startswith("+ restart")]
+    assert len(restarts) == 1 and "process 1 was killed by SIGKILL" in restarts[0], restarts
+    assert json.loads(out.read_text()[out.read_text().rindex("\n{") + 1:])["update"] == 4
+    assert [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    losses_here, uninterrupted = losses(workdir), losses(runs["two"])
+    assert losses_here == uninterrupted  # the same layout, bit for bit
+    chex.assert_trees_all_equal(runs["params_at"](workdir, 4), runs["params_at"](runs["two"], 4))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
