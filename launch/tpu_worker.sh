@@ -16,7 +16,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/common.sh"
 
-usage() { sed -n '2,15p' "$0"; }
+usage() { sed -n '2,14p' "$0"; }
 
 log=$HOME/distil_jax.log
 pid_file=$HOME/distil_jax.pid
@@ -49,7 +49,14 @@ run_detached() {
   local log_to=$1 copier="" child rc=0
   shift
   if [[ -n $log_to ]]; then
-    (while sleep "$copy_every_s"; do copy_log "$log_to"; done) &
+    (  # its sleep ends with it
+      trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+      while :; do
+        sleep "$copy_every_s" & nap=$!
+        wait "$nap"
+        copy_log "$log_to"
+      done
+    ) &
     copier=$!
   fi
   "$@" &

