@@ -171,6 +171,7 @@ def test_mlm_only_distill_runs_no_teacher_and_equals_the_same_loss_with_it(tiny,
     (m_skip, g_skip), (m_none, g_none) = grads_with(tr.teacher), grads_with(None)
     assert "kl_t1" not in m_skip and "loss_cos" not in m_skip
     chex.assert_trees_all_close(g_skip, g_none)
+    chex.assert_trees_all_close(m_skip, m_none)
     np.testing.assert_allclose(m_skip["loss"], m_skip["loss_mlm"])
     cfg = tr.teacher.config
     assert train_flops_per_token(obj, tr.model.config, cfg, 16) == train_flops_per_token(obj, tr.model.config, None, 16)

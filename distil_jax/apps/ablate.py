@@ -94,7 +94,7 @@ def run(config, workdir: str) -> Dict:
 
 
 def format_table(rows, teacher_accuracy: float, targets: int) -> str:
-    lines = [f"| variant | held-out MLM accuracy (%) | change (points) ± paired s.e. | paper: change in GLUE macro |",
+    lines = ["| variant | held-out MLM accuracy (%) | change (points) ± paired s.e. | paper: change in GLUE macro |",
              "| --- | ---: | ---: | ---: |"]
     for r in rows:
         paper = "" if r["paper_glue_change"] is None else f"{r['paper_glue_change']:+.2f}"
