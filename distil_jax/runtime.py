@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import ctypes.util
 import json
 import os
@@ -99,6 +100,16 @@ def stopped_early(summary) -> bool:
     return summary.get("update", 0) < summary.get("total_updates", 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _flag_sharding():
+    """Each device's copy of its process's flag, along one axis of every device."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
+
+
+_max_flag = jax.jit(lambda flags: flags.max())
+
+
 class PreemptionFlag:
     """Set by SIGTERM (preemption notice) or SIGINT (Ctrl-C); the loop checkpoints and exits."""
 
@@ -123,19 +134,29 @@ class PreemptionFlag:
             signal.signal(sig, handler)
         return False
 
-    def agreed(self) -> bool:
-        """Whether any process was signalled; all processes call it at the same step.
-
-        A pod or a SLURM job signals every process, but not at the same step: they stop
-        together, or the ones still stepping would wait forever for the ones saving. The
-        answer is the gathered one: a signal that lands during the gather counts at the
-        next call (it is never overwritten)."""
+    def gather(self):
+        """Every process's signal so far, combined on the devices, without waiting: a device
+        value that `read` turns into the agreed answer. A pod or a SLURM job signals every
+        process, but not at the same update: they must stop together, or the ones still
+        stepping would wait forever for the ones saving. The train loop gathers at every
+        update and reads a gather an update later (so the host never waits for the update it
+        has just dispatched); a signal that lands after a gather counts at the next. None
+        with one process, where the flag itself is the answer."""
         if jax.process_count() == 1:
+            return None
+        local = np.full((jax.local_device_count(),), self.signal or 0, np.int32)
+        flags = jax.make_array_from_process_local_data(_flag_sharding(), local)
+        return _max_flag(flags)
+
+    def read(self, gathered) -> bool:
+        """The answer of a `gather` (None: this process's flag); every process that reads
+        the same gather gets the same answer."""
+        if gathered is None:
             return self.signal is not None
-        gathered = int(np.max(multihost_utils.process_allgather(np.int32(self.signal or 0))))
-        if gathered and self.signal is None:
-            self.signal = gathered  # how the run stopped, on the processes not signalled
-        return gathered != 0
+        value = int(np.max(jax.device_get(gathered)))
+        if value and self.signal is None:
+            self.signal = value  # how the run stopped, on the processes not signalled
+        return value != 0
 
     @property
     def name(self) -> Optional[str]:

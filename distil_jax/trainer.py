@@ -342,6 +342,7 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f) -> Tuple[TrainSt
         cleanup.callback(ckpt.close)  # also on an error: no manager or writer left open
         cleanup.callback(writer.close)
         previous = None  # the last update's skip counters (device arrays), and its number
+        previous_flag = None  # the last update's gathered stop flag (several processes)
         while update < total:
             local = data_lib.next_update(tr.data, k, tr.vocab.pad_id)
             state, metrics = jitted(state, tr.teacher_params, parallel.global_batch(local, tr.mesh))
@@ -374,7 +375,16 @@ def fit(trainer: Trainer, step_wrapper: Callable = lambda f: f) -> Tuple[TrainSt
                                            last_checkpoint())
             if checkpoint_due:
                 save()
-            if stop.agreed():
+            # The stop flag likewise: gathered across processes on the devices at every
+            # update, read an update late (or now, where the loop syncs anyway), so every
+            # process stops at the same update and none waits for the one just dispatched.
+            flag = stop.gather()  # None with one process: its own flag is the answer
+            if flag is None:
+                stopping = stop.signal is not None
+            else:
+                seen, previous_flag = (flag if log_due or checkpoint_due else previous_flag), flag
+                stopping = seen is not None and stop.read(seen)
+            if stopping:
                 stopped_by = stop.name
                 logging.warning("%s: saving a checkpoint at update %d and stopping", stopped_by, update)
                 if jax.process_index() == 0:

@@ -343,10 +343,13 @@ import jax
 from distil_jax.runtime import PreemptionFlag
 with PreemptionFlag() as stop:
     print("ready", flush=True)
-    for step in range(200000):  # what the training loop does between steps, nothing else
-        if stop.agreed():
+    previous = None
+    for step in range(200000):  # what the training loop does between steps, nothing else:
+        flag = stop.gather()  # gathered on the devices now, read an update later
+        if previous is not None and stop.read(previous):
             print("stopped", step, stop.signal, flush=True)
             break
+        previous = flag
 """
 
 
