@@ -207,6 +207,19 @@ def test_sharded_training_equals_single_device(tmp_path, tiny, tiny_source, env)
         assert flat.keys() == single.keys()
         for k in flat:
             np.testing.assert_allclose(flat[k], single[k], atol=2e-5, rtol=1e-4, err_msg=f"{shape} {k}")
+        # The loss and the gradient's norm at every update, which AdamW's near scale-invariance
+        # would hide in the params (a mean over one device's rows, a shard counted twice).
+        got = _per_update(tmp_path / "x".join(map(str, shape)))
+        want = _per_update(tmp_path / "single")
+        assert sorted(got) == sorted(want) == [1, 2, 3]
+        for step_ in want:
+            np.testing.assert_allclose(got[step_], want[step_], rtol=2e-5, err_msg=f"{shape} update {step_}")
+
+
+def _per_update(workdir):
+    """{update: (loss, grad_norm)} from a run's metrics.jsonl (log_every 1)."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records if "grad_norm" in r}
 
 
 def _computations(hlo: str):
