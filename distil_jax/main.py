@@ -87,6 +87,9 @@ def main(argv):
         result = run(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
+    except runtime.Stopped as e:  # a stage of a longer mode: the same command resumes it
+        logging.warning("%s: %s", FLAGS.config.mode, e)
+        result = e.summary
     logging.info("%s: %s", FLAGS.config.mode, result)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2, default=str))

@@ -91,6 +91,24 @@ is_remote, absolute = storage.is_remote, storage.absolute  # where they live: st
 RESUMABLE_EXIT = 75
 
 
+class Stopped(Exception):
+    """A stage of a longer mode (demo, ablate, shapes, finetune) was stopped by a signal
+    before its last update, after a checkpoint: the mode stops there too (main exits
+    RESUMABLE_EXIT), rather than going on to evaluate or export a half-trained model."""
+
+    def __init__(self, summary):
+        super().__init__(f"stopped by {summary.get('stopped_by')} at update {summary.get('update')} of "
+                         f"{summary.get('total_updates')}; run the same command to resume")
+        self.summary = summary
+
+
+def finish(summary):
+    """`summary` of a finished training stage; raises Stopped when a signal cut it short."""
+    if stopped_early(summary):
+        raise Stopped(summary)
+    return summary
+
+
 def stopped_early(summary) -> bool:
     """Whether a run's summary says a signal stopped it before its last update.
 

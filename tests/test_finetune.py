@@ -209,3 +209,28 @@ def test_finetune_config_problems_are_named():
     assert "not a multiple of finetune.micro_batch_size 5" in text
     assert "nothing to train on" in text
     assert find_problems(task_config()) == []
+
+
+def test_a_signal_during_finetuning_stops_the_mode_before_it_evaluates(dirs, easy, tmp_path, monkeypatch):
+    """SIGTERM in the fine-tuning stage (here: the flag up from the start) stops the mode after
+    that stage's checkpoint, with main's resumable exit, not with a score of a half-trained
+    model; the same command then resumes and finishes."""
+    import signal as signal_lib
+
+    from distil_jax import main as main_lib
+    from distil_jax import runtime
+    config = task_config(**{"finetune.model": dirs["student"], "finetune.dir": str(tmp_path / "ft")})
+    enter = runtime.PreemptionFlag.__enter__
+
+    def signalled(self):
+        flag = enter(self)
+        flag.signal = signal_lib.SIGTERM
+        return flag
+    monkeypatch.setattr(runtime.PreemptionFlag, "__enter__", signalled)
+    with pytest.raises(runtime.Stopped, match="stopped by SIGTERM at update 1 of"):
+        main_lib.run(config, str(tmp_path))
+    assert not (tmp_path / "finetune.json").exists()
+    assert (tmp_path / "ft" / "checkpoints" / "1").is_dir()
+    monkeypatch.setattr(runtime.PreemptionFlag, "__enter__", enter)
+    result = main_lib.run(config, str(tmp_path))
+    assert result["updates"] > 1 and (tmp_path / "finetune.json").exists()

@@ -21,7 +21,7 @@ from typing import Dict
 import jax
 from etils import epy
 
-from distil_jax import hf, trainer
+from distil_jax import hf, runtime, trainer
 from distil_jax.apps import demo, evaluate
 from distil_jax.checkpoint import load_model, saved_steps
 
@@ -67,7 +67,7 @@ def run(config, workdir: str) -> Dict:
         # The triple loss is the demo's own student: its run is reused.
         run_dir = plan.runs["student"][1] if not changes else os.path.join(workdir, "ablation", _slug(name))
         if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
-            trainer.train(cfg, run_dir)
+            runtime.finish(trainer.train(cfg, run_dir)[1])
         models[name] = load_model(run_dir)[:2]
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f]

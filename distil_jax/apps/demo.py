@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from distil_jax import assets, hf, trainer
+from distil_jax import assets, hf, runtime, trainer
 from distil_jax.apps import evaluate, export, finetune
 from distil_jax.config import with_changes
 from distil_jax.data.prepare import prepare, prepared_dir
@@ -145,7 +145,7 @@ def ensure_teacher(plan: Plan, clock: StageClock) -> None:
             if plan.pretrain is None:
                 raise FileNotFoundError(f"no teacher in {plan.teacher_hf} (demo.teacher); give a Hugging "
                                         "Face directory, or demo.teacher=train to pretrain one here")
-            trainer.train(plan.pretrain, plan.teacher_dir)
+            runtime.finish(trainer.train(plan.pretrain, plan.teacher_dir)[1])
             export.export_checkpoint(plan.teacher_dir, plan.teacher_hf)
 
 
@@ -154,7 +154,7 @@ def ensure_student(name: str, plan: Plan, clock: StageClock) -> str:
     config, workdir, hf_dir = plan.runs[name]
     with clock.stage(name, done=_exported(hf_dir)):
         if not _exported(hf_dir):
-            trainer.train(config, workdir)
+            runtime.finish(trainer.train(config, workdir)[1])
             export.export_checkpoint(workdir, hf_dir, config=config)
     return hf_dir
 

@@ -64,6 +64,7 @@ def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[
         with runtime.hold_workdir(directory):
             tr = trainer.build(config, directory)
             state, summary = trainer.fit(tr)
+            runtime.finish(summary)
         tuned = FineTuned(tr.model, state.params, tr.parts.task, tr.vocab.tokenizer)
         update, loss = summary["update"], (summary["metrics"] or {}).get("loss")
     else:

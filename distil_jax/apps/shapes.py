@@ -28,7 +28,7 @@ from typing import Dict, Tuple
 
 import jax
 
-from distil_jax import hf, trainer
+from distil_jax import hf, runtime, trainer
 from distil_jax.apps import demo, evaluate, finetune
 from distil_jax.checkpoint import load_model, saved_steps
 
@@ -72,7 +72,7 @@ def _train(plan, workdir: str, name: str, changes: dict) -> str:
     cfg = demo.stage_config(plan.student, **changes)
     run_dir = os.path.join(workdir, "shapes", finetune.slug(name))
     if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
-        trainer.train(cfg, run_dir)
+        runtime.finish(trainer.train(cfg, run_dir)[1])
     return run_dir
 
 
