@@ -45,8 +45,8 @@ def tree_all_finite(tree) -> jax.Array:
 
 def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj):
     """(gradients, metrics) of one micro-batch by `obj` (objective.Objective: masked LM
-    distillation; task.TaskObjective: a task), with the random key `rng`, on one device
-    group: what an update with k = 1 computes (train_step), for the oracles of the tests.
+    distillation; task.TaskObjective: a task), with the random key `rng`, in the global
+    view: what an update with k = 1 computes (train_step), for the oracles of the tests.
 
     A non-finite micro-batch's metrics are zeroed and `finite_micro_batches` (0 or 1) says
     whether it was finite; `real_tokens` and the objective's counts (`targets`,
