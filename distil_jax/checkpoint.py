@@ -36,7 +36,7 @@ from distil_jax import runtime
 from distil_jax.data.tokenizer import load_tokenizer
 from distil_jax.models import (Bert, BertConfig, DistilBert, DistilBertConfig, QuestionAnswerer,
                                SequenceClassifier)
-from distil_jax.objective import model_params
+from distil_jax.train.terms import model_params
 
 # meta["model"]["type"] -> (module, config): what load_model builds; a task head's
 # meta["model"] is {"type": head, "encoder": the encoder's, and num_labels for a classifier}.

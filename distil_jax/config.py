@@ -18,7 +18,7 @@ import ml_collections
 
 from distil_jax.data import sources
 from distil_jax.models import BertConfig, EncoderConfig
-from distil_jax.objective import LAYER_TERMS, LossWeights, layer_terms
+from distil_jax.train.terms import LAYER_KINDS, LossWeights, layer_terms
 
 # What `python -m distil_jax.main` runs for each config.mode (main.py dispatches).
 TRAIN_MODES = ("distill", "pretrain")
@@ -407,7 +407,7 @@ def _layer_term_problems(c, sizes, teacher: EncoderConfig) -> List[str]:
         for who, width in (("student", sizes["hidden_size"]), ("teacher", teacher.hidden_size)):
             if heads < 1 or width % heads:
                 problems.append(f"distill.relation_heads {heads} does not divide the {who}'s width {width}")
-    if any(LAYER_TERMS[t.kind].needs_equal_heads for t in terms) and sizes["num_heads"] != teacher.num_heads:
+    if any(LAYER_KINDS[t.kind].needs_equal_heads for t in terms) and sizes["num_heads"] != teacher.num_heads:
         problems.append(f"distill.layer_terms: attention_kl compares heads one to one, but the student has "
                         f"{sizes['num_heads']} and the teacher {teacher.num_heads}; use 'relation' "
                         "(any head counts) instead")

@@ -23,13 +23,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distil_jax import parallel, runtime, storage, trainer
+from distil_jax import parallel, runtime, storage
+from distil_jax.train import trainer
 from distil_jax.apps import ablate, demo, deploy, evaluate, export, finetune, shapes
 from distil_jax.checkpoint import CheckpointMismatch, CheckpointSaveError, NoCheckpointError
 from distil_jax.config import ConfigError
 from distil_jax.data import DataError
 from distil_jax.data.prepare import run as run_prepare
-from distil_jax.optim import NonFiniteError
+from distil_jax.train.optim import NonFiniteError
 
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")

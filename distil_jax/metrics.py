@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from distil_jax import storage
 from distil_jax.models import EncoderConfig
-from distil_jax.objective import Objective
+from distil_jax.train.terms import TrainingObjective
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), matched by substring of device_kind.
 PEAK_TFLOPS = {
@@ -37,21 +37,21 @@ PEAK_TFLOPS = {
 }
 
 
-def forward_flops_per_token(config: EncoderConfig, seq_len: int, head_rows: float = 1.0) -> float:
-    """Forward FLOPs per token; `head_rows` is the fraction of positions given logits."""
+def forward_flops_per_token(config: EncoderConfig, seq_len: int, logit_fraction: float = 1.0) -> float:
+    """Forward FLOPs per token; `logit_fraction` is the fraction of positions given logits."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     layer = 2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d
-    return config.num_layers * layer + head_rows * 2 * (d * d + d * v)
+    return config.num_layers * layer + logit_fraction * 2 * (d * d + d * v)
 
 
-def train_flops_per_token(obj: Objective, student: EncoderConfig, teacher: Optional[EncoderConfig],
+def train_flops_per_token(obj: TrainingObjective, student: EncoderConfig, teacher: Optional[EncoderConfig],
                           seq_len: int) -> float:
     """Model FLOPs per token of a train step by `obj` (or a task.TaskObjective): student
     fwd + bwd, and the teacher's forward when a term reads it; the vocabulary head only on
     the rows the objective projects (none for a task)."""
-    flops = 3 * forward_flops_per_token(student, seq_len, obj.head_rows)
+    flops = 3 * forward_flops_per_token(student, seq_len, obj.logit_fraction)
     if teacher is not None and obj.uses_teacher:
-        flops += forward_flops_per_token(teacher, seq_len, obj.head_rows)
+        flops += forward_flops_per_token(teacher, seq_len, obj.logit_fraction)
     return flops
 
 

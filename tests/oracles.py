@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distil_jax import losses, step
+from distil_jax.train import losses, step
 from distil_jax.models import apply_recording
-from distil_jax.objective import REPRESENTATION_TERMS
+from distil_jax.train.objective import REPRESENTATION_TERMS
 
 
 def whole_logits_terms(obj, out, teacher_out, labels, targets, attention_mask):

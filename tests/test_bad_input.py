@@ -17,7 +17,8 @@ import pytest
 import safetensors.numpy
 
 from distil_jax import config as config_lib
-from distil_jax import hf, trainer
+from distil_jax.interop import hf
+from distil_jax.train import trainer
 from distil_jax.checkpoint import CheckpointMismatch
 from distil_jax.data import DataError
 from distil_jax.data.prepare import prepare

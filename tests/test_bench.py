@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from distil_jax import bench
+from distil_jax.bench import cli, step as bench_step
 
 TINY = ["--teacher_layers", "2", "--student_layers", "1", "--hidden", "32", "--heads", "4", "--ffn", "64",
         "--vocab", "256", "--batch", "8", "--seq", "16", "--steps", "2"]
 
 
 def _records(capsys, argv):
-    bench.main(argv)
+    cli.main(argv)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     return [json.loads(line) for line in lines]
 
@@ -130,7 +130,7 @@ def test_bench_fit_doubles_then_bisects(capsys, monkeypatch):
     def trial(argv, batch, timeout):
         calls.append(batch)
         return ({"step_s": 1.0} if batch <= 37 else None), ("ok" if batch <= 37 else "RESOURCE_EXHAUSTED")
-    monkeypatch.setattr(bench, "_fits", trial)
+    monkeypatch.setattr(bench_step, "_fits", trial)
     (r,) = _records(capsys, ["fit", *TINY, "--start", "8", "--bisect", "2"])
     assert calls == [8, 16, 32, 64, 48, 40]
     assert (r["largest_micro_batch"], r["smallest_failed"]) == (32, 40)
@@ -140,7 +140,7 @@ def test_bench_fit_doubles_then_bisects(capsys, monkeypatch):
 def test_bench_fit_trial_runs_bench_train_in_a_process_of_its_own():
     """A trial is `bench train` in a child process: its failure comes back as the error line
     (here argparse's, for a flag bench train lacks), not as an exception in this process."""
-    record, reason = bench._fits(["--no_such_flag"], 8, timeout=120)
+    record, reason = bench_step._fits(["--no_such_flag"], 8, timeout=120)
     assert record is None and "unrecognized arguments: --no_such_flag" in reason, reason
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from distil_jax import trainer
+from distil_jax.train import trainer
 from distil_jax.data import DataError
 from distil_jax.data import loader as loader_lib
 from distil_jax.data.prepare import prepare

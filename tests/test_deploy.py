@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from distil_jax import hf, hf_heads, onnx_export
+from distil_jax.interop import hf, hf_heads, onnx_export
 from distil_jax.apps import evaluate
 from distil_jax.assets import DEMO_TEACHER
 from distil_jax.data import squad

@@ -15,12 +15,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from distil_jax import data as data_lib
-from distil_jax import hf, hf_heads, parallel, trainer
+from distil_jax import parallel
+from distil_jax.interop import hf, hf_heads
+from distil_jax.train import trainer
 from distil_jax.apps import export, finetune
 from distil_jax.config import defaults, find_problems, with_changes
 from distil_jax.data import squad, tasks
 from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, SequenceClassifier, init_params
-from distil_jax.step import compiled_step
+from distil_jax.train.step import compiled_step
 
 WORDS = "the cat sat on a mat while dogs ran past and birds sang in tall green trees".split()
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=64,

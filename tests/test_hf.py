@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 
-from distil_jax import hf, main
+from distil_jax import main
+from distil_jax.interop import hf
 from distil_jax.config import with_changes
 from distil_jax.data import DataError
 from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, init_params

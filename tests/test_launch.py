@@ -14,7 +14,7 @@ import pytest
 
 from distil_jax.metrics import forward_flops_per_token
 from distil_jax.models import BertConfig
-from distil_jax.student_init import student_config_from_teacher
+from distil_jax.train.student_init import student_config_from_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")

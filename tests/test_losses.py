@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distil_jax import losses
+from distil_jax.train import losses
 
 
 def _log_softmax64(x):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax.masking import IGNORE_INDEX, mask_tokens, token_probs_from_counts
+from distil_jax.train.masking import IGNORE_INDEX, mask_tokens, token_probs_from_counts
 
 VOCAB, PAD, CLS, SEP, MASK = 40, 0, 1, 2, 3
 SPECIALS = (PAD, CLS, SEP, MASK)

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from distil_jax import metrics, parallel, runtime, trainer
+from distil_jax import metrics, parallel, runtime
+from distil_jax.train import trainer
 from distil_jax.checkpoint import load_model
 from distil_jax.config import with_changes
 

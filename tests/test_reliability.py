@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distil_jax import optim, trainer
+from distil_jax.train import optim, trainer
 from distil_jax.checkpoint import Checkpointer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax 0.12 writes step N here, then renames it to N
@@ -129,7 +129,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, env, host):
 # EFBIG ("File too large") inside orbax's writer, as ENOSPC would on a full disk.
 FAILING_SAVE = r"""
 import json, os, resource, signal
-from distil_jax import checkpoint, trainer
+from distil_jax import checkpoint
+from distil_jax.train import trainer
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
 LIMIT, FAIL_AT = 16 * 1024, {fail_at}

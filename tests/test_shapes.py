@@ -10,12 +10,14 @@ import pytest
 
 from conftest import NARROW
 from distil_jax import config as config_lib
-from distil_jax import assets, hf, trainer
+from distil_jax import assets
+from distil_jax.interop import hf
+from distil_jax.train import trainer
 from distil_jax.apps import export, shapes
 from distil_jax.checkpoint import load_model
 from distil_jax.config import with_changes
 from distil_jax.models import BertConfig
-from distil_jax.objective import LayerTerm, LossWeights, layer_terms
+from distil_jax.train.terms import LayerTerm, LossWeights, layer_terms
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

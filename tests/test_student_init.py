@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distil_jax.models import Bert, BertConfig, DistilBert, apply_recording, init_params
-from distil_jax.student_init import (DISTILBERT_LAYER_MAP, activation_importance, default_layer_map,
+from distil_jax.train.student_init import (DISTILBERT_LAYER_MAP, activation_importance, default_layer_map,
                                      init_student_from_teacher, most_important, student_config_from_teacher)
 
 

@@ -4,7 +4,7 @@ embedded task's labels. (Mode finetune through the trainer: tests/test_finetune.
 import numpy as np
 import pytest
 
-from distil_jax import task
+from distil_jax.train import task
 from distil_jax.data import tasks
 from distil_jax.data.tokenizer import train_wordpiece
 

@@ -22,12 +22,13 @@ from tensorboardX.record_writer import RecordWriter
 import oracles
 from conftest import NARROW
 from distil_jax import config as config_lib
-from distil_jax import metrics, objective, parallel, step, trainer
+from distil_jax import metrics, parallel
+from distil_jax.train import objective, step, trainer
 from distil_jax.checkpoint import Checkpointer, params_fingerprint
 from distil_jax.data import next_update
-from distil_jax.masking import IGNORE_INDEX
+from distil_jax.train.masking import IGNORE_INDEX
 from distil_jax.metrics import train_flops_per_token
-from distil_jax.objective import Objective
+from distil_jax.train.objective import Objective
 
 NO_DROPOUT = {"teacher.model.hidden_dropout": 0.0, "teacher.model.attention_dropout": 0.0,
               "train.warmup_fraction": 0.0}
@@ -182,7 +183,7 @@ def test_mlm_only_distill_runs_no_teacher_and_equals_the_same_loss_with_it(tiny,
 # --- sharding --------------------------------------------------------------------------------
 SINGLE_DEVICE = """
 import numpy as np, jax, chex
-from distil_jax import trainer
+from distil_jax.train import trainer
 chex.clear_trace_counter()
 state, _ = trainer.train(config, {workdir!r}, step_wrapper=chex.assert_max_traces(n=1))
 params = jax.device_get(state.params)

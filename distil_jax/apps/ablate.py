@@ -21,7 +21,9 @@ from typing import Dict
 import jax
 from etils import epy
 
-from distil_jax import hf, runtime, trainer
+from distil_jax import runtime
+from distil_jax.interop import hf
+from distil_jax.train import trainer
 from distil_jax.apps import demo, evaluate
 from distil_jax.checkpoint import load_model, saved_steps
 
@@ -59,11 +61,11 @@ def run(config, workdir: str) -> Dict:
         raise ValueError(f"demo.ablations names no variant {sorted(unknown)}; the variants: "
                          f"{[name for name, _ in VARIANTS]}")
     for name, changes in VARIANTS:
-        if changes.get("distill.temperature") == plan.student.distill.temperature:
+        if changes.get("distill.temperature") == plan.student_config.distill.temperature:
             continue  # the demo's own temperature is the triple loss row
         if name != "triple loss" and name not in chosen:
             continue
-        cfg = demo.stage_config(plan.student, **changes)
+        cfg = demo.stage_config(plan.student_config, **changes)
         # The triple loss is the demo's own student: its run is reused.
         run_dir = plan.runs["student"][1] if not changes else os.path.join(workdir, "ablation", _slug(name))
         if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
@@ -72,7 +74,7 @@ def run(config, workdir: str) -> Dict:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f]
 
-    found, _ = evaluate.compare_on_held_out(plan.student, workdir, models)
+    found, _ = evaluate.compare_on_held_out(plan.student_config, workdir, models)
     results, pairs = found["models"], found["comparisons"]
     rows = []
     for name in curves:

@@ -38,7 +38,9 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from distil_jax import assets, hf, runtime, trainer
+from distil_jax import assets, runtime
+from distil_jax.interop import hf
+from distil_jax.train import trainer
 from distil_jax.apps import evaluate, export, finetune
 from distil_jax.config import with_changes
 from distil_jax.data.prepare import prepare, prepared_dir
@@ -106,7 +108,7 @@ class Plan:
     runs: Dict[str, Any]  # student name -> (config, workdir, Hugging Face dir)
 
     @property
-    def student(self):
+    def student_config(self):
         return self.runs["student"][0]
 
 
@@ -135,7 +137,7 @@ def make_plan(config, workdir: str) -> Plan:
 
 def ensure_teacher(plan: Plan, clock: StageClock) -> None:
     """The prepared corpus and the teacher (pretrained and exported when demo.teacher="train")."""
-    first = plan.pretrain if plan.pretrain is not None else plan.student
+    first = plan.pretrain if plan.pretrain is not None else plan.student_config
     with clock.stage("prepare", done=os.path.exists(os.path.join(plan.data_dir, "manifest.json"))):
         vocab = (first.teacher.model.vocab_size if plan.pretrain is not None
                  else hf.read_config(plan.teacher_hf).vocab_size)
@@ -182,7 +184,7 @@ def run(config, workdir: str) -> Dict:
     tokenizer = load_tokenizer(os.path.join(plan.data_dir, "tokenizer"))
 
     evaluation = _cached(os.path.join(workdir, "eval.json"), clock, "evaluate",
-                         lambda: _evaluate(plan.student, workdir, models))
+                         lambda: _evaluate(plan.student_config, workdir, models))
     finetuned = _cached(os.path.join(workdir, "finetune.json"), clock, "finetune",
                         lambda: finetune_models(config, workdir, dirs) if config.finetune.epochs > 0 else {})
     examples = _cached(os.path.join(workdir, "examples.json"), clock, "examples",
@@ -254,7 +256,7 @@ def example_sentences(tokenizer, count: int, seed: int) -> List[Dict[str, str]]:
 def fill_mask_examples(tokenizer, models, count: int, seed: int, top_k: int = 3) -> List[Dict]:
     """Each model's top-k tokens at the [MASK] of the probes and of held-out sentences."""
     cases = [{"text": p, "answer": ""} for p in PROBES] + example_sentences(tokenizer, count, seed)
-    forwards = {name: evaluate.forward(module) for name, (module, _) in models.items()}
+    forwards = {name: evaluate.jitted_logits(module) for name, (module, _) in models.items()}
     rows = []
     for case in cases:
         enc = tokenizer(case["text"], return_tensors="np")

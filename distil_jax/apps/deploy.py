@@ -24,7 +24,7 @@ from typing import Dict
 import jax
 import numpy as np
 
-from distil_jax import hf, hf_heads, onnx_export
+from distil_jax.interop import hf, hf_heads, onnx_export
 from distil_jax.apps import demo, evaluate, finetune
 
 FP32, INT8 = "onnx fp32", "onnx int8"
@@ -83,7 +83,7 @@ def run(config, workdir: str) -> Dict:
         if config.finetune.epochs > 0:
             out["models"][name]["task"] = task_scores(config, hf_dir, os.path.join(workdir, "finetune", name),
                                                       os.path.join(workdir, "deploy", f"{name}_classifier"))
-    found, _ = evaluate.compare_on_held_out(plan.student, workdir, forwards,
+    found, _ = evaluate.compare_on_held_out(plan.student_config, workdir, forwards,
                                             vocab_size=forwards["teacher"][0].config.vocab_size)
     pairs = found["comparisons"]
     for name in dirs:

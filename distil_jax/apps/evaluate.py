@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import hf, losses, storage
+from distil_jax import storage
+from distil_jax.interop import hf
+from distil_jax.train import losses
 from distil_jax.checkpoint import NoCheckpointError, load_model
 from distil_jax.data import make_data
-from distil_jax.masking import corrupt, target_partition
+from distil_jax.train.masking import corrupt, target_partition
 
 Batch = Dict[str, np.ndarray]
 
@@ -63,7 +65,7 @@ def fixed_masked_batches(batches: List[Batch], vocab, seed: int, passes: int = 7
     return out
 
 
-def forward(module):
+def jitted_logits(module):
     """The jitted MLM logits of `module`: (params, input_ids, attention_mask) -> logits."""
     return jax.jit(lambda params, ids, am: module.apply({"params": params}, ids, am).logits)
 
@@ -74,7 +76,7 @@ def as_forward(model) -> Callable:
     if callable(model):
         return model
     module, params = model
-    logits = forward(module)
+    logits = jitted_logits(module)
     return lambda ids, am: logits(params, ids, am)
 
 
@@ -175,7 +177,7 @@ def most_frequent_accuracy(batches: List[Batch], token_counts: np.ndarray, speci
 
 def inference_seconds(module, params, batches: List[Batch], repeats: int = 3) -> float:
     """Best-of-`repeats` wall time of a forward pass over `batches` (compiled beforehand)."""
-    logits = forward(module)
+    logits = jitted_logits(module)
     for b in batches:  # compile every shape first
         logits(params, b["input_ids"], b["attention_mask"]).block_until_ready()
     best = float("inf")

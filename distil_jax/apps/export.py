@@ -9,7 +9,7 @@ model (mode finetune's run directory) as *ForSequenceClassification (with its la
 bfloat16 for half the size).
 `export.onnx=fp32` adds `onnx/model.onnx` (checked against transformers within 1e-4),
 `export.onnx=int8` that and its int8 quantization `onnx/model_quantized.onnx`
-(onnx_export.py; `python -m distil_jax.onnx_export HF_DIR` does the same for any
+(onnx_export.py; `python -m distil_jax.interop.onnx_export HF_DIR` does the same for any
 Hugging Face directory).
 """
 
@@ -22,7 +22,8 @@ from typing import Dict
 import jax
 
 from distil_jax import config as config_lib
-from distil_jax import hf, hf_heads, onnx_export, storage
+from distil_jax import storage
+from distil_jax.interop import hf, hf_heads, onnx_export
 from distil_jax.checkpoint import checkpoint_tokenizer, load_model
 from distil_jax.data import prepared_dir
 from distil_jax.models import QuestionAnswerer, SequenceClassifier

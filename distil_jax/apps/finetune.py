@@ -25,7 +25,8 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
-from distil_jax import runtime, storage, task, trainer
+from distil_jax import runtime, storage
+from distil_jax.train import task, trainer
 from distil_jax.checkpoint import checkpoint_tokenizer, load_model, params_fingerprint, saved_steps
 from distil_jax.config import with_changes
 from distil_jax.data import tasks

@@ -28,7 +28,9 @@ from typing import Dict, Tuple
 
 import jax
 
-from distil_jax import hf, runtime, trainer
+from distil_jax import runtime
+from distil_jax.interop import hf
+from distil_jax.train import trainer
 from distil_jax.apps import demo, evaluate, finetune
 from distil_jax.checkpoint import load_model, saved_steps
 
@@ -69,7 +71,7 @@ def variants(config, teacher) -> Dict[str, dict]:
 
 def _train(plan, workdir: str, name: str, changes: dict) -> str:
     """The row's run directory, trained unless it is finished."""
-    cfg = demo.stage_config(plan.student, **changes)
+    cfg = demo.stage_config(plan.student_config, **changes)
     run_dir = os.path.join(workdir, "shapes", finetune.slug(name))
     if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
         runtime.finish(trainer.train(cfg, run_dir)[1])
@@ -90,13 +92,13 @@ def run(config, workdir: str) -> Dict:
         models[name] = load_model(sources[name])[:2]
     # The prune row takes the best KD objective (held-out accuracy) of the random-init rows.
     kd_rows = (KD, KD_RELATIONS, KD_HIDDEN)
-    found, _ = evaluate.compare_on_held_out(plan.student, workdir, {n: models[n] for n in kd_rows}, reference=None)
+    found, _ = evaluate.compare_on_held_out(plan.student_config, workdir, {n: models[n] for n in kd_rows}, reference=None)
     best = max(kd_rows, key=lambda n: found["models"][n]["mlm_accuracy"])
     pruned = f"prune init, {best.lstrip('+ ') if best != KD else 'logit KD + MLM'}"
     rows[pruned] = {**rows[best], "student.init": "prune"}
     sources[pruned] = _train(plan, workdir, pruned, rows[pruned])
     models[pruned] = load_model(sources[pruned])[:2]
-    found, batches = evaluate.compare_on_held_out(plan.student, workdir, models)
+    found, batches = evaluate.compare_on_held_out(plan.student_config, workdir, models)
 
     timing = batches[: config.demo.inference_batches]
     seconds = {n: evaluate.inference_seconds(m, p, timing) for n, (m, p) in models.items()}
@@ -117,7 +119,7 @@ def run(config, workdir: str) -> Dict:
     finetune_pairs = {f"{a} - {b}": evaluate.pair(tuned["comparisons"], a, b) for a, b in wanted} if tuned else {}
     out = {"rows": table, "comparisons": comparisons, "finetune_comparisons": finetune_pairs,
            "best_objective": best, "held_out_targets": results["teacher"]["targets"],
-           "finetune_task": tuned.get("task"), "updates": plan.student.train.steps}
+           "finetune_task": tuned.get("task"), "updates": plan.student_config.train.steps}
     text = format_table(out)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "shapes.md"), "w") as f:

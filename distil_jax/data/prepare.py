@@ -34,7 +34,8 @@ from absl import logging
 from etils import epy
 from tqdm import tqdm
 
-from distil_jax import hf, storage
+from distil_jax import storage
+from distil_jax.interop import hf
 from distil_jax.data.shards import (MAX_UNK_FRACTION, MIN_LENGTH, STATS, UnitWriter, done_path, load_npy, npy_bytes,
                                     shard_base, token_dtype, FORMAT_VERSION)
 from distil_jax.data.sources import KINDS, SPLITS, Unit, make_source

@@ -3,7 +3,7 @@
 Both Hugging Face architectures use the same post-LayerNorm encoder layer; only the
 names of their tensors differ. Here they share one module tree with one set of names,
 so that student initialisation is a copy by name and the Hugging Face mapping tables
-(`distil_jax/hf.py`) differ only on the Hugging Face side.
+(`distil_jax/interop/hf.py`) differ only on the Hugging Face side.
 
 Every kernel and embedding carries logical axis names (`vocab`, `embed`, `heads`, `kv`,
 `mlp`); the mapping from logical to mesh axes is a table in the training config.

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distil_jax import hf, hf_heads, losses
+from distil_jax.interop import hf, hf_heads
+from distil_jax.train import losses
 from distil_jax.checkpoint import checkpoint_tokenizer, load_model, saved_steps
 from distil_jax.config import with_changes
 from distil_jax.data import squad
@@ -64,7 +65,7 @@ class TaskObjective:
     alpha_task: float = 1.0
     alpha_kd: float = 0.0  # 0 without a teacher
     temperature: float = 2.0
-    head_rows = 0.0  # no vocabulary projection (model FLOPs: metrics.train_flops_per_token)
+    logit_fraction = 0.0  # no vocabulary projection (model FLOPs: metrics.train_flops_per_token)
 
     @property
     def uses_teacher(self) -> bool:

@@ -1,6 +1,6 @@
 """Deployment: a Hugging Face export as ONNX, its int8 quantization, and the runtimes users ship.
 
-    python -m distil_jax.onnx_export HF_DIR [--task fill-mask] [--int8] [--out DIR]
+    python -m distil_jax.interop.onnx_export HF_DIR [--task fill-mask] [--int8] [--out DIR]
 
 writes HF_DIR/onnx/model.onnx (and with --int8 model_quantized.onnx), the layout
 transformers.js and Optimum read. The export is torch.onnx's (the dynamo exporter) of
@@ -207,7 +207,7 @@ def export(hf_dir: str, out_dir: str = "", task: str = "fill-mask", int8: bool =
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m distil_jax.onnx_export", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m distil_jax.interop.onnx_export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hf_dir", help="a Hugging Face model directory (what mode export writes)")
     p.add_argument("--task", default="fill-mask", choices=sorted(TASKS))

@@ -26,11 +26,11 @@ import jax
 import numpy as np
 from etils import epy
 
-from distil_jax import hf, onnx_export
+from distil_jax.interop import hf, onnx_export
 from distil_jax.assets import DEMO_TEACHER
 from distil_jax.models import Bert, BertConfig, init_params
-from distil_jax.student_init import init_student_from_teacher, student_config_from_teacher
-from distil_jax.timing import interleaved
+from distil_jax.train.student_init import init_student_from_teacher, student_config_from_teacher
+from distil_jax.bench.timing import interleaved
 
 with epy.lazy_imports():  # the `deploy` extra
     import torch

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import hf
+from distil_jax.interop import hf
 from distil_jax.models import (Bert, DistilBert, DistilBertConfig, EncoderConfig, QuestionAnswerer,
                                SequenceClassifier)
 

@@ -139,7 +139,7 @@ def separate_process_timer(args):
     that never calls `runtime.keep_host_memory`, so its malloc is the system's: the
     reference as its users run it, while this process keeps its host memory. `one()` asks
     the child for one step and waits for it, so the steps can still be interleaved."""
-    child = subprocess.Popen([sys.executable, "-m", "distil_jax.torch_reference"], stdin=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-m", "distil_jax.bench.torch_reference"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def ask(line: str) -> str:

@@ -1,7 +1,7 @@
 """Training, top to bottom: build what the config describes, restore or initialise, loop.
 
 `build(config, workdir)` validates first (every problem at once, before anything is
-loaded or compiled), then makes the mesh and what the mode trains (`Parts`): for
+loaded or compiled), then makes the mesh and what the mode trains (`TrainingSetup`): for
 distill / pretrain (`mlm_parts`) the teacher loaded once in float32 (the student copies
 exact weights), the student, the corpus and the masked-LM objective; for finetune
 (`task_parts`) a task head on `finetune.model`'s encoder, the fine-tuned teacher if any,
@@ -32,7 +32,9 @@ from jax.experimental import multihost_utils
 
 from distil_jax import config as config_lib
 from distil_jax import data as data_lib
-from distil_jax import hf, optim, parallel, runtime, task
+from distil_jax import parallel, runtime
+from distil_jax.interop import hf
+from distil_jax.train import optim, task
 from distil_jax.checkpoint import Checkpointer, model_meta, params_fingerprint
 from distil_jax.data import tasks
 from distil_jax.data.arrays import ShuffledBatches
@@ -40,9 +42,10 @@ from distil_jax.data.tasks import TaskSet
 from distil_jax.data.tokenizer import special_ids
 from distil_jax.metrics import MetricWriter, device_peak_tflops, train_flops_per_token, window_summary
 from distil_jax.models import Bert, DistilBert, MaskedLM, init_params, logical_axes
-from distil_jax.objective import PROJECTIONS, Objective, init_projections, model_params
-from distil_jax.step import TrainState, compiled_step, tree_all_finite
-from distil_jax.student_init import (activation_importance, init_student_from_teacher,
+from distil_jax.train.objective import Objective, init_projections
+from distil_jax.train.terms import PROJECTIONS, TrainingObjective, model_params
+from distil_jax.train.step import TrainState, compiled_step, tree_all_finite
+from distil_jax.train.student_init import (activation_importance, init_student_from_teacher,
                                      student_config_from_teacher)
 
 
@@ -60,7 +63,7 @@ def load_teacher(config) -> Tuple[MaskedLM, Any]:
                         attention_impl=config.train.attention or None), params
 
 
-def validated(config) -> None:
+def validate_with_teacher(config) -> None:
     """ConfigError listing every problem, with the teacher's architecture read from disk."""
     teacher, found = None, []
     if config.teacher.path and config.mode == "distill":
@@ -90,7 +93,7 @@ def calibration_importance(config, workdir: str, teacher: MaskedLM, teacher_para
 
 
 @dataclasses.dataclass
-class Parts:
+class TrainingSetup:
     """What a mode trains: built by `mlm_parts` (distill, pretrain) or `task_parts` (finetune)."""
 
     model: Any  # a MaskedLM, or a task head on one (finetune)
@@ -99,7 +102,7 @@ class Parts:
     teacher_ref: Dict[str, str]  # path and fingerprint, recorded in checkpoints
     data: data_lib.BatchIterator
     vocab: data_lib.VocabInfo
-    objective: Any  # objective.Objective or task.TaskObjective
+    objective: TrainingObjective  # objective.Objective or task.TaskObjective
     abstract_params: Any  # ShapeDtypeStructs of the trained params
     initial_params: Callable[[Any], Any]  # (param shardings) -> fresh params on the mesh
     meta: Dict[str, Any] = dataclasses.field(default_factory=dict)  # more for the checkpoints
@@ -113,7 +116,7 @@ class Trainer:
     config: Any
     workdir: str
     mesh: jax.sharding.Mesh
-    parts: Parts
+    parts: TrainingSetup
     teacher_params: Any  # on the mesh, in teacher.dtype; None without a teacher
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -167,7 +170,7 @@ class Trainer:
 
 
 def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, process_count: int,
-              rows: np.ndarray, accumulation: int) -> Parts:
+              rows: np.ndarray, accumulation: int) -> TrainingSetup:
     """Masked LM distillation (the student from the teacher) or pretraining (a BERT)."""
     t = config.train
     if config.mode == "pretrain":
@@ -212,12 +215,12 @@ def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, proc
         return jax.device_put(with_projections(host, rng), param_sh)
 
     abstract = jax.eval_shape(lambda r: with_projections(init_params(model, r), r), jax.random.key(0))
-    return Parts(model=model, teacher=teacher, teacher_params=teacher_params32, teacher_ref=teacher_ref,
+    return TrainingSetup(model=model, teacher=teacher, teacher_params=teacher_params32, teacher_ref=teacher_ref,
                  data=data, vocab=vocab, objective=obj, abstract_params=abstract, initial_params=initial_params)
 
 
 def task_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, process_count: int,
-               rows: np.ndarray, accumulation: int) -> Parts:
+               rows: np.ndarray, accumulation: int) -> TrainingSetup:
     """Fine-tuning a task head on `finetune.model`'s encoder, distilled from the fine-tuned
     `finetune.teacher` when one is given (task.py)."""
     f, t = config.finetune, config.train
@@ -246,7 +249,7 @@ def task_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, pro
 
     meta = {"task": {"name": task_set.name, "kind": task_set.kind, "labels": task_set.labels},
             "student_source": f.model}
-    return Parts(model=model, teacher=teacher, teacher_params=teacher_params32, teacher_ref=teacher_ref,
+    return TrainingSetup(model=model, teacher=teacher, teacher_params=teacher_params32, teacher_ref=teacher_ref,
                  data=data, vocab=vocab, objective=obj, abstract_params=jax.eval_shape(fresh, jax.random.key(0)),
                  initial_params=lambda sh: jax.device_put(fresh(jax.random.key(t.seed + 2)), sh),
                  meta=meta, task=task_set)
@@ -256,7 +259,7 @@ def build(config, workdir: str, process_index: Optional[int] = None,
           process_count: Optional[int] = None) -> Trainer:
     if config.mode == "finetune":
         config = task.task_training(config)
-    validated(config)
+    validate_with_teacher(config)
     process_count = jax.process_count() if process_count is None else process_count
     t = config.train
     mesh = parallel.make_mesh(config.mesh.shape)

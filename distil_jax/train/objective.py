@@ -13,7 +13,7 @@ and beyond):
   `REPRESENTATION_TERMS`, name -> loss(student output, teacher output, attention mask);
 - layer-pair terms (TinyBERT, MiniLM, MiniLMv2) compare a teacher layer with a student
   layer: `LossWeights.layers` holds `LayerTerm`s (kind, teacher layer, student layer,
-  weight), one entry per kind in `LAYER_TERMS`. Layers are numbered as in the papers:
+  weight), one entry per kind in `LAYER_KINDS`. Layers are numbered as in the papers:
   0 is the embeddings' output (hidden kinds only), i the output (or the self-attention)
   of encoder layer i, 1-based. A hidden-state term between models of different widths
   goes through a learned linear projection of the student's states onto the teacher's
@@ -29,67 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import losses
-from distil_jax.masking import mask_tokens, token_probs_from_counts
+from distil_jax.train import losses
+from distil_jax.train.terms import LAYER_KINDS, PROJECTIONS, LayerTerm, LossWeights, model_params
+from distil_jax.train.masking import mask_tokens, token_probs_from_counts
 from distil_jax.models import MaskedLM, MaskedLMOutput, apply_recording
-
-PROJECTIONS = "projections"  # params[PROJECTIONS]: the hidden-state terms' projections
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerTerm:
-    """One layer-pair term: `kind` (a key of LAYER_TERMS) between two layers, weighted."""
-
-    kind: str
-    teacher_layer: int
-    student_layer: int
-    weight: float = 1.0
-
-    @property
-    def name(self) -> str:
-        """The key of its projection and, as loss_<name>, of its metric."""
-        return f"{self.kind}_{self.teacher_layer}_{self.student_layer}"
-
-
-@dataclasses.dataclass(frozen=True)
-class LossWeights:
-    """The weight of each term (the paper's alphas, and the layer-pair terms); 0 leaves a
-    term out of the gradient."""
-
-    ce: float = 0.0  # KL(teacher_T || student_T) x T^2 over the vocabulary
-    mlm: float = 0.0  # cross-entropy at the MLM targets
-    cos: float = 0.0  # 1 - cos(student, teacher) of the last hidden states
-    mse: float = 0.0  # squared error of the logits
-    layers: Tuple[LayerTerm, ...] = ()
-
-    SCALARS = ("ce", "mlm", "cos", "mse")  # class constants: the config's alpha_<name>
-    TEACHER_TERMS = ("ce", "cos", "mse")  # the scalar terms that read the teacher
-
-    @classmethod
-    def from_config(cls, config, teacher_layers: int = 0, student_layers: int = 0) -> "LossWeights":
-        if config.mode == "pretrain":
-            return cls(mlm=1.0)
-        d = config.distill
-        layers = layer_terms(d.layer_terms, teacher_layers, student_layers) if d.layer_terms else ()
-        return cls(ce=d.alpha_ce, mlm=d.alpha_mlm, cos=d.alpha_cos, mse=d.alpha_mse, layers=layers)
-
-    @property
-    def uses_teacher(self) -> bool:
-        """Whether any term with a positive weight reads the teacher."""
-        return any(getattr(self, name) for name in self.TEACHER_TERMS) or any(t.weight for t in self.layers)
-
-    @property
-    def records_layers(self) -> bool:
-        """Whether a term reads what the layers record (queries, keys, values)."""
-        return any(LAYER_TERMS[t.kind].reads_records for t in self.layers)
-
 
 def _cosine_of_last_hidden(student: MaskedLMOutput, teacher: MaskedLMOutput, attention_mask):
     return losses.cosine_loss(student.last_hidden_state, teacher.last_hidden_state, attention_mask)
@@ -101,7 +51,7 @@ REPRESENTATION_TERMS: Dict[str, Callable] = {"cos": _cosine_of_last_hidden}
 
 
 @flax.struct.dataclass
-class Pass:
+class ForwardPass:
     """What a layer-pair term may read of one model's forward pass."""
 
     out: MaskedLMOutput
@@ -118,88 +68,32 @@ def _projected(hidden, projection):
             + projection["bias"])
 
 
-def _hidden_mse(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+def _hidden_mse(s: ForwardPass, t: ForwardPass, term: LayerTerm, mask, projection, obj) -> jax.Array:
     return losses.hidden_mse_loss(_projected(s.out.hidden_states[term.student_layer], projection),
                                   t.out.hidden_states[term.teacher_layer], mask)
 
 
-def _hidden_cos(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+def _hidden_cos(s: ForwardPass, t: ForwardPass, term: LayerTerm, mask, projection, obj) -> jax.Array:
     return losses.cosine_loss(_projected(s.out.hidden_states[term.student_layer], projection),
                               t.out.hidden_states[term.teacher_layer], mask)
 
 
-def _attention_kl(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+def _attention_kl(s: ForwardPass, t: ForwardPass, term: LayerTerm, mask, projection, obj) -> jax.Array:
     a, b = s.attention(term.student_layer), t.attention(term.teacher_layer)
     return losses.attention_kl(losses.attention_scores(a["q"], a["k"]),
                                losses.attention_scores(b["q"], b["k"]), mask)
 
 
-def _relation(s: Pass, t: Pass, term: LayerTerm, mask, projection, obj) -> jax.Array:
+def _relation(s: ForwardPass, t: ForwardPass, term: LayerTerm, mask, projection, obj) -> jax.Array:
     a, b = s.attention(term.student_layer), t.attention(term.teacher_layer)
     qkv = ("q", "k", "v")
     return losses.relation_loss([a[k] for k in qkv], [b[k] for k in qkv], mask, obj.relation_heads)
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerKind:
-    """A kind of layer-pair term: its loss, and what it reads."""
-
-    loss: Callable  # (student Pass, teacher Pass, term, attention mask, projection or None, obj)
-    hidden: bool  # compares hidden states (layer 0 = embeddings allowed; projected across widths)
-    reads_records: bool  # reads the layers' queries, keys, values
-    needs_equal_heads: bool = False
-
-
-LAYER_TERMS: Dict[str, LayerKind] = {
-    "hidden_mse": LayerKind(_hidden_mse, hidden=True, reads_records=False),  # TinyBERT
-    "hidden_cos": LayerKind(_hidden_cos, hidden=True, reads_records=False),
-    "attention_kl": LayerKind(_attention_kl, hidden=False, reads_records=True,  # MiniLM, per head
-                              needs_equal_heads=True),
-    "relation": LayerKind(_relation, hidden=False, reads_records=True),  # MiniLMv2: Q-Q, K-K, V-V
-}
-
-
-def default_teacher_layer(kind: str, teacher_layers: int) -> int:
-    """The teacher layer of a term given without layers: the last; for the attention kinds
-    of a teacher deeper than 12 layers an upper-middle one, 7/8 of the depth (21 of 24),
-    which MiniLMv2 found better than the last for large teachers."""
-    if LAYER_TERMS[kind].hidden or teacher_layers <= 12:
-        return teacher_layers
-    return int(round(teacher_layers * 7 / 8))
-
-
-def layer_terms(entries: Sequence, teacher_layers: int, student_layers: int) -> Tuple[LayerTerm, ...]:
-    """`distill.layer_terms` resolved: each entry (kind,), (kind, teacher layer, student
-    layer) or (kind, teacher layer, student layer, weight); a negative layer counts from
-    the end (-1: the last); without layers, `default_teacher_layer` onto the student's
-    last. ValueError names every bad entry."""
-    terms, problems = [], []
-    for entry in entries:
-        entry = tuple(entry)
-        if not entry or entry[0] not in LAYER_TERMS or len(entry) not in (1, 3, 4):
-            problems.append(f"{entry!r}: want (kind,), (kind, teacher_layer, student_layer) or "
-                            f"(kind, teacher_layer, student_layer, weight), kind one of {tuple(LAYER_TERMS)}")
-            continue
-        kind = entry[0]
-        t, s = (entry[1], entry[2]) if len(entry) >= 3 else (default_teacher_layer(kind, teacher_layers),
-                                                             student_layers)
-        weight = float(entry[3]) if len(entry) == 4 else 1.0
-        lowest = 0 if LAYER_TERMS[kind].hidden else 1
-        resolved = []
-        for layer, count, who in ((t, teacher_layers, "teacher"), (s, student_layers, "student")):
-            layer = int(layer) + count + 1 if int(layer) < 0 else int(layer)
-            if not lowest <= layer <= count:
-                problems.append(f"{entry!r}: {who} layer {layer} is not in {lowest}..{count}"
-                                + (" (0 is the embeddings)" if lowest == 0 else " (encoder layers are 1-based)"))
-            resolved.append(layer)
-        if weight < 0:
-            problems.append(f"{entry!r}: the weight must be >= 0")
-        terms.append(LayerTerm(kind, resolved[0], resolved[1], weight))
-    names = [term.name for term in terms]
-    problems += [f"{n} is given twice" for n in sorted(set(names)) if names.count(n) > 1]
-    if problems:
-        raise ValueError("distill.layer_terms: " + "; ".join(problems))
-    return tuple(terms)
+# Each layer-pair kind's loss: (student pass, teacher pass, term, attention mask,
+# projection or None, objective) -> scalar. What each kind reads: terms.LAYER_KINDS.
+LAYER_LOSSES: Dict[str, Callable] = {"hidden_mse": _hidden_mse, "hidden_cos": _hidden_cos,
+                                     "attention_kl": _attention_kl, "relation": _relation}
 
 
 def init_projections(rng, weights: LossWeights, student_width: int, teacher_width: int,
@@ -208,22 +102,17 @@ def init_projections(rng, weights: LossWeights, student_width: int, teacher_widt
     models of different widths (none otherwise): kernel ~ N(0, stddev), bias 0."""
     if student_width == teacher_width:
         return {}
-    names = [t.name for t in weights.layers if LAYER_TERMS[t.kind].hidden]
+    names = [t.name for t in weights.layers if LAYER_KINDS[t.kind].hidden]
     keys = jax.random.split(rng, max(len(names), 1))
     return {n: {"kernel": stddev * jax.random.normal(k, (student_width, teacher_width), jnp.float32),
                 "bias": jnp.zeros((teacher_width,), jnp.float32)} for n, k in zip(names, keys)}
 
 
-def model_params(params):
-    """The student's own params of a trained tree (what is exported), without projections."""
-    return {k: v for k, v in params.items() if k != PROJECTIONS}
-
-
-def forward(model: MaskedLM, params, masked_ids, attention_mask, records: bool, **kwargs) -> Pass:
+def forward_pass(model: MaskedLM, params, masked_ids, attention_mask, records: bool, **kwargs) -> ForwardPass:
     """One model's forward pass as the terms read it (no vocabulary projection)."""
     if records:
-        return Pass(*apply_recording(model, params, masked_ids, attention_mask, compute_logits=False, **kwargs))
-    return Pass(model.apply({"params": params}, masked_ids, attention_mask, compute_logits=False, **kwargs))
+        return ForwardPass(*apply_recording(model, params, masked_ids, attention_mask, compute_logits=False, **kwargs))
+    return ForwardPass(model.apply({"params": params}, masked_ids, attention_mask, compute_logits=False, **kwargs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +174,7 @@ class Objective:
         return self.restrict_ce_to_mask or not self.weights.uses_teacher
 
     @property
-    def head_rows(self) -> float:
+    def logit_fraction(self) -> float:
         """The fraction of positions given logits (for model FLOPs): all, or the targets'."""
         return self.masking["mask_prop"] if self.targets_only else 1.0
 
@@ -294,7 +183,7 @@ class Objective:
         return min(rows, math.ceil(self.masking["mask_prop"] * rows) + 1)
 
 
-def vocabulary_terms(obj: Objective, s_hidden, s_head, t_hidden, t_head, labels, targets,
+def vocab_loss_and_terms(obj: Objective, s_hidden, s_head, t_hidden, t_head, labels, targets,
                      attention_mask):
     """(weighted sum, terms) of the vocabulary terms, without whole [B, S, V] logits.
 
@@ -329,19 +218,19 @@ def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, t
     w = obj.weights
     teacher_pass = t_head = None
     if teacher is not None and w.uses_teacher:  # no teacher forward when no term reads it
-        teacher_pass = jax.lax.stop_gradient(forward(teacher, teacher_params, masked_ids, attention_mask,
+        teacher_pass = jax.lax.stop_gradient(forward_pass(teacher, teacher_params, masked_ids, attention_mask,
                                                      w.records_layers, deterministic=True))
         t_head = lambda h: teacher.apply({"params": teacher_params}, h,  # noqa: E731
                                          method=type(teacher).head_inputs)
 
     def loss_fn(p):
         student, projections = model_params(p), p.get(PROJECTIONS, {})
-        s_pass = forward(model, student, masked_ids, attention_mask, w.records_layers and teacher_pass is not None,
+        s_pass = forward_pass(model, student, masked_ids, attention_mask, w.records_layers and teacher_pass is not None,
                          deterministic=False, rngs={"dropout": dropout_rng})
         out = s_pass.out
         s_head = lambda h: model.apply({"params": student}, h, method=type(model).head_inputs)  # noqa: E731
         t_hidden = None if teacher_pass is None else teacher_pass.out.last_hidden_state
-        loss, terms = vocabulary_terms(obj, out.last_hidden_state, s_head, t_hidden, t_head, labels,
+        loss, terms = vocab_loss_and_terms(obj, out.last_hidden_state, s_head, t_hidden, t_head, labels,
                                        targets, attention_mask)
         if teacher_pass is not None:
             same_width = out.last_hidden_state.shape == teacher_pass.out.last_hidden_state.shape
@@ -350,7 +239,7 @@ def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, t
                 terms[f"loss_{name}"] = value
                 loss = loss + getattr(w, name) * value
             for term in w.layers:
-                value = LAYER_TERMS[term.kind].loss(s_pass, teacher_pass, term, attention_mask,
+                value = LAYER_LOSSES[term.kind](s_pass, teacher_pass, term, attention_mask,
                                                     projections.get(term.name), obj)
                 terms[f"loss_{term.name}"] = value
                 loss = loss + term.weight * value

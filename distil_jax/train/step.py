@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from distil_jax import optim, parallel
+from distil_jax import parallel
+from distil_jax.train.terms import TrainingObjective
+from distil_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -43,7 +45,7 @@ def tree_all_finite(tree) -> jax.Array:
                               if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
-def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj):
+def micro_batch_grads(rng, batch, params, teacher_params, *, model, teacher, obj: TrainingObjective):
     """(gradients, metrics) of one micro-batch by `obj` (objective.Objective: masked LM
     distillation; task.TaskObjective: a task), with the random key `rng`, in the global
     view: what an update with k = 1 computes (train_step), for the oracles of the tests.

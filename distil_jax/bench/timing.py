@@ -1,10 +1,16 @@
-"""Wall-clock timing for the benchmarks: the median of repeated calls, and interleaved rounds."""
+"""What every benchmark record carries: wall-clock timing (the median of repeated calls,
+interleaved rounds), the machine, memory peaks, and the one-line JSON output."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import resource
 import time
 from typing import Callable, Dict, List, Tuple
 
+import jax
 import numpy as np
 
 
@@ -36,3 +42,22 @@ def interleaved(timers: Dict[str, Callable[[], object]], steps: int, pause: floa
             one()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def machine() -> dict:
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def device_peak_gb():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
