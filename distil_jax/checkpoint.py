@@ -24,7 +24,7 @@ import hashlib
 import os
 import re
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -36,7 +36,7 @@ from distil_jax import runtime
 from distil_jax.data.tokenizer import load_tokenizer
 from distil_jax.models import (Bert, BertConfig, DistilBert, DistilBertConfig, QuestionAnswerer,
                                SequenceClassifier)
-from distil_jax.train.terms import model_params
+from distil_jax.terms import model_params
 
 # meta["model"]["type"] -> (module, config): what load_model builds; a task head's
 # meta["model"] is {"type": head, "encoder": the encoder's, and num_labels for a classifier}.
@@ -196,22 +196,29 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
-        errors = []
-        for step in reversed(steps):
-            try:
-                self.check_compatible(step, abstract_state, expected_meta)
-                state, data = self.restore(step, abstract_state)
-            except CheckpointMismatch:
-                raise
-            except Exception as e:  # noqa: BLE001 - corrupt or truncated files
-                logging.warning("checkpoint %d in %s cannot be read (%s: %s); trying an older one",
-                                step, self.directory, type(e).__name__, e)
-                errors.append(f"{step}: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            return state, data, step
-        raise CheckpointMismatch(
-            f"no checkpoint in {self.directory} can be read ({'; '.join(errors)}). "
-            "Nothing was deleted; move the directory away to start afresh")
+
+        def read(step):
+            self.check_compatible(step, abstract_state, expected_meta)
+            return (*self.restore(step, abstract_state), step)
+        return newest_readable(steps, read, self.directory)
+
+
+def newest_readable(steps, read: Callable[[int], Any], directory):
+    """read(step) of the newest of `steps` that can be read: a corrupt or truncated one is
+    logged and the next older tried; a CheckpointMismatch (another model) is raised at
+    once; none readable raises CheckpointMismatch naming each step's error."""
+    errors = []
+    for step in reversed(steps):
+        try:
+            return read(step)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - corrupt or truncated files
+            logging.warning("checkpoint %d in %s cannot be read (%s: %s); trying an older one",
+                            step, directory, type(e).__name__, e)
+            errors.append(f"{step}: {type(e).__name__}: {str(e)[:200]}")
+    raise CheckpointMismatch(f"no checkpoint in {directory} can be read ({'; '.join(errors)}). "
+                             "Nothing was deleted; move the directory away to start afresh")
 
 
 def _describe(error: Exception) -> str:
@@ -273,19 +280,10 @@ def load_model(workdir: str, step: Optional[int] = None):
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
-    errors = []
     try:
-        for candidate in reversed(steps if step is None else [step]):
-            try:
-                return _read_model(manager, candidate)
-            except Exception as e:  # noqa: BLE001 - corrupt or truncated files
-                logging.warning("checkpoint %d in %s cannot be read (%s: %s); trying an older one",
-                                candidate, directory, type(e).__name__, e)
-                errors.append(f"{candidate}: {type(e).__name__}: {str(e)[:200]}")
+        return newest_readable(steps if step is None else [step], lambda s: _read_model(manager, s), directory)
     finally:
         manager.close()
-    raise CheckpointMismatch(f"no checkpoint in {directory} can be read ({'; '.join(errors)}). "
-                             "Nothing was deleted; move the directory away to start afresh")
 
 
 def _read_model(manager, step: int):

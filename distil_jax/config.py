@@ -16,9 +16,10 @@ from typing import List, Optional, Sequence
 import jax.numpy as jnp
 import ml_collections
 
+from distil_jax import parallel
 from distil_jax.data import sources
 from distil_jax.models import BertConfig, EncoderConfig
-from distil_jax.train.terms import LAYER_KINDS, LossWeights, layer_terms
+from distil_jax.terms import LAYER_KINDS, LossWeights, layer_terms
 
 # What `python -m distil_jax.main` runs for each config.mode (main.py dispatches).
 TRAIN_MODES = ("distill", "pretrain")
@@ -343,10 +344,9 @@ def _mesh_problems(c, num_devices) -> List[str]:
         return [f"mesh.shape {shape} must be 3 sizes (data, fsdp, tensor), positive or one -1"]
     if num_devices is None:
         return []
-    known = math.prod(s for s in shape if s != -1)
-    if num_devices % known or (-1 not in shape and known != num_devices):
+    full = parallel.mesh_shape(shape, num_devices)
+    if math.prod(full) != num_devices:
         return [f"mesh.shape {shape} does not fit {num_devices} devices"]
-    full = tuple(num_devices // known if s == -1 else s for s in shape)
     data_parallel = full[0] * full[1]
     if c.train.micro_batch_size % data_parallel:
         return [f"train.micro_batch_size {c.train.micro_batch_size} is not a multiple of the "

@@ -17,7 +17,7 @@ from distil_jax.apps import export, shapes
 from distil_jax.checkpoint import load_model
 from distil_jax.config import with_changes
 from distil_jax.models import BertConfig
-from distil_jax.train.terms import LayerTerm, LossWeights, layer_terms
+from distil_jax.terms import LayerTerm, LossWeights, layer_terms
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -21,11 +21,9 @@ from typing import Dict
 import jax
 from etils import epy
 
-from distil_jax import runtime
+from distil_jax.apps import evaluate, stages
+from distil_jax.checkpoint import load_model
 from distil_jax.interop import hf
-from distil_jax.train import trainer
-from distil_jax.apps import demo, evaluate
-from distil_jax.checkpoint import load_model, saved_steps
 
 with epy.lazy_imports():  # only the plot needs it, and every start of main imports this module
     import matplotlib.figure
@@ -44,16 +42,10 @@ PAPER_GLUE_CHANGE = {"triple loss": 0.0, "without L_ce": -2.96, "without L_cos":
                      "without L_mlm": -0.31, "triple loss, random init": -3.69}
 
 
-def _slug(name: str) -> str:
-    return name.replace(",", "").replace("=", "").replace("  ", " ").replace(" ", "_").lower()
-
-
 def run(config, workdir: str) -> Dict:
     """Mode ablate: the variants trained (the demo's stages first when missing) and compared."""
-    plan = demo.make_plan(config, workdir)
-    clock = demo.StageClock(os.path.join(workdir, "stages.json"))
-    demo.ensure_teacher(plan, clock)
-    demo.ensure_student("student", plan, clock)
+    plan, clock = stages.start(config, workdir)
+    stages.ensure_student("student", plan, clock)
     models, curves = {"teacher": hf.load_hf_model(plan.teacher_hf)}, {}
     chosen = set(config.demo.ablations) or {name for name, _ in VARIANTS}
     unknown = chosen - {name for name, _ in VARIANTS}
@@ -65,12 +57,10 @@ def run(config, workdir: str) -> Dict:
             continue  # the demo's own temperature is the triple loss row
         if name != "triple loss" and name not in chosen:
             continue
-        cfg = demo.stage_config(plan.student_config, **changes)
+        cfg = stages.stage_config(plan.student_config, **changes)
         # The triple loss is the demo's own student: its run is reused.
-        run_dir = plan.runs["student"][1] if not changes else os.path.join(workdir, "ablation", _slug(name))
-        if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
-            runtime.finish(trainer.train(cfg, run_dir)[1])
-        models[name] = load_model(run_dir)[:2]
+        run_dir = plan.runs["student"][1] if not changes else os.path.join(workdir, "ablation", stages.slug(name))
+        models[name] = load_model(stages.train_unless_finished(cfg, run_dir))[:2]
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f]
 
@@ -84,27 +74,24 @@ def run(config, workdir: str) -> Dict:
                      "change_points": -100 * change["difference"], "change_se_points": 100 * change["se"],
                      "paper_glue_change": PAPER_GLUE_CHANGE.get(name)})
     table = format_table(rows, results["teacher"]["mlm_accuracy"], results["teacher"]["targets"])
+    stages.write_outputs(workdir, {"ablation.md": table, "ablation.json": {"rows": rows, "teacher": results["teacher"]}},
+                         show=table)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "ablation.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(workdir, "ablation.json"), "w") as f:
-            json.dump({"rows": rows, "teacher": results["teacher"]}, f, indent=2)
         plot_curves(curves, os.path.join(workdir, "ablation.png"))
-        print(table, flush=True)
     return {"rows": rows, "table": os.path.join(workdir, "ablation.md"),
             "plot": os.path.join(workdir, "ablation.png")}
 
 
 def format_table(rows, teacher_accuracy: float, targets: int) -> str:
-    lines = ["| variant | held-out MLM accuracy (%) | change (points) ± paired s.e. | paper: change in GLUE macro |",
-             "| --- | ---: | ---: | ---: |"]
+    cells = []
     for r in rows:
         paper = "" if r["paper_glue_change"] is None else f"{r['paper_glue_change']:+.2f}"
         change = "" if r["variant"] == "triple loss" else f"{r['change_points']:+.2f} ± {r['change_se_points']:.2f}"
-        lines.append(f"| {r['variant']} | {100 * r['mlm_accuracy']:.2f} | {change} | {paper} |")
-    lines.append(f"| (teacher) | {100 * teacher_accuracy:.2f} | | |")
-    lines.append(f"\n{targets:,} held-out targets, the same for every row; standard errors clustered by sequence.")
-    return "\n".join(lines)
+        cells.append([r["variant"], f"{100 * r['mlm_accuracy']:.2f}", change, paper])
+    cells.append(["(teacher)", f"{100 * teacher_accuracy:.2f}", "", ""])
+    table = stages.markdown_table(["variant", "held-out MLM accuracy (%)", "change (points) ± paired s.e.",
+                                   "paper: change in GLUE macro"], cells, right=(False, True, True, True))
+    return table + f"\n\n{targets:,} held-out targets, the same for every row; standard errors clustered by sequence."
 
 
 def plot_curves(curves: Dict[str, list], path: str) -> None:

@@ -27,174 +27,40 @@ To re-run a stage, delete its directory or file (and those of the stages after i
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import os
 import re
 import time
-from typing import Any, Dict, List, Optional
+from typing import Dict, List
 
-import jax
 import numpy as np
 
-from distil_jax import assets, runtime
-from distil_jax.interop import hf
-from distil_jax.train import trainer
-from distil_jax.apps import evaluate, export, finetune
-from distil_jax.config import with_changes
-from distil_jax.data.prepare import prepare, prepared_dir
+from distil_jax.apps import evaluate, finetune, stages
 from distil_jax.data.sources import EmbeddedSource
 from distil_jax.data.tokenizer import load_tokenizer
+from distil_jax.interop import hf
 
 MODELS = ("teacher", "student", "student_mlm_only")
-# How the shipped teacher was pretrained (configs/demo_teacher.py, 7000 updates): what
-# demo.teacher="train" runs for demo.teacher_steps updates.
-TEACHER_RECIPE = {"train.batch_size": 64, "train.micro_batch_size": 64, "train.learning_rate": 1e-3,
-                  "train.warmup_fraction": 0.05, "train.weight_decay": 0.01, "train.grad_clip": 1.0,
-                  "train.seed": 0, "masking.smoothing": 0.0}
-MLM_ONLY = {"distill.alpha_ce": 0.0, "distill.alpha_cos": 0.0, "distill.alpha_mse": 0.0,
-            "distill.alpha_mlm": 1.0}
 # Fill-mask probes shown before the held-out sentences (the first is the README's).
 PROBES = ("Return the [MASK] of the list.", "Raise an exception if the file does not [MASK].")
 
 
-def stage_config(config, mode: Optional[str] = None, **changes):
-    """The demo's config for one stage: `mode` and dotted-key changes."""
-    if mode is not None:
-        changes["mode"] = mode
-    return with_changes(config, **changes)
-
-
-class StageClock:
-    """Wall time of each stage, kept across runs (a skipped stage keeps its first time)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.times: Dict[str, dict] = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                self.times = json.load(f)
-
-    @contextlib.contextmanager
-    def stage(self, name: str, done: bool):
-        start = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - start
-        if done and name in self.times:
-            self.times[name]["skipped_now"] = True
-        else:
-            self.times[name] = {"seconds": round(seconds, 2), "skipped_now": done}
-        with open(self.path, "w") as f:
-            json.dump(self.times, f, indent=2)
-
-
-def _exported(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "model.safetensors"))
-
-
-def count_parameters(params) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(params)))
-
-
-@dataclasses.dataclass
-class Plan:
-    """Where each stage of the demo lives and the config it runs with."""
-
-    data_dir: str
-    teacher_hf: str  # the teacher every student distils from
-    pretrain: Optional[Any]  # the teacher's pretraining (demo.teacher="train"), else None
-    teacher_dir: str
-    runs: Dict[str, Any]  # student name -> (config, workdir, Hugging Face dir)
-
-    @property
-    def student_config(self):
-        return self.runs["student"][0]
-
-
-def make_plan(config, workdir: str) -> Plan:
-    d = config.demo
-    data_dir = prepared_dir(config, workdir)
-    teacher_dir = os.path.join(workdir, "teacher")
-    pretrain = None
-    if d.teacher == "shipped":
-        teacher_hf = assets.DEMO_TEACHER
-    elif d.teacher == "train":
-        teacher_hf = os.path.join(teacher_dir, "hf")
-        pretrain = stage_config(config, mode="pretrain", **{
-            **TEACHER_RECIPE, "data.dir": data_dir, "teacher.path": "", "train.steps": d.teacher_steps})
-    else:
-        teacher_hf = d.teacher
-    student = stage_config(config, mode="distill", **{
-        "data.dir": data_dir, "teacher.path": teacher_hf, "train.steps": d.student_steps,
-        "train.learning_rate": d.student_learning_rate})
-    runs = {"student": (student, os.path.join(workdir, "student"), os.path.join(workdir, "student_hf"))}
-    if d.mlm_only_baseline:
-        runs["student_mlm_only"] = (stage_config(student, **MLM_ONLY), os.path.join(workdir, "student_mlm_only"),
-                                    os.path.join(workdir, "student_mlm_only_hf"))
-    return Plan(data_dir, teacher_hf, pretrain, teacher_dir, runs)
-
-
-def ensure_teacher(plan: Plan, clock: StageClock) -> None:
-    """The prepared corpus and the teacher (pretrained and exported when demo.teacher="train")."""
-    first = plan.pretrain if plan.pretrain is not None else plan.student_config
-    with clock.stage("prepare", done=os.path.exists(os.path.join(plan.data_dir, "manifest.json"))):
-        vocab = (first.teacher.model.vocab_size if plan.pretrain is not None
-                 else hf.read_config(plan.teacher_hf).vocab_size)
-        prepare(first, plan.data_dir, teacher_vocab_size=vocab)
-    with clock.stage("teacher", done=_exported(plan.teacher_hf)):
-        if not _exported(plan.teacher_hf):
-            if plan.pretrain is None:
-                raise FileNotFoundError(f"no teacher in {plan.teacher_hf} (demo.teacher); give a Hugging "
-                                        "Face directory, or demo.teacher=train to pretrain one here")
-            runtime.finish(trainer.train(plan.pretrain, plan.teacher_dir)[1])
-            export.export_checkpoint(plan.teacher_dir, plan.teacher_hf)
-
-
-def ensure_student(name: str, plan: Plan, clock: StageClock) -> str:
-    """Train (or find) one student of the plan and export it; its Hugging Face dir."""
-    config, workdir, hf_dir = plan.runs[name]
-    with clock.stage(name, done=_exported(hf_dir)):
-        if not _exported(hf_dir):
-            runtime.finish(trainer.train(config, workdir)[1])
-            export.export_checkpoint(workdir, hf_dir, config=config)
-    return hf_dir
-
-
-def _cached(path: str, clock: StageClock, name: str, compute):
-    with clock.stage(name, done=os.path.exists(path)):
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        result = compute()
-        if jax.process_index() == 0:
-            with open(path, "w") as f:
-                json.dump(result, f, indent=2)
-        return result
-
-
 def run(config, workdir: str) -> Dict:
     """Mode demo: every stage (skipped when done); prints the tables, writes summary.json."""
-    plan = make_plan(config, workdir)
-    clock = StageClock(os.path.join(workdir, "stages.json"))
-    start = time.perf_counter()
-    ensure_teacher(plan, clock)
-    dirs = {"teacher": plan.teacher_hf, **{name: ensure_student(name, plan, clock) for name in plan.runs}}
+    began = time.perf_counter()
+    plan, clock = stages.start(config, workdir)
+    dirs = {"teacher": plan.teacher_hf, **{name: stages.ensure_student(name, plan, clock) for name in plan.runs}}
     models = {name: hf.load_hf_model(path) for name, path in dirs.items()}
     tokenizer = load_tokenizer(os.path.join(plan.data_dir, "tokenizer"))
 
-    evaluation = _cached(os.path.join(workdir, "eval.json"), clock, "evaluate",
+    evaluation = stages.cached(os.path.join(workdir, "eval.json"), clock, "evaluate",
                          lambda: _evaluate(plan.student_config, workdir, models))
-    finetuned = _cached(os.path.join(workdir, "finetune.json"), clock, "finetune",
-                        lambda: finetune_models(config, workdir, dirs) if config.finetune.epochs > 0 else {})
-    examples = _cached(os.path.join(workdir, "examples.json"), clock, "examples",
+    finetuned = stages.cached(os.path.join(workdir, "finetune.json"), clock, "finetune",
+                        lambda: finetune.finetune_models(config, workdir, dirs) if config.finetune.epochs > 0 else {})
+    examples = stages.cached(os.path.join(workdir, "examples.json"), clock, "examples",
                        lambda: fill_mask_examples(tokenizer, models, config.demo.examples, config.train.seed))
     summary = _summary(evaluation, finetuned, examples, clock.times, dirs, config)
-    summary["wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(format_summary(summary), flush=True)
+    summary["wall_seconds_this_run"] = round(time.perf_counter() - began, 1)
+    stages.write_outputs(workdir, {"summary.json": summary}, show=format_summary(summary))
     return {k: summary[k] for k in ("teacher_mlm_accuracy", "student_mlm_accuracy", "retention",
                                     "student_mlm_only_accuracy", "distillation_gain") if k in summary}
 
@@ -204,27 +70,8 @@ def _evaluate(student_config, workdir, models) -> Dict:
     timing = batches[: student_config.demo.inference_batches]
     seconds = {name: evaluate.inference_seconds(models[name][0], models[name][1], timing)
                for name in ("teacher", "student")}
-    return {**found, "parameters": {n: count_parameters(p) for n, (_, p) in models.items()},
+    return {**found, "parameters": {n: stages.count_parameters(p) for n, (_, p) in models.items()},
             "inference_seconds": seconds, "inference_sequences": int(sum(len(b["input_ids"]) for b in timing))}
-
-
-def finetune_models(config, workdir: str, sources: Dict[str, str], task_kd: bool = True) -> Dict:
-    """Each model (name -> a Hugging Face dir or a checkpoint workdir) fine-tuned on
-    `finetune.task` by mode finetune in WORKDIR/finetune/NAME; with `task_kd` the student
-    again with task distillation from the fine-tuned teacher (student_task_kd): scores and
-    paired comparisons on the same held-out examples."""
-    runs = {name: (source, "") for name, source in sources.items()}
-    if task_kd:
-        runs["student_task_kd"] = (sources["student"], os.path.join(workdir, "finetune", "teacher"))
-    out: Dict[str, Any] = {"task": config.finetune.task, "models": {}}
-    hits = {}
-    for name, (source, teacher) in runs.items():  # the teacher first: the last run distils from it
-        scores, hits[name], _ = finetune.finetune_in(config, os.path.join(workdir, "finetune", finetune.slug(name)), source,
-                                                     teacher)
-        out["models"][name] = {k: v for k, v in scores.items() if k not in ("model", "teacher", "task", "labels")}
-        out["held_out"], out["classes"] = scores["held_out"], scores["labels"]
-    out["comparisons"] = evaluate.paired_comparisons(hits, np.arange(out["held_out"]))
-    return out
 
 
 # --- what a newcomer sees: fill-mask examples ------------------------------------------------

@@ -17,7 +17,6 @@ held-out examples. File sizes beside. Writes DIR/deploy.md and DIR/deploy.json;
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict
 
@@ -25,7 +24,8 @@ import jax
 import numpy as np
 
 from distil_jax.interop import hf, hf_heads, onnx_export
-from distil_jax.apps import demo, evaluate, finetune
+from distil_jax.apps import evaluate, finetune, stages
+from distil_jax.train import task
 
 FP32, INT8 = "onnx fp32", "onnx int8"
 
@@ -39,16 +39,17 @@ def task_scores(config, source: str, run_dir: str, out_dir: str) -> Dict:
     finished is read back), exported, and scored in JAX and ONNX fp32 / int8 on the same
     held-out examples: accuracies, paired differences, file sizes."""
     _, hits_jax, tuned = finetune.finetune_in(config, run_dir, source)
-    task, held = tuned.task, tuned.task.held_out
-    hf_dir = hf_heads.save_hf_classifier(jax.device_get(tuned.params), tuned.model.config, out_dir, task.labels,
+    task_set, held = tuned.task, tuned.task.held_out
+    hf_dir = hf_heads.save_hf_classifier(jax.device_get(tuned.params), tuned.model.config, out_dir, task_set.labels,
                                          tokenizer=tuned.tokenizer)
     files = onnx_export.export(hf_dir, task="text-classification")
     hits = {"jax": hits_jax}
     for kind, label in (("fp32", FP32), ("int8", INT8)):
         forward = onnx_export.onnx_forward(onnx_export.session(files[kind]["path"]))
-        hits[label] = outputs_in_blocks(forward, held).argmax(-1) == held["labels"]
+        logits = task.in_blocks(lambda block: forward(block["input_ids"], block["attention_mask"]), held)
+        hits[label] = logits.argmax(-1) == held["labels"]
     examples = np.arange(len(held["labels"]))
-    return {"task": task.name, "held_out": int(len(held["labels"])), "hf_dir": hf_dir,
+    return {"task": task_set.name, "held_out": int(len(held["labels"])), "hf_dir": hf_dir,
             "accuracy": {k: float(v.mean()) for k, v in hits.items()},
             "comparisons": {f"{INT8} - {FP32}": evaluate.paired_difference(hits[INT8], hits[FP32], examples),
                             f"{FP32} - jax": evaluate.paired_difference(hits[FP32], hits["jax"], examples)},
@@ -56,18 +57,10 @@ def task_scores(config, source: str, run_dir: str, out_dir: str) -> Dict:
             "max_difference": files["fp32"]["max_difference"]}
 
 
-def outputs_in_blocks(forward, arrays, rows: int = 256) -> np.ndarray:
-    """forward(input_ids, attention_mask) over `arrays` in blocks of `rows`, concatenated."""
-    return np.concatenate([np.asarray(forward(arrays["input_ids"][i: i + rows], arrays["attention_mask"][i: i + rows]))
-                           for i in range(0, len(arrays["input_ids"]), rows)])
-
-
 def run(config, workdir: str) -> Dict:
     """Mode deploy: export, quantize and score the demo's teacher and student."""
-    plan = demo.make_plan(config, workdir)
-    clock = demo.StageClock(os.path.join(workdir, "stages.json"))
-    demo.ensure_teacher(plan, clock)
-    dirs = {"teacher": plan.teacher_hf, "student": demo.ensure_student("student", plan, clock)}
+    plan, clock = stages.start(config, workdir)
+    dirs = {"teacher": plan.teacher_hf, "student": stages.ensure_student("student", plan, clock)}
     out: Dict = {"models": {}}
     forwards = {}
     for name, hf_dir in dirs.items():
@@ -77,7 +70,7 @@ def run(config, workdir: str) -> Dict:
         for kind, label in (("fp32", FP32), ("int8", INT8)):
             forwards[f"{name} {label}"] = onnx_export.onnx_forward(onnx_export.session(files[kind]["path"]))
         out["models"][name] = {
-            "hf_dir": hf_dir, "parameters": demo.count_parameters(model[1]),
+            "hf_dir": hf_dir, "parameters": stages.count_parameters(model[1]),
             "bytes": {"safetensors": _bytes(hf_dir), "fp32": files["fp32"]["bytes"], "int8": files["int8"]["bytes"]},
             "onnx": {k: files[k]["path"] for k in ("fp32", "int8")}, "max_difference": files["fp32"]["max_difference"]}
         if config.finetune.epochs > 0:
@@ -96,31 +89,26 @@ def run(config, workdir: str) -> Dict:
     t, s = out["models"]["teacher"]["bytes"], out["models"]["student"]["bytes"]
     out["student_int8_over_teacher_fp32_bytes"] = s["int8"] / t["fp32"]
     text = format_table(out)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "deploy.json"), "w") as f:
-            json.dump(out, f, indent=2)
-        with open(os.path.join(workdir, "deploy.md"), "w") as f:
-            f.write(text + "\n")
-        print(text, flush=True)
+    stages.write_outputs(workdir, {"deploy.json": out, "deploy.md": text}, show=text)
     return {"table": os.path.join(workdir, "deploy.md"),
             "student_int8_mlm_cost": out["models"]["student"]["mlm_comparisons"][f"{INT8} - {FP32}"]}
 
 
 def format_table(out: Dict) -> str:
-    lines = ["| model | runtime | file (MB) | held-out MLM accuracy (%) | fine-tuned accuracy (%) |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    runtimes, pairs = [], []
     for name, m in out["models"].items():
         task = m.get("task", {}).get("accuracy", {})
         for k, size in (("jax", "safetensors"), (FP32, "fp32"), (INT8, "int8")):
-            acc = f"{100 * task[k]:.2f}" if k in task else ""
-            lines.append(f"| {name} | {k} | {m['bytes'][size] / 1e6:.2f} | {100 * m['mlm_accuracy'][k]:.2f} | {acc} |")
-    lines += ["", "| comparison | held-out MLM accuracy, points ± paired s.e. | fine-tuned accuracy, points ± paired s.e. |",
-              "| --- | ---: | ---: |"]
-    for name, m in out["models"].items():
+            runtimes.append([name, k, f"{m['bytes'][size] / 1e6:.2f}", f"{100 * m['mlm_accuracy'][k]:.2f}",
+                             f"{100 * task[k]:.2f}" if k in task else ""])
         for c, mlm in m["mlm_comparisons"].items():
-            task = m.get("task", {}).get("comparisons", {}).get(c)
-            tuned = "" if task is None else f"{100 * task['difference']:+.2f} ± {100 * task['se_iid']:.2f}"
-            lines.append(f"| {name}: {c} | {100 * mlm['difference']:+.2f} ± {100 * mlm['se']:.2f} | {tuned} |")
+            tuned = m.get("task", {}).get("comparisons", {}).get(c)
+            pairs.append([f"{name}: {c}", f"{100 * mlm['difference']:+.2f} ± {100 * mlm['se']:.2f}",
+                          "" if tuned is None else f"{100 * tuned['difference']:+.2f} ± {100 * tuned['se_iid']:.2f}"])
+    lines = [stages.markdown_table(["model", "runtime", "file (MB)", "held-out MLM accuracy (%)",
+                                    "fine-tuned accuracy (%)"], runtimes, right=(False, False, True, True, True)), "",
+             stages.markdown_table(["comparison", "held-out MLM accuracy, points ± paired s.e.",
+                                    "fine-tuned accuracy, points ± paired s.e."], pairs, right=(False, True, True))]
     lines.append("")
     lines.append(f"{out['held_out_targets']:,} held-out MLM targets, the same for every row (standard errors "
                  "clustered by sequence); fine-tuned accuracy on the same held-out examples for every row. "

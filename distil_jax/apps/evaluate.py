@@ -17,17 +17,16 @@ error a comparison on other held-out text of this kind would show.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import storage
+from distil_jax.apps import stages
+from distil_jax.bench.timing import median_seconds
 from distil_jax.interop import hf
 from distil_jax.train import losses
 from distil_jax.checkpoint import NoCheckpointError, load_model
@@ -84,9 +83,7 @@ def as_forward(model) -> Callable:
 def _stats(logits, labels, am, ref_logits):
     """Per position: hit and negative log-likelihood of the label; against the reference
     logits (when given): KL(reference || model) at T=1 and top-1 agreement, summed over real tokens."""
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    label = jnp.clip(labels, 0, logits.shape[-1] - 1)
-    nll = -jnp.take_along_axis(log_p, label[..., None], axis=-1)[..., 0]
+    nll = losses.token_nll(logits, labels)
     hit = jnp.argmax(logits, axis=-1) == labels
     n_real = jnp.sum(am).astype(jnp.float32)
     kl = losses.kd_loss(logits, ref_logits, am, 1.0) * n_real
@@ -176,17 +173,14 @@ def most_frequent_accuracy(batches: List[Batch], token_counts: np.ndarray, speci
 
 
 def inference_seconds(module, params, batches: List[Batch], repeats: int = 3) -> float:
-    """Best-of-`repeats` wall time of a forward pass over `batches` (compiled beforehand)."""
+    """The median over `repeats` of the wall time of a forward pass over `batches` (every
+    shape compiled in a first, untimed pass)."""
     logits = jitted_logits(module)
-    for b in batches:  # compile every shape first
-        logits(params, b["input_ids"], b["attention_mask"]).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def one_pass():
         for b in batches:
             logits(params, b["input_ids"], b["attention_mask"]).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return median_seconds(one_pass, repeats)[0]
 
 
 def held_out_batches(config, workdir: str, vocab_size: int) -> Tuple[List[Batch], object]:
@@ -229,6 +223,5 @@ def run(config, workdir: str) -> Dict:
     if not models:
         raise NoCheckpointError(os.path.join(workdir, "checkpoints"))
     results, _ = compare_on_held_out(config, workdir, models)
-    if jax.process_index() == 0:
-        storage.write_text(storage.join(workdir, "eval.json"), json.dumps(results, indent=2))
+    stages.write_outputs(workdir, {"eval.json": results})
     return results

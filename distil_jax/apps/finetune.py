@@ -22,10 +22,10 @@ import json
 import os
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
-import jax
 import numpy as np
 
-from distil_jax import runtime, storage
+from distil_jax import runtime
+from distil_jax.apps import evaluate, stages
 from distil_jax.train import task, trainer
 from distil_jax.checkpoint import checkpoint_tokenizer, load_model, params_fingerprint, saved_steps
 from distil_jax.config import with_changes
@@ -42,14 +42,9 @@ class FineTuned(NamedTuple):
     tokenizer: Any
 
 
-def slug(name: str) -> str:
-    """A task's or a model's name as a directory name (glue/sst2 -> glue_sst2)."""
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
 def run_dir(config, workdir: str) -> str:
     """Where mode finetune trains: `finetune.dir`, default WORKDIR/finetune/slug(TASK)."""
-    return config.finetune.dir or os.path.join(workdir, "finetune", slug(config.finetune.task))
+    return config.finetune.dir or os.path.join(workdir, "finetune", stages.slug(config.finetune.task))
 
 
 def finetune_in(config, directory: str, model: str, teacher: str = "") -> Tuple[Dict[str, Any], np.ndarray, FineTuned]:
@@ -102,10 +97,29 @@ def finished_run(config, directory: str) -> Optional[Tuple[FineTuned, int]]:
     return FineTuned(module, params, tasks.task_data(wanted.finetune, tokenizer), tokenizer), meta["step"]
 
 
+def finetune_models(config, workdir: str, sources: Dict[str, str], task_kd: bool = True) -> Dict:
+    """Each model (name -> a Hugging Face dir or a checkpoint workdir) fine-tuned on
+    `finetune.task` by mode finetune in WORKDIR/finetune/NAME; with `task_kd` the student
+    again with task distillation from the fine-tuned teacher (student_task_kd): scores and
+    paired comparisons on the same held-out examples."""
+    runs = {name: (source, "") for name, source in sources.items()}
+    if task_kd:
+        runs["student_task_kd"] = (sources["student"], os.path.join(workdir, "finetune", "teacher"))
+    out: Dict[str, Any] = {"task": config.finetune.task, "models": {}}
+    hits = {}
+    for name, (source, teacher) in runs.items():  # the teacher first: the last run distils from it
+        scores, hits[name], _ = finetune_in(config, os.path.join(workdir, "finetune", stages.slug(name)), source, teacher)
+        out["models"][name] = {k: v for k, v in scores.items() if k not in ("model", "teacher", "task", "labels")}
+        out["held_out"], out["classes"] = scores["held_out"], scores["labels"]
+    out["comparisons"] = evaluate.paired_comparisons(hits, np.arange(out["held_out"]))
+    return out
+
+
+
+
 def run(config, workdir: str) -> Dict:
     """Mode finetune -> WORKDIR/finetune.json."""
     f = config.finetune
     result, _, _ = finetune_in(config, run_dir(config, workdir), f.model or workdir, f.teacher)
-    if jax.process_index() == 0:
-        storage.write_text(storage.join(workdir, "finetune.json"), json.dumps(result, indent=2))
+    stages.write_outputs(workdir, {"finetune.json": result})
     return result

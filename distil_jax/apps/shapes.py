@@ -22,17 +22,13 @@ DIR/shapes.json.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Tuple
 
-import jax
 
-from distil_jax import runtime
+from distil_jax.apps import evaluate, finetune, stages
+from distil_jax.checkpoint import load_model
 from distil_jax.interop import hf
-from distil_jax.train import trainer
-from distil_jax.apps import demo, evaluate, finetune
-from distil_jax.checkpoint import load_model, saved_steps
 
 LOGIT_KD = {"distill.alpha_cos": 0.0, "student.init": "random"}
 RELATIONS = (("relation",),)
@@ -62,7 +58,7 @@ def variants(config, teacher) -> Dict[str, dict]:
     sizes = narrow_sizes(config, teacher)
     pairs = hidden_pairs(teacher.num_layers, sizes["student.num_layers"])
     return {
-        MLM_ONLY: {**sizes, **demo.MLM_ONLY, "student.init": "random"},
+        MLM_ONLY: {**sizes, **stages.MLM_ONLY, "student.init": "random"},
         KD: {**sizes, **LOGIT_KD},
         KD_RELATIONS: {**sizes, **LOGIT_KD, "distill.layer_terms": RELATIONS},
         KD_HIDDEN: {**sizes, **LOGIT_KD, "distill.layer_terms": RELATIONS + pairs},
@@ -71,20 +67,15 @@ def variants(config, teacher) -> Dict[str, dict]:
 
 def _train(plan, workdir: str, name: str, changes: dict) -> str:
     """The row's run directory, trained unless it is finished."""
-    cfg = demo.stage_config(plan.student_config, **changes)
-    run_dir = os.path.join(workdir, "shapes", finetune.slug(name))
-    if cfg.train.steps not in saved_steps(run_dir):  # a finished run is only read
-        runtime.finish(trainer.train(cfg, run_dir)[1])
-    return run_dir
+    return stages.train_unless_finished(stages.stage_config(plan.student_config, **changes),
+                                        os.path.join(workdir, "shapes", stages.slug(name)))
 
 
 def run(config, workdir: str) -> Dict:
     """Mode shapes: the rows trained (the demo's stages first when missing), compared."""
-    plan = demo.make_plan(config, workdir)
-    clock = demo.StageClock(os.path.join(workdir, "stages.json"))
-    demo.ensure_teacher(plan, clock)
+    plan, clock = stages.start(config, workdir)
     teacher = hf.load_hf_model(plan.teacher_hf)
-    sources = {"teacher": plan.teacher_hf, HALF_DEPTH: demo.ensure_student("student", plan, clock)}
+    sources = {"teacher": plan.teacher_hf, HALF_DEPTH: stages.ensure_student("student", plan, clock)}
     models = {"teacher": teacher, HALF_DEPTH: hf.load_hf_model(sources[HALF_DEPTH])}
     rows = variants(config, teacher[0].config)
     for name, changes in rows.items():
@@ -102,14 +93,14 @@ def run(config, workdir: str) -> Dict:
 
     timing = batches[: config.demo.inference_batches]
     seconds = {n: evaluate.inference_seconds(m, p, timing) for n, (m, p) in models.items()}
-    tuned = demo.finetune_models(config, workdir, sources, task_kd=False) if config.finetune.epochs > 0 else {}
+    tuned = finetune.finetune_models(config, workdir, sources, task_kd=False) if config.finetune.epochs > 0 else {}
     results, pairs = found["models"], found["comparisons"]
     table = []
     for name, (module, params) in models.items():
         r = results[name]
         table.append({"model": name, "layers": module.config.num_layers, "width": module.config.hidden_size,
-                      "heads": module.config.num_heads, "parameters": demo.count_parameters(params),
-                      "non_embedding_parameters": demo.count_parameters(params["encoder"]),
+                      "heads": module.config.num_heads, "parameters": stages.count_parameters(params),
+                      "non_embedding_parameters": stages.count_parameters(params["encoder"]),
                       "mlm_accuracy": r["mlm_accuracy"], "perplexity": r["perplexity"],
                       "agreement": r.get("agreement_with_teacher"),
                       "finetune_accuracy": tuned.get("models", {}).get(name, {}).get("accuracy"),
@@ -121,32 +112,27 @@ def run(config, workdir: str) -> Dict:
            "best_objective": best, "held_out_targets": results["teacher"]["targets"],
            "finetune_task": tuned.get("task"), "updates": plan.student_config.train.steps}
     text = format_table(out)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "shapes.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(workdir, "shapes.json"), "w") as f:
-            json.dump(out, f, indent=2)
-        print(text, flush=True)
+    stages.write_outputs(workdir, {"shapes.md": text, "shapes.json": out}, show=text)
     return {"table": os.path.join(workdir, "shapes.md"), "comparisons": comparisons}
 
 
 def format_table(out: Dict) -> str:
-    lines = ["| model | layers x width (heads) | parameters (non-embedding) | held-out MLM accuracy (%) "
-             "| perplexity | agreement with teacher (%) | fine-tuned accuracy (%) | speed-up vs teacher |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     pct = lambda x: "" if x is None else f"{100 * x:.2f}"  # noqa: E731
-    for r in out["rows"]:
-        lines.append(f"| {r['model']} | {r['layers']} x {r['width']} ({r['heads']}) | {r['parameters']:,} "
-                     f"({r['non_embedding_parameters']:,}) | {pct(r['mlm_accuracy'])} | {r['perplexity']:.2f} "
-                     f"| {pct(r['agreement']) if r['model'] != 'teacher' else ''} | {pct(r['finetune_accuracy'])} "
-                     f"| {r['speedup']:.2f}x |")
-    lines.append("")
-    lines.append("| comparison | held-out MLM accuracy, points ± paired s.e. | fine-tuned accuracy, points ± paired s.e. |")
-    lines.append("| --- | ---: | ---: |")
+    models = [[r["model"], f"{r['layers']} x {r['width']} ({r['heads']})",
+               f"{r['parameters']:,} ({r['non_embedding_parameters']:,})", pct(r["mlm_accuracy"]),
+               f"{r['perplexity']:.2f}", pct(r["agreement"]) if r["model"] != "teacher" else "",
+               pct(r["finetune_accuracy"]), f"{r['speedup']:.2f}x"] for r in out["rows"]]
+    pairs = []
     for name, c in out["comparisons"].items():
         f = out["finetune_comparisons"].get(name)
-        tuned = "" if f is None else f"{100 * f['difference']:+.2f} ± {100 * f['se']:.2f}"
-        lines.append(f"| {name} | {100 * c['difference']:+.2f} ± {100 * c['se']:.2f} | {tuned} |")
+        pairs.append([name, f"{100 * c['difference']:+.2f} ± {100 * c['se']:.2f}",
+                      "" if f is None else f"{100 * f['difference']:+.2f} ± {100 * f['se']:.2f}"])
+    lines = [stages.markdown_table(
+        ["model", "layers x width (heads)", "parameters (non-embedding)", "held-out MLM accuracy (%)", "perplexity",
+         "agreement with teacher (%)", "fine-tuned accuracy (%)", "speed-up vs teacher"], models,
+        right=(False, False) + (True,) * 6), "",
+        stages.markdown_table(["comparison", "held-out MLM accuracy, points ± paired s.e.",
+                               "fine-tuned accuracy, points ± paired s.e."], pairs, right=(False, True, True))]
     by_name = {r["model"]: r for r in out["rows"]}
     per_param = lambda r: 100 * r["mlm_accuracy"] / (r["parameters"] / 1e6)  # noqa: E731
     best = max((r for r in out["rows"] if r["model"] not in ("teacher", HALF_DEPTH)), key=lambda r: r["mlm_accuracy"])

@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from distil_jax import parallel
 
@@ -61,15 +62,19 @@ def task_kd_loss(student_logits, teacher_logits, temperature: float, mask=None) 
     return kd_loss(student_logits, teacher_logits, rows, temperature)
 
 
-def mlm_loss(logits, labels, weights) -> jax.Array:
-    """Cross-entropy of `labels` averaged over rows with weight 1.
-
-    Labels outside the selected rows may hold anything (HF's -100 included).
-    """
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+def token_nll(logits, labels) -> jax.Array:
+    """-log softmax(logits)[label] per row, in float32: the cross-entropy on whole logits
+    (evaluation, a task's loss, `mlm_loss`; training's MLM term is the fused, blocked
+    `vocab_terms`, proven equal to it). A label outside the vocabulary (HF's -100 on a
+    row the caller leaves out) is clipped into it."""
     safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
-    per_row = -jnp.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
-    return _mean_over_rows(per_row, weights)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+
+
+def mlm_loss(logits, labels, weights) -> jax.Array:
+    """Cross-entropy of `labels` averaged over rows with weight 1 (rows with weight 0 may
+    hold any label)."""
+    return _mean_over_rows(token_nll(logits, labels), weights)
 
 
 def cosine_loss(student_hidden, teacher_hidden, weights) -> jax.Array:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax.train import losses
-from distil_jax.train.terms import LAYER_KINDS, PROJECTIONS, LayerTerm, LossWeights, model_params
+from distil_jax.terms import LAYER_KINDS, PROJECTIONS, LayerTerm, LossWeights, model_params
 from distil_jax.train.masking import mask_tokens, token_probs_from_counts
 from distil_jax.models import MaskedLM, MaskedLMOutput, apply_recording
 

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from distil_jax import parallel
-from distil_jax.train.terms import TrainingObjective
+from distil_jax.terms import TrainingObjective
 from distil_jax.train import optim
 
 

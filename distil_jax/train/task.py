@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from distil_jax.interop import hf, hf_heads
 from distil_jax.train import losses
@@ -74,12 +73,10 @@ class TaskObjective:
     def task_loss(self, out, batch) -> jax.Array:
         mean = losses.mean_over_rows
         if self.kind == "question_answering":
-            ce = optax.softmax_cross_entropy_with_integer_labels
-            return 0.5 * (mean(ce(out[0].astype(jnp.float32), batch["start"]))
-                          + mean(ce(out[1].astype(jnp.float32), batch["end"])))
+            return 0.5 * (mean(losses.token_nll(out[0], batch["start"])) + mean(losses.token_nll(out[1], batch["end"])))
         if self.kind == "regression":
             return mean((out[:, 0].astype(jnp.float32) - batch["labels"]) ** 2)
-        return mean(optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), batch["labels"]))
+        return mean(losses.token_nll(out, batch["labels"]))
 
     def kd_loss(self, out, teacher_out, batch) -> jax.Array:
         t = self.temperature
@@ -172,15 +169,20 @@ def load_task_model(source: str) -> Tuple[Any, Any, List[str]]:
 
 
 # --- evaluation ---------------------------------------------------------------------------
+def in_blocks(forward: Callable[[Dict[str, np.ndarray]], Any], arrays: Dict[str, np.ndarray], rows: int = 256):
+    """forward(block) over `arrays` in blocks of `rows` rows, concatenated as float32 numpy
+    (an output that is a tuple, QA's (start, end), element by element)."""
+    n = len(arrays["input_ids"])
+    blocks = [forward({k: v[i: i + rows] for k, v in arrays.items()}) for i in range(0, n, rows)]
+    if isinstance(blocks[0], (tuple, list)):
+        return tuple(np.concatenate([np.asarray(b[j], np.float32) for b in blocks]) for j in range(len(blocks[0])))
+    return np.concatenate([np.asarray(b, np.float32) for b in blocks])
+
+
 def outputs(model, params, arrays: Dict[str, np.ndarray], rows: int = 256):
     """The model's outputs over `arrays` in blocks of `rows` (float32 numpy; QA: (start, end))."""
     forward = jax.jit(lambda p, x: model.apply({"params": p}, **x))
-    inputs = model_inputs(arrays)
-    blocks = [jax.device_get(forward(params, {k: v[i: i + rows] for k, v in inputs.items()}))
-              for i in range(0, len(inputs["input_ids"]), rows)]
-    if isinstance(model, QuestionAnswerer):
-        return tuple(np.concatenate([np.asarray(b[j], np.float32) for b in blocks]) for j in (0, 1))
-    return np.concatenate([np.asarray(b, np.float32) for b in blocks])
+    return in_blocks(lambda block: jax.device_get(forward(params, model_inputs(block))), arrays, rows)
 
 
 def evaluate(model, params, task: TaskSet) -> Tuple[Dict[str, float], np.ndarray]:

@@ -43,7 +43,7 @@ from distil_jax.data.tokenizer import special_ids
 from distil_jax.metrics import MetricWriter, device_peak_tflops, train_flops_per_token, window_summary
 from distil_jax.models import Bert, DistilBert, MaskedLM, init_params, logical_axes
 from distil_jax.train.objective import Objective, init_projections
-from distil_jax.train.terms import PROJECTIONS, TrainingObjective, model_params
+from distil_jax.terms import PROJECTIONS, TrainingObjective, model_params
 from distil_jax.train.step import TrainState, compiled_step, tree_all_finite
 from distil_jax.train.student_init import (activation_importance, init_student_from_teacher,
                                      student_config_from_teacher)
