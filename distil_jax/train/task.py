@@ -22,7 +22,6 @@ step and loop (trainer.py); this module is what differs from pretraining distill
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Dict, List, Tuple
 
 import flax.linen as nn
@@ -202,51 +201,41 @@ def evaluate(model, params, task: TaskSet) -> Tuple[Dict[str, float], np.ndarray
     return task_metrics(task.metrics, predictions, gold), (predictions == gold).astype(np.float64)
 
 
+# GLUE's metrics by scikit-learn and SciPy, imported when scored (not by every run that imports
+# this module). Undefined ones (a constant input, under two examples) score 0, as GLUE reports.
+def _undefined(*arrays) -> bool:
+    return any(len(a) < 2 or np.all(a == a[0]) for a in arrays)
+
+
 def accuracy(pred, gold) -> float:
-    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+    from sklearn.metrics import accuracy_score
+    return float(accuracy_score(np.asarray(gold), np.asarray(pred)))
 
 
 def f1(pred, gold) -> float:
-    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP."""
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    tp = np.sum((pred == 1) & (gold == 1))
-    precision = tp / max(np.sum(pred == 1), 1)
-    recall = tp / max(np.sum(gold == 1), 1)
-    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP (0 with no positive)."""
+    from sklearn.metrics import f1_score
+    return float(f1_score(np.asarray(gold), np.asarray(pred), labels=[1], average=None, zero_division=0.0)[0])
 
 
 def matthews(pred, gold) -> float:
-    """Matthews correlation of binary predictions (CoLA)."""
+    """Matthews correlation of the predictions (CoLA)."""
+    from sklearn.metrics import matthews_corrcoef
     pred, gold = np.asarray(pred), np.asarray(gold)
-    tp = float(np.sum((pred == 1) & (gold == 1)))
-    tn = float(np.sum((pred == 0) & (gold == 0)))
-    fp = float(np.sum((pred == 1) & (gold == 0)))
-    fn = float(np.sum((pred == 0) & (gold == 1)))
-    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / denom if denom else 0.0
+    return 0.0 if _undefined(pred, gold) else float(matthews_corrcoef(gold, pred))
 
 
 def pearson(x, y) -> float:
+    from scipy.stats import pearsonr
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / denom) if denom else 0.0
-
-
-def ranks(x) -> np.ndarray:
-    """Ranks with ties given their average rank (as Spearman's definition needs)."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    out = np.empty(len(x))
-    out[order] = np.arange(len(x), dtype=np.float64)
-    for value in np.unique(x):
-        tied = x == value
-        out[tied] = out[tied].mean()
-    return out
+    return 0.0 if _undefined(x, y) else float(pearsonr(x, y).statistic)
 
 
 def spearman(x, y) -> float:
-    return pearson(ranks(x), ranks(y))
+    """Pearson correlation of the ranks (ties share their average rank)."""
+    from scipy.stats import spearmanr
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return 0.0 if _undefined(x, y) else float(spearmanr(x, y).statistic)
 
 
 METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
