@@ -189,24 +189,36 @@ class WorkdirBusy(RuntimeError):
 class WorkdirLock:
     """`WORKDIR/lock` names the process that runs there (pid, host, start time).
 
-    Taken with an exclusive create, so of two starts one wins. A lock whose process is
-    gone is taken over: on the same host when its pid no longer runs (a `kill -9`'s
-    successor starts), on another host when it has not been refreshed for
-    `stale_after_s` (while held, a thread refreshes it every `refresh_s`). Taking a lock
-    this process already holds (main takes the workdir's, then training takes it again)
-    counts up and releases at the last `release`. On a bucket the create is a write on
-    condition that no object is there (GCS's generation precondition), so of two starts
-    one wins there too. Process 0 of a run holds it (`hold_workdir`).
+    Taken with an exclusive create (`storage.create_exclusive`), so of two starts one
+    wins: locally the record is written to a temporary file that is hard-linked into
+    place, which fails when a lock is there; on a bucket one upload on GCS's precondition
+    that no object is there (`ifGenerationMatch=0`). Either way the lock appears whole,
+    never empty. A lock whose process is gone is taken over: on the same host when its pid
+    no longer runs (a `kill -9`'s successor starts), on another host when it has not been
+    refreshed for `stale_after_s` (while held, a thread refreshes it every `refresh_s`).
+    A lock file with no readable record (empty: written by an older version, or on a
+    filesystem without hard links, by a start killed between its create and its write;
+    or another program's file) names no process to ask, so its age alone decides: it is
+    taken over once it is `stale_after_s` old and refused before. Ages are the file's
+    modification time (the object's update time on a bucket) against this host's `clock`.
+    A takeover removes exactly the file it judged (`storage.remove_if`: on GCS a delete on
+    the generation's precondition; locally a rename, with the narrow gap `remove_if`
+    describes), so of two takers one wins. Taking a lock this process
+    already holds (main takes the workdir's, then training takes it again) counts up and
+    releases at the last `release`. Process 0 of a run holds it (`hold_workdir`).
     """
 
     _held: Dict[str, "WorkdirLock"] = {}  # path -> the lock this process holds there
     _registry = threading.Lock()
+    clock = staticmethod(time.time)  # "now" for ages (tests give a lock another clock)
 
     def __init__(self, workdir: str, stale_after_s: float = 600.0, refresh_s: float = 60.0):
-        self.path = epath.Path(workdir) / "lock"
+        self.path = epath.Path(absolute(workdir)) / "lock"  # absolute: the key of `of`
         self.stale_after_s, self.refresh_s = stale_after_s, refresh_s
         self._depth = 0
         self._stop = threading.Event()
+        self._token = ""  # this holder's mark in its record (several locks of one process differ)
+        self._refresher: Optional[threading.Thread] = None
 
     @classmethod
     def of(cls, workdir: str) -> "WorkdirLock":
@@ -220,71 +232,91 @@ class WorkdirLock:
         return {"pid": os.getpid(), "host": socket.gethostname()}
 
     def _holder(self) -> Optional[dict]:
+        """The lock's record; {} when it holds none that can be read (empty, half-written
+        by another program, not JSON); None when there is no lock."""
         try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):  # gone, or half-written by a killed process
+            record = json.loads(storage.read_text(os.fspath(self.path)))
+        except FileNotFoundError:
             return None
+        except ValueError:  # empty or not JSON (UnicodeDecodeError is a ValueError)
+            return {}
+        return record if isinstance(record, dict) else {}
 
-    def _gone(self, holder: dict) -> bool:
-        if holder.get("host") == socket.gethostname():
+    def _gone(self, holder: dict, age: float) -> bool:
+        """Whether the lock's process no longer runs, so the lock can be taken over."""
+        if holder.get("host") == socket.gethostname() and "pid" in holder:
             try:
                 os.kill(int(holder["pid"]), 0)
             except ProcessLookupError:
                 return True
             except PermissionError:  # another user's live process
                 return False
+            except (ValueError, OverflowError):  # no pid of this host: its age says
+                return age > self.stale_after_s
             return False
-        return time.time() - self.path.stat().mtime > self.stale_after_s
-
-    def _write_exclusive(self, record: dict) -> bool:
-        text = json.dumps(record)
-        if is_remote(os.fspath(self.path)):  # GCS: a write on condition that no object is there
-            return storage.create_exclusive(os.fspath(self.path), text.encode())
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return True
+        return age > self.stale_after_s  # another host, or no record: not refreshed for too long
 
     def acquire(self) -> "WorkdirLock":
         if self._depth:
             self._depth += 1
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {**self._me(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        path = os.fspath(self.path)
+        storage.makedirs(os.fspath(self.path.parent))
+        self._token = os.urandom(16).hex()
+        record = {**self._me(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": self._token}
         for _ in range(3):  # a stale lock removed between two starts: try again
-            if self._write_exclusive(record):
+            if storage.create_exclusive(path, json.dumps(record).encode()):
                 self._depth = 1
                 with self._registry:
-                    self._held[os.fspath(self.path)] = self
+                    self._held[path] = self
                 self._stop.clear()
-                threading.Thread(target=self._keep_fresh, name="workdir-lock", daemon=True).start()
+                self._refresher = threading.Thread(target=self._keep_fresh, name="workdir-lock", daemon=True)
+                self._refresher.start()
                 return self
+            try:
+                when, version = storage.stamp(path)  # before the read: a removal is of this version
+            except FileNotFoundError:
+                continue  # released or taken over meanwhile
             holder = self._holder()
             if holder is None:
                 continue
-            if not self._gone(holder):
+            age = self.clock() - when
+            if not self._gone(holder, age):
+                if not holder:
+                    raise WorkdirBusy(
+                        f"{self.path.parent} is locked by {self.path}, which holds no readable record "
+                        f"(a start killed while writing it?), last written {age:.0f} s ago; it is taken "
+                        f"over once it is {self.stale_after_s:.0f} s old. If no run uses this workdir, "
+                        f"delete {self.path}")
                 raise WorkdirBusy(
                     f"{self.path.parent} is in use by process {holder.get('pid')} on host "
                     f"{holder.get('host')} (started {holder.get('started')}); two runs in one workdir "
                     "would overwrite each other's checkpoints and metrics. Wait for it to finish, "
                     "stop it, or use another --workdir. If that process is gone, delete "
                     f"{self.path}")
-            self.path.unlink(missing_ok=True)  # its process is gone: take it over
+            storage.remove_if(path, version)  # its process is gone: take it over (unless replaced)
         raise WorkdirBusy(f"could not take {self.path}: other processes keep taking it")
 
     def _keep_fresh(self) -> None:
-        """Mark the lock alive for a start on another host (`_gone` reads its age)."""
+        """Mark the lock alive for a start on another host (`_gone` reads its age); stop,
+        saying so, if it is no longer this holder's."""
+        path = os.fspath(self.path)
         while not self._stop.wait(self.refresh_s):
             try:
-                if is_remote(os.fspath(self.path)):
-                    self.path.write_text(self.path.read_text())
+                text = storage.read_text(path)
+                try:
+                    mine = json.loads(text).get("token") == self._token
+                except (ValueError, AttributeError):
+                    mine = False
+                if not mine:
+                    logging.warning("%s is no longer this run's (taken over as stale?); not refreshed", path)
+                    return
+                if is_remote(path):
+                    storage.write_text(path, text)
                 else:
-                    os.utime(self.path)
+                    os.utime(path)
             except OSError as e:  # a missing lock is recreated by nobody: say so once
-                logging.warning("could not refresh %s: %s", self.path, e)
+                logging.warning("could not refresh %s: %s", path, e)
                 return
 
     def release(self) -> None:
@@ -293,9 +325,18 @@ class WorkdirLock:
         self._depth -= 1
         if self._depth == 0:
             self._stop.set()
+            if self._refresher is not None:  # no refresh after the removal (nor during it)
+                self._refresher.join()
+                self._refresher = None
+            path = os.fspath(self.path)
             with self._registry:
-                self._held.pop(os.fspath(self.path), None)
-            self.path.unlink(missing_ok=True)
+                self._held.pop(path, None)
+            try:  # remove the lock if it is still this holder's (not taken over meanwhile)
+                version = storage.stamp(path)[1]
+                if (self._holder() or {}).get("token") == self._token:
+                    storage.remove_if(path, version)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self):
         return self.acquire()

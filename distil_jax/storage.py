@@ -14,11 +14,13 @@ remote directory once into a cache (`DISTIL_JAX_CACHE`, default the temp dir) an
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import socket
 import tempfile
+import uuid
 from typing import List, Tuple
 
 import fsspec
@@ -84,19 +86,121 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def _is_gcs(fs) -> bool:
+    return "gs" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def create_exclusive(path: str, data: bytes) -> bool:
-    """Write `path` only if it does not exist: False if it exists. On GCS one request with
-    the precondition that no object is there (atomic); elsewhere fsspec's create mode,
-    which checks and then writes (the lock creates local files with O_EXCL itself)."""
+    """Write `path` whole only if nothing is there: False if something is. Of two callers
+    (processes, hosts) that race, exactly one gets True, and nobody ever reads the file
+    part-written:
+
+    - locally the data goes to a temporary file of this process, which is then hard-linked
+      to `path`: link(2) fails when `path` exists (atomic, as O_CREAT|O_EXCL is) and `path`
+      appears with its whole content (an O_EXCL create followed by a write leaves an empty
+      file when the process is killed in between). Where the filesystem has no hard links,
+      O_CREAT|O_EXCL and a write (the reader treats an empty file by its age);
+    - on GCS one upload with the precondition `ifGenerationMatch=0` (the server refuses it,
+      412, when an object is there), sent through gcsfs's JSON-API upload itself: not
+      `pipe_file`, whose zonal-bucket path ignores mode="create", nor fsspec's generic
+      create mode, which checks and then writes;
+    - other object stores: fsspec's create mode (checks, then writes: not atomic)."""
+    if not is_remote(path):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some network and FUSE filesystems)
+                pass
+        finally:
+            os.remove(tmp)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
     fs, p = filesystem(path)
     try:
-        fs.pipe_file(p, data, mode="create")
-    except FileExistsError:
+        if _is_gcs(fs):
+            from fsspec.asyn import sync
+            from gcsfs.core import GCSFileSystem
+            sync(fs.loop, GCSFileSystem._pipe_file, fs, p, data, mode="create")
+        else:
+            fs.pipe_file(p, data, mode="create")
+    except FileExistsError:  # gcsfs: the precondition failed (412)
         return False
-    except OSError as e:  # gcsfs reports a failed precondition (412) as an OSError
-        if "412" in str(e) or "recondition" in str(e):
+    return True
+
+
+def stamp(path: str) -> Tuple[float, object]:
+    """(when `path` was last written, seconds since the epoch; its version): the version
+    changes with every write and touch (GCS: the object's generation; locally: inode and
+    modification time in ns), so `remove_if` removes the very file that was judged.
+    FileNotFoundError when there is none."""
+    if not is_remote(path):
+        st = os.stat(path)
+        return st.st_mtime, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    fs, p = filesystem(path)
+    info = fs.info(p)
+    when = next((info[k] for k in ("mtime", "updated", "LastModified", "last_modified") if info.get(k)), None)
+    if when is None:
+        raise OSError(f"{path}: the store gives no modification time")
+    if isinstance(when, str):
+        when = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    if isinstance(when, datetime.datetime):
+        when = when.timestamp()
+    version = info.get("generation") or info.get("ETag") or info.get("etag") or when
+    return float(when), version
+
+
+def remove_if(path: str, version) -> bool:
+    """Remove `path` if it is still the version `stamp` gave (not rewritten, touched or
+    replaced since): False, leaving it, otherwise. On GCS one delete on the precondition
+    `ifGenerationMatch` (atomic). Locally the file is renamed aside (atomic) and put back,
+    by a hard link, when it turns out to be another; between the two a creator may slip
+    in, which POSIX gives no way to exclude. Other stores: checked, then removed."""
+    if not is_remote(path):
+        aside = f"{path}.removed-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
             return False
-        raise
+        try:
+            if stamp(aside)[1] == version:
+                return True
+            try:
+                os.link(aside, path)  # not the one judged: put it back
+            except FileExistsError:
+                pass
+            return False
+        finally:
+            os.remove(aside)
+    fs, p = filesystem(path)
+    if _is_gcs(fs):
+        from fsspec.asyn import sync
+        bucket, key, _ = fs.split_path(p)
+        try:
+            sync(fs.loop, fs._call, "DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(version))
+        except (FileExistsError, FileNotFoundError):  # 412: rewritten since; 404: gone
+            return False
+        fs.invalidate_cache(p)
+        return True
+    try:
+        if stamp(path)[1] != version:
+            return False
+        fs.rm_file(p)
+    except FileNotFoundError:
+        return False
     return True
 
 
