@@ -19,7 +19,7 @@ import os
 
 from distil_jax.metrics import PEAK_TFLOPS, forward_flops_per_token
 from distil_jax.models import BertConfig
-from distil_jax.student_init import student_config_from_teacher
+from distil_jax.train.student_init import student_config_from_teacher
 
 V100_FP32_TFLOPS = 15.7  # V100 SXM2 without tensor cores
 MACHINES = (("8 x V100 (paper)", 8, "V100"), ("8 x H100", 8, "H100"),

@@ -1,16 +1,31 @@
 """`python -m distil_jax.bench`: every subcommand runs on a tiny shape and prints valid JSON
 with every field, and its numbers are consistent with each other."""
 
+import importlib
 import json
 import math
 import os
 
+import jax
 import pytest
 
 from distil_jax.bench import cli, step as bench_step
 
 TINY = ["--teacher_layers", "2", "--student_layers", "1", "--hidden", "32", "--heads", "4", "--ffn", "64",
         "--vocab", "256", "--batch", "8", "--seq", "16", "--steps", "2"]
+
+
+def _hand_count_flops_per_token(logit_fraction=1.0):
+    """Train FLOPs per token of TINY, counted by hand from its matmuls (2 FLOPs a multiply-add):
+    student forward + backward (3 x forward) + teacher forward, the MLM head (transform and
+    vocabulary projection) on `logit_fraction` of the positions. d=32, ffn=64, vocab=256,
+    seq=16; teacher 2 layers, student 1."""
+    d, f, v, s = 32, 64, 256, 16
+    layer = (2 * d * d * 4  # q, k, v, output projections
+             + 2 * d * f * 2  # ffn in and out
+             + 2 * s * d * 2)  # q.k scores and probabilities x v, per token
+    head = logit_fraction * (2 * d * d + 2 * d * v)  # transform; the vocabulary projection
+    return 3 * (1 * layer + head) + (2 * layer + head)
 
 
 def _records(capsys, argv):
@@ -34,10 +49,12 @@ def test_bench_train_reports_every_field(capsys, extra):
                      "mfu", "matmul_tflops", "fraction_of_matmul", "xla_temp_gb", "process_peak_rss_gb")
     per_call = 2 if extra else 1
     assert r["micro_batches_per_update"] == per_call
-    assert r["tokens_per_s"] == pytest.approx(per_call * 8 * 16 / r["step_s"])
-    assert r["sequences_per_s"] == pytest.approx(r["tokens_per_s"] / 16)
-    assert r["mfu"] == pytest.approx(r["model_tflops_per_device"] / 1.0)
-    assert r["fraction_of_matmul"] == pytest.approx(r["model_tflops_per_device"] / r["matmul_tflops"])
+    # FLOPs against the hand count (with --restrict_ce_to_mask only the masked 15% get logits),
+    # per update and through the rates: MFU x peak x devices / tokens per second.
+    per_token = _hand_count_flops_per_token(0.15 if extra else 1.0)
+    assert r["model_gflop_per_step"] * 1e9 == pytest.approx(per_token * per_call * 8 * 16, rel=1e-9)
+    assert r["mfu"] * 1.0e12 * jax.device_count() / r["tokens_per_s"] == pytest.approx(per_token, rel=1e-9)
+    assert r["sequences_per_s"] * 16 == pytest.approx(r["tokens_per_s"])  # 16 tokens a sequence
     assert "device_peak_gb" in r  # None on CPU, bytes on GPU/TPU
 
 
@@ -45,14 +62,17 @@ def test_bench_infer_student_is_smaller_and_reports_speedups(capsys):
     (r,) = _records(capsys, ["infer", *TINY, "--latency_seq", "16", "--throughput_batch", "8"])
     _finite_positive(r, "teacher_latency_ms", "student_latency_ms", "teacher_throughput_sequences_per_s",
                      "student_throughput_sequences_per_s", "latency_speedup", "throughput_speedup")
-    assert r["student_params"] < r["teacher_params"]
-    assert r["latency_speedup"] == pytest.approx(r["teacher_latency_ms"] / r["student_latency_ms"])
+    # The teacher has one layer more (d=32, ffn=64: 4 projections, 2 LayerNorms, the ffn)
+    # and BERT's two token-type embeddings, which DistilBERT has not: counted by hand.
+    d, f = 32, 64
+    layer = 4 * (d * d + d) + 2 * 2 * d + (d * f + f) + (f * d + d)
+    assert r["teacher_params"] - r["student_params"] == layer + 2 * d
 
 
 def test_bench_matmul(capsys):
     (r,) = _records(capsys, ["matmul", "--size", "256", "--steps", "2"])
     _finite_positive(r, "seconds", "tflops")
-    assert r["tflops"] == pytest.approx(2 * 256 ** 3 / r["seconds"] / 1e12)
+    assert r["size"] == 256 and r["tflops"] * 1e12 * r["seconds"] == pytest.approx(2 * 256 ** 3)  # n^3 multiply-adds
 
 
 def test_bench_compare_runs_the_torch_reference_on_the_same_shape(capsys):
@@ -61,12 +81,14 @@ def test_bench_compare_runs_the_torch_reference_on_the_same_shape(capsys):
     for key in ("teacher_layers", "student_layers", "hidden", "vocab", "batch", "seq"):
         assert ref[key] == ours[key], key
     _finite_positive(ref, "step_s", "tokens_per_s")
-    _finite_positive(ours, "matmul_tflops", "fraction_of_matmul")
-    assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"] / ref["tokens_per_s"])
-    # Interleaved rounds: one time of each per round, and the per-round speed-ups from them.
+    _finite_positive(ours, "matmul_tflops", "fraction_of_matmul", "speedup_vs_torch")
+    # Both time the same work: one update of batch x seq = 8 x 16 tokens.
+    for r in (ref, ours):
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(8 * 16), r["bench"]
+    assert ours["model_gflop_per_step"] * 1e9 == pytest.approx(_hand_count_flops_per_token() * 8 * 16, rel=1e-9)
+    # Interleaved rounds: one time of each per round.
     assert len(ref["step_times_s"]) == len(ours["step_times_s"]) == len(ours["matmul_tflops_per_round"]) == 2
-    assert ours["speedup_vs_torch_per_round"] == pytest.approx(sorted(
-        t / o for t, o in zip(ref["step_times_s"], ours["step_times_s"])))
+    assert len(ours["speedup_vs_torch_per_round"]) == 2
 
 
 def test_bench_compare_can_run_the_reference_in_a_process_of_its_own(capsys):
@@ -74,7 +96,7 @@ def test_bench_compare_can_run_the_reference_in_a_process_of_its_own(capsys):
     assert ref["process"] == "separate" and ref["malloc"] == "system" and ours["torch_process"] == "separate"
     assert len(ref["step_times_s"]) == 2 and ref["torch_threads"] >= 1
     _finite_positive(ref, "step_s", "tokens_per_s")
-    assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"] / ref["tokens_per_s"])
+    assert ref["tokens_per_s"] * ref["step_s"] == pytest.approx(8 * 16)  # the same update as ours
 
 
 def test_bench_data_prepares_one_corpus_alike_in_process_and_in_the_peer(capsys):
@@ -104,8 +126,8 @@ def test_bench_train_on_a_config_file_takes_its_shapes(capsys):
 
 
 def test_bench_deploy_times_both_runtimes_and_precisions(capsys):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    for needed in ("onnxruntime", "onnxscript"):  # the deploy extra: missing, this fails
+        importlib.import_module(needed)
     (r,) = _records(capsys, ["deploy", "--teacher_layers", "2", "--student_layers", "1", "--hidden", "32",
                              "--heads", "4", "--ffn", "64", "--vocab", "256", "--seq", "16", "--batch", "4",
                              "--steps", "2", "--pause", "0"])
@@ -115,11 +137,9 @@ def test_bench_deploy_times_both_runtimes_and_precisions(capsys):
             key = f"{name}_{runtime}_{precision}"
             _finite_positive(r, f"{key}_latency_ms", f"{key}_sequences_per_s")
         _finite_positive(r, f"{name}_onnx_fp32_mb", f"{name}_onnx_int8_mb")
-    assert r["speedup_onnx_fp32_latency"] == pytest.approx(r["teacher_onnx_fp32_latency_ms"]
-                                                           / r["student_onnx_fp32_latency_ms"])
-    assert r["speedup_onnx_int8_student_vs_fp32_teacher_latency"] == pytest.approx(
-        r["teacher_onnx_fp32_latency_ms"] / r["student_onnx_int8_latency_ms"])
-    assert r["student_int8_over_teacher_fp32_file"] == pytest.approx(r["student_onnx_int8_mb"] / r["teacher_onnx_fp32_mb"])
+        # Every parameter in float32 (4 bytes) in the fp32 file; int8 weights make a smaller one.
+        assert r[f"{name}_onnx_fp32_mb"] * 1e6 >= 4 * r[f"{name}_params"], name
+        assert r[f"{name}_onnx_int8_mb"] < r[f"{name}_onnx_fp32_mb"], name
 
 
 def test_bench_fit_doubles_then_bisects(capsys, monkeypatch):

@@ -158,15 +158,31 @@ def test_bad_arguments_are_named(name, args, message):
 
 
 def test_scaling_costs_the_papers_recipe_with_the_trainers_flops():
-    """launch/scaling.py runs and its FLOPs are metrics.py's: 3 x student forward + teacher forward."""
-    proc = subprocess.run([sys.executable, os.path.join(LAUNCH, "scaling.py")], cwd=ROOT, capture_output=True,
+    """launch/scaling.py: its FLOPs are metrics.py's (3 x student forward + teacher forward),
+    and every row of its table is the same work: hours x peak x MFU = the recipe's FLOPs
+    (tokens x FLOPs per token, counted here), the paper's row at the paper's 90 hours, so
+    its MFU is the one those hours imply. (No results files: every other MFU is --mfu;
+    30 epochs and a 1% MFU give hours and MFUs that the printed digits resolve to < 0.5%.)"""
+    epochs, words, tokens_per_word, mfu = 30, 3.3e9, 1.3, 0.01
+    proc = subprocess.run([sys.executable, os.path.join(LAUNCH, "scaling.py"), "--results", f"--epochs={epochs}",
+                           f"--mfu={mfu}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| 8 x V100 (paper) |" in proc.stdout and "| 90.0 |" in proc.stdout
     teacher = BertConfig()
     student = student_config_from_teacher(teacher, num_layers=6)
     per_token = 3 * forward_flops_per_token(student, 512) + forward_flops_per_token(teacher, 512)
     assert f"model FLOPs per token: {per_token / 1e9:.3f} G" in proc.stdout
+    total = epochs * words * tokens_per_word * per_token
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| machine", "| ---")))}
+    assert set(rows) == {"8 x V100 (paper)", "8 x H100", "TPU v4-32 (16 chips)", "TPU v5e-64 (64 chips)"}
+    for name, (pflops, row_mfu, source, hours) in rows.items():
+        work = float(hours) * 3600 * float(pflops) * 1e15 * float(row_mfu.rstrip("%")) / 100
+        assert work == pytest.approx(total, rel=1e-2), (name, work, total)
+        if name != "8 x V100 (paper)":
+            assert (row_mfu, source) == (f"{mfu:.1%}", "**assumed**"), name
+    assert rows["8 x V100 (paper)"][3] == "90.0" and rows["8 x V100 (paper)"][0] == "1.00"  # 8 x 125 TFLOP/s
 
 
 # --- leaving a run going: the supervisors, driven by fake gcloud / srun / python on PATH -----

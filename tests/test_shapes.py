@@ -7,6 +7,8 @@ import shutil
 import chex
 import numpy as np
 import pytest
+import torch  # the test extra: without it this file fails to collect (no skip)
+import transformers
 
 from conftest import NARROW
 from distil_jax import config as config_lib
@@ -18,9 +20,6 @@ from distil_jax.checkpoint import load_model
 from distil_jax.config import with_changes
 from distil_jax.models import BertConfig
 from distil_jax.terms import LayerTerm, LossWeights, layer_terms
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 TERMS = {**NARROW, "distill.layer_terms": (("relation",), ("hidden_mse", 0, 0), ("hidden_mse", -1, -1, 2.0)),
          "distill.relation_heads": 2, "train.steps": 4, "checkpoint.every_steps": 2}

@@ -99,7 +99,7 @@ def test_decoding_stays_in_the_context_and_the_length_limit(tokenizer):
 
 
 def test_read_squad_takes_tfds_records_as_they_are(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # a dependency of distil_jax itself
     context = "Paris is the capital of France."
     rows = [{"id": b"q1", "title": b"France", "context": context.encode(), "question": b"Capital of France?",
              "answers": {"text": np.array([b"Paris", b"Paris"], dtype=object),

@@ -25,7 +25,7 @@ def test_glue_metrics_on_hand_made_cases():
     assert task.spearman(x, y) == pytest.approx(1.0)
     assert task.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(
         task.pearson([1, 2.5, 2.5, 4], [1, 3, 2, 4]))  # ties share their average rank
-    scipy_stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as scipy_stats  # jax depends on scipy
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=50), rng.normal(size=50)
     b[:10] = b[10:20]  # ties
@@ -34,7 +34,7 @@ def test_glue_metrics_on_hand_made_cases():
 
 
 def test_glue_data_reads_tfds_records(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # a dependency of distil_jax itself
     rows = {"train": [{"sentence1": b"hello world", "sentence2": b"the cat", "label": 1, "idx": 0},
                       {"sentence1": b"the world", "sentence2": b"hello", "label": 0, "idx": 1}],
             "validation": [{"sentence1": b"cat", "sentence2": b"world", "label": 1, "idx": 0}]}

@@ -30,6 +30,12 @@ class BertConfig(EncoderConfig):
             raise ValueError(f"BertConfig.model_type {self.model_type!r} is not one of {MODEL_TYPES}")
 
     @property
+    def head_act(self) -> str:
+        """RoBERTa's MLM head applies exact gelu whatever hidden_act says (transformers'
+        RobertaLMHead); BERT's applies hidden_act."""
+        return "gelu" if self.model_type == "roberta" else self.hidden_act
+
+    @property
     def position_offset(self) -> int:
         """Index of the first real position in the position table."""
         return self.pad_token_id + 1 if self.model_type == "roberta" else 0

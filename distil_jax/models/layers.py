@@ -74,6 +74,11 @@ class EncoderConfig:
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
 
     @property
+    def head_act(self) -> str:
+        """The MLM head's activation (between its dense layer and its LayerNorm)."""
+        return self.hidden_act
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
@@ -304,7 +309,7 @@ class MLMHead(nn.Module):
         self.bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), self.param_dtype)
 
     def features(self, hidden):
-        return self.layer_norm(ACTIVATIONS[self.config.hidden_act](self.transform(hidden)))
+        return self.layer_norm(ACTIVATIONS[self.config.head_act](self.transform(hidden)))
 
     def __call__(self, hidden, word_embeddings: Embed):
         return word_embeddings.attend(self.features(hidden)) + jnp.asarray(self.bias, self.dtype)
