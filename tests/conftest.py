@@ -213,9 +213,13 @@ def env():
 
 def read_event_records(data: bytes):
     """The Event protos of a TensorBoard (TFRecord) file, each record's two checksums
-    checked (by tensorboardX's own CRC and protos, the oracle; the writer does not import it)."""
+    recomputed by google-crc32c (an implementation apart from the writer's, tensorboardX)."""
+    import google_crc32c
     from tensorboardX.proto import event_pb2
-    from tensorboardX.record_writer import masked_crc32c
+
+    def masked_crc32c(b):
+        c = google_crc32c.value(bytes(b))
+        return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
     events, i = [], 0
     while i < len(data):
         header = data[i: i + 8]

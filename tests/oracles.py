@@ -7,10 +7,16 @@
   models' own attention probabilities rather than from their queries and keys.
 - `multisteps_updates`: accumulation as `optax.MultiSteps` does it, one micro-batch per
   call: the oracle of the update over stacked micro-batches (step.py).
+- `mean_gradient`: an update's gradient as the plain mean of its k micro-batches'
+  gradients, each taken in the global view (no mesh), one at a time, summed in float64 on
+  the host; with `recording_tx`, an optimizer whose state is the gradient it was given,
+  it proves the gradient the step hands the optimizer (the AdamW comparisons see a scale
+  error only through weights whose gradient is near AdamW's eps).
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from distil_jax.train import losses, step
@@ -118,3 +124,30 @@ def multisteps_updates(trainer, params, rng, micro_batches):
         params = optax.apply_updates(params, updates)
         metrics.append(m)
     return params, metrics
+
+
+def recording_tx():
+    """An optimizer that moves nothing and keeps, as its state, the last gradient it was
+    given, wrapped in `optax.apply_if_finite` like optim.make_optimizer's (the step reads
+    its skip counts): after a step, `state.opt_state.inner_state` is the update's gradient."""
+    inner = optax.GradientTransformation(
+        lambda params: jax.tree.map(jnp.zeros_like, params),
+        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+    return optax.apply_if_finite(inner, max_consecutive_errors=np.iinfo(np.int32).max)
+
+
+def mean_gradient(params, teacher_params, rng, update, micro_batches, *, model, teacher, obj):
+    """The gradient of update `update` (0-based) over its k `micro_batches` ([rows, seq]
+    each): the mean of each micro-batch's gradient (step.micro_batch_grads in the global
+    view, the key fold_in(rng, update * k + i)), summed in float64 on the host; and the
+    mean's global norm."""
+    k = len(micro_batches)
+    grads_fn = jax.jit(lambda r, b: step.micro_batch_grads(r, b, params, teacher_params, model=model,
+                                                           teacher=teacher, obj=obj)[0])
+    total = None
+    for i, batch in enumerate(micro_batches):
+        g = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                         jax.device_get(grads_fn(jax.random.fold_in(rng, update * k + i), batch)))
+        total = g if total is None else jax.tree.map(np.add, total, g)
+    mean = jax.tree.map(lambda x: x / k, total)
+    return mean, float(np.sqrt(sum(np.sum(x * x) for x in jax.tree.leaves(mean))))

@@ -114,7 +114,7 @@ def test_a_run_on_a_bucket_checkpoints_resumes_logs_and_exports_there(bucket, tm
     assert steps == [1, 2, 3, 4]  # updates 3 and 4 continued from the bucket's checkpoint 2
     events = [e for name in storage.listdir(f"{workdir}/tensorboard")  # one file per start, appended to
               for e in read_events(storage.read_bytes(f"{workdir}/tensorboard/{name}"))]
-    assert [e.step for e in events if e.step] == [1, 2, 3, 4]
+    assert [e.step for e in events if e.HasField("summary")] == [1, 2, 3, 4]
     exported = run_main(_config_file(tmp_path, tiny_source, text, f"{workdir}/data", 4), workdir,
                         "--config.mode=export")
     assert exported["export_dir"] == f"{workdir}/hf"
