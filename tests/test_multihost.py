@@ -36,7 +36,15 @@ CHANGES = {"train.steps": 4, "train.log_every": 1, "checkpoint.every_steps": 2, 
            **{k: v for k, v in TINY.items() if k.startswith(("teacher.model.", "student."))}}
 FLAGS = [f"--config.{k}={v}" for k, v in CHANGES.items()]
 PARAMS_ATOL = 1e-6
+# The loss and the gradient's global norm of every update (metrics.jsonl), two processes
+# against one: float32 round-off of the collectives' sums, measured at most 9.8e-8 (loss) and
+# 0 (grad_norm) relative, in all three comparisons. AdamW's first step moves every weight by
+# about lr * sign(g) and later ones by m / sqrt(v), which can hide a gradient of the wrong
+# scale in the params; these show it directly: each process dividing by its own rows doubles
+# the loss, a sum over the processes where their mean belongs doubles grad_norm, a process
+# reading the other's rows changes the loss (all measured by hand-made mutations).
 LOSS_RTOL = 1e-6
+GRAD_NORM_RTOL = 1e-6
 
 
 # A stand-in for a TPU slice's topology-aware device order: every process's devices
@@ -74,6 +82,26 @@ def launch_local(workdir, env, num_processes=2, devices=4, python=sys.executable
 def losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def per_update(workdir):
+    """{update: (loss, grad_norm)} of a run's metrics.jsonl (log_every 1)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, f)}
+
+
+def assert_same_updates(got_dir, want_dir, updates):
+    """The loss and grad_norm of `updates` in got_dir's metrics.jsonl are want_dir's, to
+    float32 round-off; returns the largest relative differences (loss, grad_norm)."""
+    got, want = per_update(got_dir), per_update(want_dir)
+    assert sorted(got) == list(updates), sorted(got)
+    worst = []
+    for i, (name, rtol) in enumerate((("loss", LOSS_RTOL), ("grad_norm", GRAD_NORM_RTOL))):
+        a, b = np.array([got[u][i] for u in updates]), np.array([want[u][i] for u in updates])
+        assert np.all(b > 0) and len(set(b.tolist())) == len(updates), (name, b)  # moving, not constant
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=0, err_msg=f"{name} of updates {list(updates)}")
+        worst.append(float(np.max(np.abs(a / b - 1))))
+    return tuple(worst)
 
 
 def params_at(workdir, update, tmp_path_factory):
@@ -133,15 +161,13 @@ def runs(tmp_path_factory, config_file, env):
 def test_two_processes_equal_one(runs):
     assert jax.device_count() == 8 and jax.process_count() == 1
     assert runs["result"]["update"] == 4 and runs["result"]["last_checkpoint"] == 4
-    two, one = losses(runs["two"]), losses(runs["one"])
-    assert sorted(two) == [1, 2, 3, 4]
-    np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=LOSS_RTOL)
-    assert len(set(two.values())) == 4  # the trajectory moves: equal values are not a constant
+    # Every update's loss and gradient norm (what AdamW hides in the params), then the params.
+    loss_diff, norm_diff = assert_same_updates(runs["two"], runs["one"], [1, 2, 3, 4])
     expected = jax.device_get(runs["single"].params)
     got = runs["params_at"](runs["two"], 4)
     chex.assert_trees_all_close(got, expected, atol=PARAMS_ATOL, rtol=0)
-    print("two vs one process: max |param diff|", _max_diff(got, expected), "max loss rel diff",
-          max(abs(two[s] / one[s] - 1) for s in two))
+    print("two vs one process: max |param diff|", _max_diff(got, expected), "max rel diff: loss",
+          loss_diff, "grad_norm", norm_diff)
     # ... and training moved the params further than the tolerance.
     start = runs["params_at"](runs["one"], 2)
     moved = _max_diff(start, expected)
@@ -172,14 +198,15 @@ def test_only_process_zero_writes_logs_and_metrics(runs):
 def test_checkpoint_of_one_process_resumes_in_two(runs):
     expected = jax.device_get(runs["single"].params)
     chex.assert_trees_all_close(runs["params_at"](runs["one_then_two"], 4), expected, atol=PARAMS_ATOL, rtol=0)
-    resumed, one = losses(runs["one_then_two"]), losses(runs["one"])
-    assert sorted(resumed) == [3, 4]
-    np.testing.assert_allclose([resumed[s] for s in (3, 4)], [one[s] for s in (3, 4)], rtol=LOSS_RTOL)
+    print("one then two (interleaved): max rel diff (loss, grad_norm)",
+          assert_same_updates(runs["one_then_two"], runs["one"], [3, 4]))
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(runs):
     expected = jax.device_get(runs["single"].params)
     chex.assert_trees_all_close(runs["params_at"](runs["two_then_one"], 4), expected, atol=PARAMS_ATOL, rtol=0)
+    print("two then one: max rel diff (loss, grad_norm)",
+          assert_same_updates(runs["two_then_one"], runs["one"], [3, 4]))
 
 
 # The first start of a run stands still once its first checkpoint is complete (a
@@ -234,8 +261,7 @@ def test_a_supervised_run_killed_after_a_checkpoint_restarts_and_ends_as_if_neve
     assert len(restarts) == 1 and "process 1 was killed by SIGKILL" in restarts[0], restarts
     assert json.loads(out.read_text()[out.read_text().rindex("\n{") + 1:])["update"] == 4
     assert [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-    losses_here, uninterrupted = losses(workdir), losses(runs["two"])
-    assert losses_here == uninterrupted  # the same layout, bit for bit
+    assert per_update(workdir) == per_update(runs["two"])  # the same layout: loss and grad_norm bit for bit
     chex.assert_trees_all_equal(runs["params_at"](workdir, 4), runs["params_at"](runs["two"], 4))
 
 
@@ -252,6 +278,10 @@ def _main(tmp_path, env, *flags, timeout=120):
 
 
 def test_missing_coordinator_fails_within_the_timeout(tmp_path, env):
+    """The process gives up on its own watchdog (parallel._watchdog, after `timeout` s), not
+    on JAX's later deadline (timeout + 30 s: it aborts with a message that blames a dead task)
+    and not at once: the message is the watchdog's, and at least `timeout` s went by. (No
+    upper bound on the time: this machine's speed varies; _main's 120 s is a safety net.)"""
     port, timeout = _free_port(), 5
     start = time.monotonic()
     proc = _main(tmp_path, env, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
@@ -260,8 +290,8 @@ def test_missing_coordinator_fails_within_the_timeout(tmp_path, env):
     assert proc.returncode != 0
     assert (f"process 1 of 2 could not join the coordinator at 127.0.0.1:{port} within "
             f"--initialization_timeout={timeout} s") in proc.stderr, proc.stderr[-2000:]
-    # It waited for the timeout, and not much longer (start-up of python and jax: a few s).
-    assert timeout <= elapsed < timeout + 15, elapsed
+    assert elapsed >= timeout, elapsed  # it waited (a slower machine only waits longer)
+    print(f"gave up {elapsed:.1f} s after the start (timeout {timeout} s)")
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -288,16 +318,20 @@ def test_bad_flags_stop_main_before_training(tmp_path, env):
 
 
 JOIN_AND_WAIT = """
-import sys, time
+import sys, threading
 from distil_jax import parallel
 parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=60, heartbeat_timeout_s=int(sys.argv[3]))
 import jax
 print("joined", jax.process_index(), jax.device_count(), flush=True)
-time.sleep(120)
+threading.Event().wait()  # forever: only the runtime can end this process
 """
 
 
 def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(env):
+    """Process 0 waits forever once joined; after process 1 is killed it exits with the
+    runtime's missed-heartbeat error. The safety net (90 s) is shorter than the default
+    heartbeat timeout (100 s), so a --heartbeat_timeout not passed on would fail it; the
+    time taken is printed, not asserted (this machine's speed varies)."""
     address, heartbeat = f"127.0.0.1:{_free_port()}", 4
     env = env(JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
@@ -309,7 +343,7 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(env):
             assert p.stdout.readline().split() == ["joined", str(i), "4"]
         procs[1].kill()
         start = time.monotonic()
-        _, err = procs[0].communicate(timeout=60)
+        _, err = procs[0].communicate(timeout=90)
         elapsed = time.monotonic() - start
     finally:
         for p in procs:
@@ -317,7 +351,6 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(env):
             p.wait()
     assert procs[0].returncode != 0
     assert "stopped sending heartbeats" in err, err[-3000:]
-    assert elapsed < heartbeat + 15, elapsed
     print(f"process 0 stopped {elapsed:.1f} s after process 1 was killed (heartbeat timeout {heartbeat} s)")
 
 
@@ -346,12 +379,19 @@ with PreemptionFlag() as stop:
     print("ready", flush=True)
     previous = None
     for step in range(200000):  # what the training loop does between steps, nothing else:
+        if step == 20:
+            print("stepping", flush=True)  # the test signals once both are in the loop
         flag = stop.gather()  # gathered on the devices now, read an update later
         if previous is not None and stop.read(previous):
             print("stopped", step, stop.signal, flush=True)
             break
         previous = flag
 """
+
+
+def _read_until(stream, line):
+    """Reads `stream` (blocking) until a line equal to `line`: True, or False at its end."""
+    return any(got.strip() == line for got in iter(stream.readline, ""))
 
 
 def test_a_signal_to_one_process_stops_all_at_the_same_step(env):
@@ -362,9 +402,9 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(env):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in (0, 1)]
     try:
-        for p in procs:
+        for p in procs:  # blocks on each pipe until the process is in its loop of gathers
             assert p.stdout.readline().strip() == "ready"
-        time.sleep(1.0)
+            assert _read_until(p.stdout, "stepping"), p.poll()
         procs[1].terminate()  # SIGTERM
         outs = [next((line.split() for line in p.communicate(timeout=60)[0].splitlines()
                       if line.startswith("stopped")), None) for p in procs]  # gloo prints too

@@ -51,11 +51,15 @@ def _logged(workdir):
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def _wait_for(condition, proc, timeout=300, poll=0.001):
-    deadline = time.time() + timeout
+def _wait_for(condition, proc, timeout=300, poll=0.01):
+    """Until `condition()` (a file or directory of the run appears, a record is logged): one
+    listing every `poll` s, which leaves the cores to the run under test (a 1 ms poll took a
+    good share of one of this machine's two). `timeout` is a safety net; the run's exit
+    (proc.poll) ends the wait at once."""
+    deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, "the run ended before the kill point"
-        assert time.time() < deadline, "timed out waiting for the kill point"
+        assert time.monotonic() < deadline, "timed out waiting for the kill point"
         time.sleep(poll)
 
 
@@ -77,7 +81,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, env, host):
     rng = np.random.default_rng(8)
     kinds = ["after checkpoint"] * 2 + ["during checkpoint write"]
     rng.shuffle(kinds)
-    kills = []
+    kills, missed = [], 0
     with open(tmp_path / "killed.log", "w") as log:
         for kind in kinds:
             for _attempt in range(3):  # a write can finish between seeing it and the kill landing
@@ -88,6 +92,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, env, host):
                     _kill(proc)
                     half_written = _writing(killed_dir, resumed_from)
                     if not half_written:
+                        missed += 1
                         continue
                     kills.append((kind, resumed_from, half_written))
                 else:
@@ -105,7 +110,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, env, host):
         assert done.wait(timeout=600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
     assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     straight_log.close()
-    print("kills (kind, resumed from update, last logged update or half-written dir):", kills)
+    print("kills (kind, resumed from update, last logged update or half-written dir):", kills,
+          f"; {missed} write(s) finished before the kill landed")
 
     # No half-written directory is left, and the final checkpoints agree bit for bit.
     assert not [n for n in os.listdir(killed_dir / "checkpoints") if TMP_SUFFIX in n]
