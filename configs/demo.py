@@ -5,7 +5,7 @@
 The standard library's docstrings and pydoc topics are the corpus. The teacher is the
 4-layer BERT this project pretrained on it for two hours (configs/demo_teacher.py) and
 ships in the package (distil_jax/assets/demo_teacher); `--config.demo.teacher=train`
-pretrains one here by the same recipe instead (demo.teacher_steps, 7000 as shipped). A 2-layer student initialised from teacher layers 0
+pretrains one here by the same recipe instead (demo.teacher_train, 7000 updates as shipped). A 2-layer student initialised from teacher layers 0
 and 3 is distilled with the triple loss, and the same student is trained with MLM alone
 for comparison; all three are evaluated on the same held-out masks (every held-out
 token a target once, paired standard errors), fine-tuned on
@@ -39,7 +39,9 @@ def get_config():
                    warmup_fraction=0.1)
     c.checkpoint.every_steps = 200
     c.eval.update(batches=0, batch_size=32)  # the whole held-out split, 7 passes
-    c.demo.update(teacher="shipped", teacher_steps=7000, student_steps=500,
-                  student_learning_rate=1e-3, inference_batches=8, examples=6)
-    c.finetune.update(epochs=2, learning_rate=2e-4, classes=6, max_len=64)
+    c.demo.update(teacher="shipped", inference_batches=8, examples=6)
+    c.demo.teacher_train.steps = 7000  # the shipped teacher's recipe: configs/demo_teacher.py
+    c.demo.student_train.update(steps=500, learning_rate=1e-3)
+    c.finetune.update(classes=6, max_len=64)
+    c.finetune.train.update(epochs=2, learning_rate=2e-4)
     return c

@@ -116,23 +116,28 @@ def defaults() -> ml_collections.ConfigDict:
     # eval.passes: every held-out token is a target in exactly one of this many passes (apps/evaluate.py);
     # eval.batches: held-out batches of eval.batch_size (0: all).
     c.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=32, seed=0, passes=7, hf_dirs=()))
-    # Mode finetune (apps/finetune.py, task.py): the trainer's step and loop in `dir` (default
-    # WORKDIR/finetune/TASK). model: a Hugging Face masked LM or a distill/pretrain workdir
-    # (empty: this one); teacher: a fine-tuned model to distil from (alpha_task x task loss +
-    # alpha_kd x KL x T^2; empty: plain fine-tuning); task: stdlib_packages, glue/NAME or
-    # squad/v1.1 (TFDS in data_dir); micro_batch_size 0: batch_size; max_len/stride: SQuAD's
-    # windows; the optimizer: task.TASK_OPTIMIZER.
+    # Mode finetune (apps/finetune.py, train/task.py): the trainer's step and loop in `dir`
+    # (default WORKDIR/finetune/TASK). model: a Hugging Face masked LM or a distill/pretrain
+    # workdir (empty: this one); teacher: a fine-tuned model to distil from (alpha_task x task
+    # loss + alpha_kd x KL x T^2; empty: plain fine-tuning); task: stdlib_packages, glue/NAME
+    # or squad/v1.1 (TFDS in data_dir); max_len/stride: SQuAD's windows. finetune.train: the
+    # train.* values the fine-tuning runs with (BERT's fine-tuning recipe), each set here
+    # once; every train.* key it does not name is the config's (`stage_train`).
     c.finetune = ml_collections.ConfigDict(dict(
-        model="", teacher="", task="stdlib_packages", data_dir="", dir="", epochs=3, learning_rate=5e-5,
-        batch_size=32, micro_batch_size=0, warmup_fraction=0.1, max_len=128, stride=128, classes=6, seed=0,
-        alpha_task=1.0, alpha_kd=1.0, temperature=2.0))
-    # The embedded demo's stages (modes demo and ablate, apps/demo.py); its fine-tuning uses
-    # the finetune group. teacher: "shipped" (the package's, distil_jax/assets/demo_teacher),
-    # "train" (pretrained in the workdir by the shipped one's recipe for teacher_steps
-    # updates) or a Hugging Face directory.
+        model="", teacher="", task="stdlib_packages", data_dir="", dir="", max_len=128, stride=128, classes=6,
+        alpha_task=1.0, alpha_kd=1.0, temperature=2.0,
+        train=dict(steps=0, epochs=3, learning_rate=5e-5, batch_size=32, micro_batch_size=32, warmup_fraction=0.1,
+                   seed=0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01, grad_clip=1.0)))
+    # The embedded demo's stages (modes demo, ablate, shapes, deploy; apps/stages.py); its
+    # fine-tuning uses the finetune group. teacher: "shipped" (the package's,
+    # distil_jax/assets/demo_teacher), "train" (pretrained in the workdir by teacher_train,
+    # the shipped one's recipe) or a Hugging Face directory. teacher_train / student_train:
+    # the train.* values of the teacher's pretraining and of the students' distillation.
     c.demo = ml_collections.ConfigDict(dict(
-        teacher="shipped", teacher_steps=7000, student_steps=500,
-        student_learning_rate=1e-3, mlm_only_baseline=True, inference_batches=8, examples=6,
+        teacher="shipped", mlm_only_baseline=True, inference_batches=8, examples=6,
+        teacher_train=dict(steps=7000, epochs=0, batch_size=64, micro_batch_size=64, learning_rate=1e-3,
+                           warmup_fraction=0.05, weight_decay=0.01, grad_clip=1.0, seed=0),
+        student_train=dict(steps=500, epochs=0, learning_rate=1e-3),
         # mode ablate: the variants to run (names of apps/ablate.py:VARIANTS; empty: all).
         ablations=(),
         # mode shapes (apps/shapes.py): the narrow student; 0: the teacher's depth, half
@@ -167,12 +172,30 @@ def with_changes(config, **changes):
     return c
 
 
+# Groups that hold a stage's own train.* values (each a subset of train's keys).
+STAGE_TRAIN = ("finetune.train", "demo.teacher_train", "demo.student_train")
+
+
+def _group(config, dotted: str):
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+def stage_train(config, recipe: str):
+    """`config` with train.* set from the stage group `recipe` (one of STAGE_TRAIN): the
+    config a stage (fine-tuning, the demo's teacher or students) trains with."""
+    return with_changes(config, **{f"train.{k}": v for k, v in _group(config, recipe).items()})
+
+
 def _unknown_keys(config, schema, prefix="") -> List[str]:
     problems = []
     for key in config.keys():
         name = prefix + key
         if key not in schema:
             problems.append(f"unknown key {name!r}")
+        elif name in STAGE_TRAIN:  # any of train's keys
+            problems += _unknown_keys(config[key], defaults().train, name + ".")
         elif isinstance(schema[key], ml_collections.ConfigDict) and key not in ("model", "sources"):
             if isinstance(config[key], ml_collections.ConfigDict):
                 problems += _unknown_keys(config[key], schema[key], name + ".")
@@ -191,6 +214,10 @@ def _type_problems(config, schema, prefix="") -> List[str]:
         if key not in schema or key in _OPEN:
             continue
         value, default, name = config[key], schema[key], prefix + key
+        if name in STAGE_TRAIN:
+            if isinstance(value, ml_collections.ConfigDict):
+                problems += _type_problems(value, defaults().train, name + ".")
+            continue
         if isinstance(default, ml_collections.ConfigDict):
             if isinstance(value, ml_collections.ConfigDict):
                 problems += _type_problems(value, default, name + ".")
@@ -242,26 +269,21 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
     t = c.train
     if c.export.onnx not in ("", "fp32", "int8"):
         problems.append(f"export.onnx {c.export.onnx!r} is not one of '', 'fp32', 'int8'")
+    # The train settings each stage of the mode runs with: train.* itself, or a stage group
+    # over it (finetune.train, the demo's teacher_train / student_train).
     if c.mode in ("demo", "ablate", "shapes", "deploy"):
-        if c.demo.teacher_steps <= 0 or c.demo.student_steps <= 0:
-            problems.append("demo.teacher_steps and demo.student_steps must be positive")
-    elif c.mode in TRAIN_MODES and t.steps <= 0 and t.epochs <= 0:
-        problems.append("train.steps and train.epochs are both <= 0: set one of them")
-    if t.micro_batch_size <= 0 or t.batch_size <= 0:
-        problems.append(f"train.batch_size ({t.batch_size}) and train.micro_batch_size "
-                        f"({t.micro_batch_size}) must be positive")
-    elif t.batch_size % t.micro_batch_size:
-        problems.append(f"train.batch_size {t.batch_size} is not a multiple of "
-                        f"train.micro_batch_size {t.micro_batch_size}")
-    if t.learning_rate <= 0:
-        problems.append(f"train.learning_rate must be positive, got {t.learning_rate}")
+        views = [("demo.teacher_train", True), ("demo.student_train", True), ("finetune.train", False)]
+    elif c.mode == "finetune":
+        views = [("finetune.train", True)]
+    else:
+        views = [("", c.mode in TRAIN_MODES)]
+    train_problems = [p for recipe, length in views for p in _train_problems(c, recipe, length)]
+    problems += list(dict.fromkeys(train_problems))  # a train.* problem once, whichever stage saw it
     if t.loss_chunk < 0:
         problems.append(f"train.loss_chunk must be >= 0 (0: no chunking), got {t.loss_chunk}")
     for key, allowed in (("remat", ("none", "full", "dots")), ("attention", ("", "xla", "cudnn"))):
         if t[key] not in allowed:
             problems.append(f"train.{key} {t[key]!r} is not one of {allowed}")
-    if not 0 <= t.warmup_fraction < 1:
-        problems.append(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
 
     if t.log_every < 1:
         problems.append(f"train.log_every must be >= 1 (updates per logged window), got {t.log_every}")
@@ -320,16 +342,32 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
     return problems
 
 
+def _train_problems(c, recipe: str, needs_length: bool) -> List[str]:
+    """The train settings' problems: train.*, or with `recipe` (a STAGE_TRAIN group) the
+    settings that stage runs with, each named where it is set."""
+    group = _group(c, recipe) if recipe else {}
+    t = {**c.train.to_dict(), **dict(group)}
+    name = lambda key: f"{recipe}.{key}" if key in group else f"train.{key}"  # noqa: E731
+    problems = []
+    if needs_length and t["steps"] <= 0 and t["epochs"] <= 0:
+        problems.append(f"{name('steps')} and {name('epochs')} are both <= 0: set one of them")
+    if t["micro_batch_size"] <= 0 or t["batch_size"] <= 0:
+        problems.append(f"{name('batch_size')} ({t['batch_size']}) and {name('micro_batch_size')} "
+                        f"({t['micro_batch_size']}) must be positive")
+    elif t["batch_size"] % t["micro_batch_size"]:
+        problems.append(f"{name('batch_size')} {t['batch_size']} is not a multiple of "
+                        f"{name('micro_batch_size')} {t['micro_batch_size']}")
+    if t["learning_rate"] <= 0:
+        problems.append(f"{name('learning_rate')} must be positive, got {t['learning_rate']}")
+    if not 0 <= t["warmup_fraction"] < 1:
+        problems.append(f"{name('warmup_fraction')} must be in [0, 1), got {t['warmup_fraction']}")
+    return problems
+
+
 def _finetune_problems(f) -> List[str]:
     problems = []
     if not (f.task in ("stdlib_packages", "squad/v1.1") or f.task.startswith("glue/")):
         problems.append(f"finetune.task {f.task!r} is not stdlib_packages, glue/NAME or squad/v1.1")
-    if f.epochs <= 0 or f.learning_rate <= 0 or f.batch_size <= 0 or f.micro_batch_size < 0:
-        problems.append("finetune.epochs, learning_rate and batch_size must be positive and "
-                        "micro_batch_size >= 0 (0: batch_size)")
-    elif f.batch_size % (f.micro_batch_size or f.batch_size):
-        problems.append(f"finetune.batch_size {f.batch_size} is not a multiple of finetune.micro_batch_size "
-                        f"{f.micro_batch_size}")
     if min(f.alpha_task, f.alpha_kd) < 0 or f.temperature <= 0:
         problems.append("finetune.alpha_task and alpha_kd must be >= 0 and finetune.temperature > 0")
     elif f.alpha_task == 0 and not (f.teacher and f.alpha_kd > 0):

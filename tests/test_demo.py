@@ -16,8 +16,8 @@ from distil_jax.config import with_changes
 # compiled step), 100 updates instead of 500, 4 held-out batches instead of all, one epoch
 # of fine-tuning (fewer updates and the fine-tuned student falls behind its MLM-only twin:
 # 60 updates did). Measured alone: 129 s, 57 s for the two ablation rows, 40 s for deploy.
-REDUCED = {"data.seq_len": 32, "data.length_buckets": (32,), "demo.student_steps": 100, "eval.batches": 4,
-           "finetune.epochs": 1, "finetune.max_len": 32, "demo.examples": 2, "checkpoint.every_steps": 1000,
+REDUCED = {"data.seq_len": 32, "data.length_buckets": (32,), "demo.student_train.steps": 100, "eval.batches": 4,
+           "finetune.train.epochs": 1, "finetune.max_len": 32, "demo.examples": 2, "checkpoint.every_steps": 1000,
            "demo.inference_batches": 2}
 REDUCED_FLAGS = [f"--config.{k}={v}" for k, v in REDUCED.items()]
 SUMMARY_FIELDS = (

@@ -77,15 +77,16 @@ def easy(monkeypatch):
 
 def task_config(**changes):
     c = with_changes(defaults(), **{"mode": "finetune", "finetune.task": "stdlib_packages", "finetune.classes": 2,
-                                    "finetune.batch_size": 16, "finetune.learning_rate": 3e-3,
-                                    "finetune.epochs": 1, "train.log_every": 8, "checkpoint.every_steps": 16})
+                                    "finetune.train.batch_size": 16, "finetune.train.micro_batch_size": 16,
+                                    "finetune.train.learning_rate": 3e-3,
+                                    "finetune.train.epochs": 1, "train.log_every": 8, "checkpoint.every_steps": 16})
     return with_changes(c, **changes)
 
 
 def first_update(config, workdir):
     """(params after the first update (no warmup: it moves them), its metrics, the params
     before, the trainer, the update's batches)."""
-    tr = trainer.build(with_changes(config, **{"finetune.warmup_fraction": 0.0}), workdir)
+    tr = trainer.build(with_changes(config, **{"finetune.train.warmup_fraction": 0.0}), workdir)
     state = jax.jit(tr.create, out_shardings=tr.state_shardings)(tr.initial_params())
     before = jax.device_get(state.params)
     step = compiled_step(tr.model, tr.teacher, tr.tx, tr.schedule, tr.objective, tr.mesh, tr.state_shardings,
@@ -166,7 +167,7 @@ ACCUMULATION_RTOL = 1e-6  # 16x the loss's measured 6e-8
 def test_task_accumulation_equals_the_big_batch(dirs, easy, tmp_path):
     kd = {"finetune.model": dirs["student"], "finetune.teacher": dirs["teacher"]}
     big, m_big, _, _, _ = first_update(task_config(**kd), tmp_path / "big")
-    acc, m_acc, _, tr, _ = first_update(task_config(**kd, **{"finetune.micro_batch_size": 8}), tmp_path / "acc")
+    acc, m_acc, _, tr, _ = first_update(task_config(**kd, **{"finetune.train.micro_batch_size": 8}), tmp_path / "acc")
     assert tr.accumulation == 2 and m_acc["examples"] == m_big["examples"] == 16
     # The loss (a mean over the micro-batches) and the norm of the gradient AdamW is given, at
     # float32 round-off (measured 6e-8 and 0): a sum over rows in place of the mean (2x here)
@@ -183,7 +184,7 @@ def test_task_accumulation_equals_the_big_batch(dirs, easy, tmp_path):
 
 
 def test_finetune_learns_resumes_distils_and_exports_for_pipelines(dirs, easy, tmp_path, monkeypatch):
-    config = task_config(**{"finetune.epochs": 6})
+    config = task_config(**{"finetune.train.epochs": 6})
     teacher_run = str(tmp_path / "teacher_run")
     scores, hits, (module, params, _, _) = finetune.finetune_in(config, teacher_run, dirs["student"])
     assert scores["accuracy"] > 0.9 and scores["updates"] == 6 * 512 // 16, scores
@@ -209,13 +210,13 @@ def test_finetune_learns_resumes_distils_and_exports_for_pipelines(dirs, easy, t
     assert [f["label"] for f in found] == ["yes", "no"]
 
     # The student distilled from the fine-tuned run's checkpoint (a finetune run's directory).
-    student_cfg = task_config(**{"finetune.epochs": 1, "finetune.temperature": 2.0})
+    student_cfg = task_config(**{"finetune.train.epochs": 1, "finetune.temperature": 2.0})
     kd_scores, _, _ = finetune.finetune_in(student_cfg, str(tmp_path / "kd"), dirs["student"], teacher_run)
     last = json.loads(open(tmp_path / "kd" / "metrics.jsonl").read().splitlines()[-1])
     assert last["loss_kd"] > 0 and kd_scores["teacher"] == teacher_run
     assert finetune.finished_run(with_changes(student_cfg, **{"finetune.model": dirs["student"],
                                                              "finetune.teacher": teacher_run}), str(tmp_path / "kd"))
-    more = finetune.finetune_in(task_config(**{"finetune.epochs": 7}), teacher_run, dirs["student"])[0]
+    more = finetune.finetune_in(task_config(**{"finetune.train.epochs": 7}), teacher_run, dirs["student"])[0]
     assert more["updates"] == 7 * 512 // 16  # another epoch asked for: the trainer resumes the run
 
 
@@ -246,7 +247,7 @@ def test_question_answering_trains_decodes_and_exports(dirs, monkeypatch, tmp_pa
     monkeypatch.setattr(squad, "read_squad", lambda split, data_dir="": qa_examples(96 if split == "train" else 32,
                                                                                      split == "train"))
     config = task_config(**{"finetune.task": "squad/v1.1", "finetune.max_len": 24, "finetune.stride": 8,
-                            "finetune.epochs": 4})
+                            "finetune.train.epochs": 4})
     scores, per_question, (module, params, qa, _) = finetune.finetune_in(config, str(tmp_path / "qa"), dirs["student"])
     assert set(scores) >= {"exact_match", "f1"} and 0 <= scores["exact_match"] <= scores["f1"] <= 100
     assert len(per_question) == 32 and np.isclose(100 * per_question.mean(), scores["f1"])
@@ -274,12 +275,27 @@ def test_question_answering_trains_decodes_and_exports(dirs, monkeypatch, tmp_pa
 
 def test_finetune_config_problems_are_named():
     found = find_problems(task_config(**{"finetune.task": "squad", "finetune.alpha_task": 0.0,
-                                         "finetune.micro_batch_size": 5}))
+                                         "finetune.train.micro_batch_size": 5}))
     text = " | ".join(found)
     assert "finetune.task 'squad' is not stdlib_packages, glue/NAME or squad/v1.1" in text
-    assert "not a multiple of finetune.micro_batch_size 5" in text
+    assert "not a multiple of finetune.train.micro_batch_size 5" in text
     assert "nothing to train on" in text
     assert find_problems(task_config()) == []
+    assert "unknown key 'finetune.train.no_such_key'" in " | ".join(
+        find_problems(task_config(**{"finetune.train.no_such_key": 1})))
+
+
+def test_the_fine_tuning_recipe_is_set_once_in_finetune_train():
+    """What the fine-tuning runs with: finetune.train's values over train.*, every other
+    train.* key the config's (no hidden recipe overwriting what the config says)."""
+    config = task_config(**{"train.dtype": "bfloat16", "train.grad_clip": 7.0, "finetune.train.adam_b2": 0.95})
+    run = task.task_training(config)
+    recipe = config.finetune.train
+    assert {k: run.train[k] for k in recipe} == recipe.to_dict()
+    assert run.train.adam_b2 == 0.95 and run.train.dtype == "bfloat16"
+    assert run.train.grad_clip == recipe.grad_clip == 1.0  # the recipe names it: its value, not train's
+    del config.finetune.train["grad_clip"]
+    assert task.task_training(config).train.grad_clip == 7.0  # not named: the config's
 
 
 def test_a_signal_during_finetuning_stops_the_mode_before_it_evaluates(dirs, easy, tmp_path, monkeypatch):

@@ -111,8 +111,8 @@ def test_the_minilm_config_is_a_valid_relation_only_student_of_bert_base(config_
 
 # Mode shapes at CI's size: each student trained 3 updates of 16 sequences of 32, one
 # held-out batch (its 7 passes), the demo's batch of 32 otherwise.
-SHAPES = {"mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "demo.student_steps": 3,
-          "train.batch_size": 16, "train.micro_batch_size": 16, "eval.batches": 1, "finetune.epochs": 0,
+SHAPES = {"mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "demo.student_train.steps": 3,
+          "train.batch_size": 16, "train.micro_batch_size": 16, "eval.batches": 1, "finetune.train.epochs": 0,
           "demo.inference_batches": 1, "student.prune_batches": 2, "checkpoint.every_steps": 1000,
           "demo.mlm_only_baseline": False}
 

@@ -7,7 +7,7 @@ Stages, each in its own place in DIR and skipped when already done:
   (teacher)              demo.teacher: "shipped" (default) is the BERT this project pretrained
                          once on the embedded corpus and ships in the package
                          (distil_jax/assets/demo_teacher, its card says how); "train"
-                         pretrains one here (teacher/, teacher/hf: demo.teacher_steps);
+                         pretrains one here (teacher/, teacher/hf: demo.teacher_train);
                          or the path of a Hugging Face directory
   student/, student_hf/  a student of half the teacher's layers, initialised from it,
                          distilled with the triple loss, exported for Hugging Face
@@ -55,7 +55,7 @@ def run(config, workdir: str) -> Dict:
     evaluation = stages.cached(os.path.join(workdir, "eval.json"), clock, "evaluate",
                          lambda: _evaluate(plan.student_config, workdir, models))
     finetuned = stages.cached(os.path.join(workdir, "finetune.json"), clock, "finetune",
-                        lambda: finetune.finetune_models(config, workdir, dirs) if config.finetune.epochs > 0 else {})
+                        lambda: finetune.finetune_models(config, workdir, dirs) if finetune.finetunes(config) else {})
     examples = stages.cached(os.path.join(workdir, "examples.json"), clock, "examples",
                        lambda: fill_mask_examples(tokenizer, models, config.demo.examples, config.train.seed))
     summary = _summary(evaluation, finetuned, examples, clock.times, dirs, config)

@@ -73,7 +73,7 @@ def run(config, workdir: str) -> Dict:
             "hf_dir": hf_dir, "parameters": stages.count_parameters(model[1]),
             "bytes": {"safetensors": _bytes(hf_dir), "fp32": files["fp32"]["bytes"], "int8": files["int8"]["bytes"]},
             "onnx": {k: files[k]["path"] for k in ("fp32", "int8")}, "max_difference": files["fp32"]["max_difference"]}
-        if config.finetune.epochs > 0:
+        if finetune.finetunes(config):
             out["models"][name]["task"] = task_scores(config, hf_dir, os.path.join(workdir, "finetune", name),
                                                       os.path.join(workdir, "deploy", f"{name}_classifier"))
     found, _ = evaluate.compare_on_held_out(plan.student_config, workdir, forwards,

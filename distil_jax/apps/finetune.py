@@ -42,6 +42,13 @@ class FineTuned(NamedTuple):
     tokenizer: Any
 
 
+def finetunes(config) -> bool:
+    """Whether the demo-based modes fine-tune (finetune.train gives steps or epochs; both 0
+    leaves the stage out)."""
+    recipe = config.finetune.train
+    return recipe.get("steps", config.train.steps) > 0 or recipe.get("epochs", config.train.epochs) > 0
+
+
 def run_dir(config, workdir: str) -> str:
     """Where mode finetune trains: `finetune.dir`, default WORKDIR/finetune/slug(TASK)."""
     return config.finetune.dir or os.path.join(workdir, "finetune", stages.slug(config.finetune.task))

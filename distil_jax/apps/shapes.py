@@ -93,7 +93,7 @@ def run(config, workdir: str) -> Dict:
 
     timing = batches[: config.demo.inference_batches]
     seconds = {n: evaluate.inference_seconds(m, p, timing) for n, (m, p) in models.items()}
-    tuned = finetune.finetune_models(config, workdir, sources, task_kd=False) if config.finetune.epochs > 0 else {}
+    tuned = finetune.finetune_models(config, workdir, sources, task_kd=False) if finetune.finetunes(config) else {}
     results, pairs = found["models"], found["comparisons"]
     table = []
     for name, (module, params) in models.items():

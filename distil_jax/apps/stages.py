@@ -17,16 +17,13 @@ import jax
 from distil_jax import assets, runtime, storage
 from distil_jax.apps import export
 from distil_jax.checkpoint import saved_steps
-from distil_jax.config import with_changes
+from distil_jax.config import stage_train, with_changes
 from distil_jax.data.prepare import prepare, prepared_dir
 from distil_jax.interop import hf
 from distil_jax.train import trainer
 
-# How the shipped teacher was pretrained (configs/demo_teacher.py, 7000 updates): what
-# demo.teacher="train" runs for demo.teacher_steps updates.
-TEACHER_RECIPE = {"train.batch_size": 64, "train.micro_batch_size": 64, "train.learning_rate": 1e-3,
-                  "train.warmup_fraction": 0.05, "train.weight_decay": 0.01, "train.grad_clip": 1.0,
-                  "train.seed": 0, "masking.smoothing": 0.0}
+# The shipped teacher was pretrained (configs/demo_teacher.py) with uniform masking, as the
+# demo distils; its train.* values are demo.teacher_train.
 MLM_ONLY = {"distill.alpha_ce": 0.0, "distill.alpha_cos": 0.0, "distill.alpha_mse": 0.0,
             "distill.alpha_mlm": 1.0}
 def stage_config(config, mode: Optional[str] = None, **changes):
@@ -91,13 +88,12 @@ def make_plan(config, workdir: str) -> Plan:
         teacher_hf = assets.DEMO_TEACHER
     elif d.teacher == "train":
         teacher_hf = os.path.join(teacher_dir, "hf")
-        pretrain = stage_config(config, mode="pretrain", **{
-            **TEACHER_RECIPE, "data.dir": data_dir, "teacher.path": "", "train.steps": d.teacher_steps})
+        pretrain = stage_train(stage_config(config, mode="pretrain", **{
+            "masking.smoothing": 0.0, "data.dir": data_dir, "teacher.path": ""}), "demo.teacher_train")
     else:
         teacher_hf = d.teacher
-    student = stage_config(config, mode="distill", **{
-        "data.dir": data_dir, "teacher.path": teacher_hf, "train.steps": d.student_steps,
-        "train.learning_rate": d.student_learning_rate})
+    student = stage_train(stage_config(config, mode="distill", **{"data.dir": data_dir, "teacher.path": teacher_hf}),
+                          "demo.student_train")
     runs = {"student": (student, os.path.join(workdir, "student"), os.path.join(workdir, "student_hf"))}
     if d.mlm_only_baseline:
         runs["student_mlm_only"] = (stage_config(student, **MLM_ONLY), os.path.join(workdir, "student_mlm_only"),

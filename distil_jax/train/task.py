@@ -32,26 +32,17 @@ import numpy as np
 from distil_jax.interop import hf, hf_heads
 from distil_jax.train import losses
 from distil_jax.checkpoint import checkpoint_tokenizer, load_model, saved_steps
-from distil_jax.config import with_changes
+from distil_jax.config import stage_train
 from distil_jax.data import squad
 from distil_jax.data.tasks import TaskSet
 from distil_jax.data.tokenizer import load_tokenizer
 from distil_jax.models import MaskedLM, QuestionAnswerer, SequenceClassifier
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what the models read of a batch
-# Mode finetune's optimiser beside the finetune group's settings (BERT's fine-tuning recipe).
-TASK_OPTIMIZER = {"adam_b1": 0.9, "adam_b2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.01, "grad_clip": 1.0}
-
-
 def task_training(config):
-    """Mode finetune's config with its train group made from the finetune group (what the
-    trainer runs and the checkpoints record)."""
-    f = config.finetune
-    return with_changes(config, **{
-        "train.steps": 0, "train.epochs": f.epochs, "train.learning_rate": f.learning_rate,
-        "train.batch_size": f.batch_size, "train.micro_batch_size": f.micro_batch_size or f.batch_size,
-        "train.seed": f.seed, "train.warmup_fraction": f.warmup_fraction,
-        **{f"train.{k}": v for k, v in TASK_OPTIMIZER.items()}})
+    """Mode finetune's config: its train group set from finetune.train (what the trainer
+    runs and the checkpoints record)."""
+    return stage_train(config, "finetune.train")
 
 
 # --- the objective ------------------------------------------------------------------------
