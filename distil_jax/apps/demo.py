@@ -170,7 +170,7 @@ def _points(x: float) -> str:
 def format_summary(s: Dict) -> str:
     names = [n for n in MODELS if n != "student_mlm_only" or "student_mlm_only_accuracy" in s]
     heads = {"teacher": "teacher", "student": "distilled", "student_mlm_only": "MLM only"}
-    rows = [[""] + [heads[n] for n in names]]
+    rows = []
     acc = {"teacher": s["teacher_mlm_accuracy"], "student": s["student_mlm_accuracy"],
            "student_mlm_only": s.get("student_mlm_only_accuracy")}
     ppl = {"teacher": s["teacher_perplexity"], "student": s["student_perplexity"],
@@ -181,8 +181,8 @@ def format_summary(s: Dict) -> str:
     if "teacher_finetune_accuracy" in s:
         rows.append([f"fine-tuned: {s['finetune_task']} (%)"] +
                     [_points(s[f"{n}_finetune_accuracy"]) for n in names if f"{n}_finetune_accuracy" in s])
-    width = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(width[0]) if i == 0 else c.rjust(width[i]) for i, c in enumerate(r)) for r in rows]
+    rows = [r + [""] * (len(names) + 1 - len(r)) for r in rows]
+    lines = [stages.markdown_table([""] + [heads[n] for n in names], rows, right=[False] + [True] * len(names)), ""]
     lines.append(f"{s['held_out_targets']:,} held-out targets; retention (distilled / teacher accuracy) "
                  f"{s['retention']:.1%}; top-1 agreement with the teacher {s['agreement']:.1%}; "
                  f"inference {s['speedup']:.2f}x faster ({s['inference_sequences']} sequences)")
