@@ -1,7 +1,7 @@
 """Entry point: `python -m distil_jax.main --config=configs/FILE.py --workdir=DIR`.
 
 Parses the ml_collections config (overrides: --config.a.b=value) and starts what
-`config.mode` names (`APPS`): training (distill, pretrain; trainer.py), data
+`config.mode` names (`APPS`): training (distill, pretrain; train/trainer.py), data
 preparation, and the apps (eval, export, finetune, demo, ablate, shapes, deploy; apps/). One run per
 workdir: a second start on a workdir in use is refused, naming the first.
 
