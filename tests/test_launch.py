@@ -469,7 +469,10 @@ until [[ -s $FAKE_DIR/started-0-$round && -s $FAKE_DIR/started-1-$round ]]; do s
 case ${{plan[$id]}} in
   kill) kill -KILL $$ ;;
   hang) exec sleep 60 ;;
-  killpeer) read -r peer _ <"$FAKE_DIR/started-1-$round"; kill -KILL "$peer"; exit 1 ;;
+  # A process learns of its peer's death after it: exit 1 once the peer is dead (a zombie or gone).
+  killpeer) read -r peer _ <"$FAKE_DIR/started-1-$round"; kill -KILL "$peer"
+            while read -r _ _ state _ 2>/dev/null <"/proc/$peer/stat" && [[ $state != Z ]]; do sleep 0.01; done
+            exit 1 ;;
   term75) while :; do sleep 0.02; done ;;
   *) exit "${{plan[$id]}}" ;;
 esac
