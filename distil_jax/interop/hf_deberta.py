@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from distil_jax.interop.hf import (_brief, _get, _hf_shape, _set, _to_hf, _to_ours, read_state_dict,
+from distil_jax.interop.hf import (_BERT_LAYER, _brief, _get, _hf_shape, _set, _to_hf, _to_ours, read_state_dict,
                                    resolve_model_dir, write_hf_dir)
 from distil_jax.models.deberta import DebertaV2, DebertaV2Config
 from distil_jax.models.layers import init_params
@@ -35,24 +35,9 @@ Table = List[Tuple[str, str, Optional[str]]]
 MODEL_TYPE = "deberta-v2"
 BASE = "deberta."  # the encoder's prefix in every task model's checkpoint
 
-_LAYER = [
-    ("attention.self.query_proj.weight", "attention/query/kernel", "qkv"),
-    ("attention.self.query_proj.bias", "attention/query/bias", "qkv_bias"),
-    ("attention.self.key_proj.weight", "attention/key/kernel", "qkv"),
-    ("attention.self.key_proj.bias", "attention/key/bias", "qkv_bias"),
-    ("attention.self.value_proj.weight", "attention/value/kernel", "qkv"),
-    ("attention.self.value_proj.bias", "attention/value/bias", "qkv_bias"),
-    ("attention.output.dense.weight", "attention/out/kernel", "attn_out"),
-    ("attention.output.dense.bias", "attention/out/bias", None),
-    ("attention.output.LayerNorm.weight", "attention_norm/scale", None),
-    ("attention.output.LayerNorm.bias", "attention_norm/bias", None),
-    ("intermediate.dense.weight", "wi/kernel", "linear"),
-    ("intermediate.dense.bias", "wi/bias", None),
-    ("output.dense.weight", "wo/kernel", "linear"),
-    ("output.dense.bias", "wo/bias", None),
-    ("output.LayerNorm.weight", "output_norm/scale", None),
-    ("output.LayerNorm.bias", "output_norm/bias", None),
-]
+# BERT's layer table with DeBERTa's names for the attention's projections.
+_LAYER = [(hf.replace("self.query.", "self.query_proj.").replace("self.key.", "self.key_proj.")
+           .replace("self.value.", "self.value_proj."), ours, kind) for hf, ours, kind in _BERT_LAYER]
 _POS_KEY = [("attention.self.pos_key_proj.weight", "attention/pos_key/kernel", "qkv"),
             ("attention.self.pos_key_proj.bias", "attention/pos_key/bias", "qkv_bias")]
 _POS_QUERY = [("attention.self.pos_query_proj.weight", "attention/pos_query/kernel", "qkv"),

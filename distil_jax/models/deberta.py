@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax.models.layers import (ACTIVATIONS, INTERMEDIATES, REMAT_POLICIES, Dropout, Embed,
+from distil_jax.models.layers import (INTERMEDIATES, REMAT_POLICIES, Dropout, Embed,
                                       EncoderConfig, MaskedLM, MaskedLMOutput, MLMHead, kernel_init,
-                                      layer_norm, zeros_init)
+                                      add_and_feed_forward, layer_norm, zeros_init)
 
 POS_ATT_TYPES = ("c2p", "p2c")
 NORM_REL_EBD = ("none", "layer_norm")
@@ -274,16 +274,7 @@ class DebertaLayer(nn.Module):
         attn, probs = DisentangledSelfAttention(cfg, name="attention", attention_impl=self.attention_impl, **kw)(
             x, attention_mask, rel_embeddings, deterministic, output_attentions)
         attn = Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
-        x = layer_norm(cfg.layer_norm_eps, "attention_norm", **kw)(x + attn)
-        h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=kernel_init(cfg, ("embed", "mlp")),
-                     bias_init=zeros_init(("mlp",)), **kw)(x)
-        h = ACTIVATIONS[cfg.hidden_act](h)
-        self.sow(INTERMEDIATES, "ffn", h)
-        h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=kernel_init(cfg, ("mlp", "embed")),
-                     bias_init=zeros_init(("embed",)), **kw)(h)
-        h = Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-        x = layer_norm(cfg.layer_norm_eps, "output_norm", **kw)(x + h)
-        return x, probs
+        return add_and_feed_forward(self, x, attn, deterministic), probs
 
 
 class DebertaEncoder(nn.Module):

@@ -223,16 +223,25 @@ class EncoderLayer(nn.Module):
             x, attention_mask, deterministic, output_attentions)
         if self.dropout_after_attention:
             attn = Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
-        x = layer_norm(cfg.layer_norm_eps, "attention_norm", **kw)(x + attn)
-        h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=kernel_init(cfg, ("embed", "mlp")),
-                     bias_init=zeros_init(("mlp",)), **kw)(x)
-        h = ACTIVATIONS[cfg.hidden_act](h)
-        self.sow(INTERMEDIATES, "ffn", h)
-        h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=kernel_init(cfg, ("mlp", "embed")),
-                     bias_init=zeros_init(("embed",)), **kw)(h)
-        h = Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-        x = layer_norm(cfg.layer_norm_eps, "output_norm", **kw)(x + h)
-        return x, probs
+        return add_and_feed_forward(self, x, attn, deterministic), probs
+
+
+def add_and_feed_forward(layer: nn.Module, x, attn, deterministic: bool):
+    """The rest of a post-LN layer once its attention output `attn` is there:
+    x = LN(x + attn); x = LN(x + FFN(x)). Called inside `layer`'s compact __call__ (its
+    submodules attention_norm, wi, wo, output_norm; the feed-forward activation recorded
+    as "ffn"): BERT's, DistilBERT's and DeBERTa's layers share it."""
+    cfg = layer.config
+    kw = dict(dtype=layer.dtype, param_dtype=layer.param_dtype)
+    x = layer_norm(cfg.layer_norm_eps, "attention_norm", **kw)(x + attn)
+    h = nn.Dense(cfg.intermediate_size, name="wi", kernel_init=kernel_init(cfg, ("embed", "mlp")),
+                 bias_init=zeros_init(("mlp",)), **kw)(x)
+    h = ACTIVATIONS[cfg.hidden_act](h)
+    layer.sow(INTERMEDIATES, "ffn", h)
+    h = nn.Dense(cfg.hidden_size, name="wo", kernel_init=kernel_init(cfg, ("mlp", "embed")),
+                 bias_init=zeros_init(("embed",)), **kw)(h)
+    h = Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    return layer_norm(cfg.layer_norm_eps, "output_norm", **kw)(x + h)
 
 
 class Encoder(nn.Module):
