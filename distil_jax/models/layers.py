@@ -29,6 +29,8 @@ ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,  # x * sigmoid(x) (some ModernBERT checkpoints)
+    "swish": jax.nn.silu,
 }
 
 # What a layer records when applied with mutable=[INTERMEDIATES] (flax `sow`): per layer,

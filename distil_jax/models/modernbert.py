@@ -50,8 +50,6 @@ from distil_jax.models.layers import (ACTIVATIONS, INTERMEDIATES, REMAT_POLICIES
                                       EncoderConfig, MaskedLM, MaskedLMOutput, kernel_init, ones_init,
                                       zeros_init)
 
-# transformers' ACT2FN names that ModernBERT checkpoints use; "silu" / "swish" are x * sigmoid(x).
-MODERNBERT_ACTIVATIONS = {**ACTIVATIONS, "silu": jax.nn.silu, "swish": jax.nn.silu}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -99,18 +97,14 @@ class ModernBertConfig(EncoderConfig):
     def __post_init__(self):
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        super().__post_init__()  # the fields every encoder has
         problems = []
-        if self.hidden_size % self.num_heads:
-            problems.append(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        elif self.head_dim % 2:
+        if self.head_dim % 2:
             problems.append(f"head_dim {self.head_dim} must be even (rotary positions)")
-        for name in ("hidden_act", "classifier_activation"):
-            if getattr(self, name) not in MODERNBERT_ACTIVATIONS:
-                problems.append(f"{name} {getattr(self, name)!r} is not one of "
-                                f"{sorted(MODERNBERT_ACTIVATIONS)}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings", "global_attn_every_n_layers", "local_attention"):
+        if self.classifier_activation not in ACTIVATIONS:
+            problems.append(f"classifier_activation {self.classifier_activation!r} is not one of "
+                            f"{sorted(ACTIVATIONS)}")
+        for name in ("global_attn_every_n_layers", "local_attention"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("global_rope_theta", "local_rope_theta"):
@@ -263,7 +257,7 @@ class ModernBertLayer(nn.Module):
             bias_init=zeros_init(axes[1:]), **kw)
         inputs = dense(cfg.intermediate_size, "wi", ("embed", "mlp"))(h)
         gate = dense(cfg.intermediate_size, "gate", ("embed", "mlp"))(h)
-        h = MODERNBERT_ACTIVATIONS[cfg.hidden_act](inputs) * gate
+        h = ACTIVATIONS[cfg.hidden_act](inputs) * gate
         self.sow(INTERMEDIATES, "ffn", h)
         h = Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         h = dense(cfg.hidden_size, "wo", ("mlp", "embed"))(h)
@@ -316,7 +310,7 @@ class ModernBertHead(nn.Module):
                                       (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
 
     def features(self, hidden):
-        return self.layer_norm(MODERNBERT_ACTIVATIONS[self.config.head_act](self.transform(hidden)))
+        return self.layer_norm(ACTIVATIONS[self.config.head_act](self.transform(hidden)))
 
     def projection(self, word_embeddings: Embed):
         """(matrix [V, D], bias [V]) of the decoder."""
