@@ -34,13 +34,12 @@ from etils import epath
 
 from distil_jax import runtime
 from distil_jax.data.tokenizer import load_tokenizer
-from distil_jax.models import (Bert, BertConfig, DistilBert, DistilBertConfig, QuestionAnswerer,
-                               SequenceClassifier)
+from distil_jax.models import MODULES, QuestionAnswerer, SequenceClassifier
 from distil_jax.terms import model_params
 
 # meta["model"]["type"] -> (module, config): what load_model builds; a task head's
 # meta["model"] is {"type": head, "encoder": the encoder's, and num_labels for a classifier}.
-MODEL_TYPES = {"Bert": (Bert, BertConfig), "DistilBert": (DistilBert, DistilBertConfig)}
+MODEL_TYPES = {module.__name__: (module, config) for config, module in MODULES.items()}
 HEAD_TYPES = {"SequenceClassifier": SequenceClassifier, "QuestionAnswerer": QuestionAnswerer}
 
 

@@ -299,7 +299,7 @@ ROWS = [
     (teacher_without_weights, FileNotFoundError, ["no weights in", "model.safetensors"]),
     (teacher_without_config, FileNotFoundError, ["has no config.json"]),
     (teacher_truncated_weights, ValueError, ["model.safetensors cannot be read", "download it again"]),
-    (teacher_unsupported_type, ValueError, ["unsupported model_type 'gpt2'", "bert, roberta, distilbert"]),
+    (teacher_unsupported_type, ValueError, ["unsupported model_type 'gpt2'", "bert, roberta, xlm-roberta, distilbert, deberta-v2, modernbert"]),
     (teacher_missing_and_extra_tensors, ValueError,
      ["missing distilbert.transformer.layer.1.ffn.lin2.bias", "(2 layers, width 32, vocabulary 64)"]),
     (teacher_tensor_of_the_wrong_shape, ValueError,

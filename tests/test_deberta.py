@@ -13,7 +13,7 @@ import torch  # the test extra: without it this file fails to collect (it does n
 import transformers
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
-from distil_jax.interop import hf_deberta
+from distil_jax.interop import hf, hf_deberta
 from distil_jax.models.deberta import DebertaV2, DebertaV2Config, log_bucket_positions, relative_positions
 from distil_jax.models.layers import apply_recording, init_params, logical_axes
 
@@ -96,8 +96,8 @@ def parity_errors(changes, tmp_path):
     on a random DebertaV2ForMaskedLM with `changes`, over every position of a right-padded batch."""
     ref = _randomise(transformers.DebertaV2ForMaskedLM(_hf_config(**changes)), seed=len(_ids(changes)))
     ref.save_pretrained(tmp_path)
-    model, params, has_head = hf_deberta.load_hf_deberta(str(tmp_path))
-    assert has_head and isinstance(model, DebertaV2)
+    model, params = hf.load_hf_model(str(tmp_path))
+    assert model.config.mlm_head and isinstance(model, DebertaV2)
     ids, am = _batch()
     want = _torch_outputs(ref, ids, am)
     out = model.apply({"params": params}, ids, am)  # the fused attention (dot_product_attention)
@@ -152,7 +152,7 @@ def test_export_round_trip(changes, tmp_path):
     config = hf_deberta.read_deberta_config(_hf_config(**changes).to_dict())
     model = DebertaV2(config)
     params = _random_ours(config, seed=3)
-    hf_deberta.save_hf_deberta(params, config, str(tmp_path))
+    hf.save_hf_model(params, config, str(tmp_path))
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert hf_config["model_type"] == "deberta-v2" and hf_config["architectures"] == ["DebertaV2ForMaskedLM"]
     loaded, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path), output_loading_info=True)
@@ -166,8 +166,8 @@ def test_export_round_trip(changes, tmp_path):
     # from itself in float64 (2.5e-6, 3.6e-6, 1.5e-6).
     np.testing.assert_allclose(model.apply({"params": params}, ids, am).logits, want.logits.numpy(), atol=2e-5)
     # And back: importing the export gives the same params.
-    _, again, has_head = hf_deberta.load_hf_deberta(str(tmp_path))
-    assert has_head
+    again_model, again = hf.load_hf_model(str(tmp_path))
+    assert again_model.config.mlm_head
     chex.assert_trees_all_close(again, params, atol=0)
 
 
@@ -184,8 +184,8 @@ def test_an_encoder_only_checkpoint_loads_without_head(tmp_path):
     (tmp_path / "v3" / "config.json").write_text((tmp_path / "model" / "config.json").read_text())
     safetensors.torch.save_file(state, str(tmp_path / "v3" / "model.safetensors"), metadata={"format": "pt"})
     for directory in ("model", "v3"):
-        model, params, has_head = hf_deberta.load_hf_deberta(str(tmp_path / directory))
-        assert not has_head and not model.config.mlm_head and "mlm_head" not in params
+        model, params = hf.load_hf_model(str(tmp_path / directory))
+        assert not model.config.mlm_head and "mlm_head" not in params
         out = model.apply({"params": params}, ids, am)
         assert out.logits is None
         # measured max abs error 3.6e-7
@@ -193,7 +193,7 @@ def test_an_encoder_only_checkpoint_loads_without_head(tmp_path):
         with pytest.raises(ValueError, match="no MLM head"):
             model.apply({"params": params}, out.last_hidden_state, method=DebertaV2.head_inputs)
     # Saved again, it is an encoder that transformers' AutoModel reads.
-    hf_deberta.save_hf_deberta(params, model.config, str(tmp_path / "again"))
+    hf.save_hf_model(params, model.config, str(tmp_path / "again"))
     again = transformers.AutoModel.from_pretrained(str(tmp_path / "again")).eval()
     assert type(again).__name__ == "DebertaV2Model"
     np.testing.assert_allclose(_torch_outputs(again, ids, am).last_hidden_state.numpy(),
@@ -206,7 +206,7 @@ def test_missing_tensor_is_named(tmp_path):
     config = hf_deberta.read_deberta_config(ref.config.to_dict())
     del state["deberta.encoder.layer.2.attention.self.pos_key_proj.bias"]
     with pytest.raises(ValueError, match=r"missing deberta\.encoder\.layer\.2\.attention\.self\.pos_key_proj\.bias"):
-        hf_deberta.params_from_hf(state, config)
+        hf.params_from_state_dict(state, config)
     with pytest.raises(ValueError, match="conv_kernel_size"):
         hf_deberta.read_deberta_config({**ref.config.to_dict(), "conv_kernel_size": 3})
 

@@ -10,7 +10,7 @@ import torch  # the test extra: without it this file fails to collect (it does n
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from distil_jax.interop import hf_modernbert
+from distil_jax.interop import hf, hf_modernbert
 from distil_jax.models.layers import apply_recording, init_params, logical_axes
 from distil_jax.models.modernbert import ModernBert, ModernBertConfig
 
@@ -89,7 +89,7 @@ def parity_errors(tmp_path, seed=0, **changes):
     attention probabilities (explicit softmax path), and of the logits of the fused path."""
     ref = _random_hf_model(seed=seed, **changes)
     ref.save_pretrained(tmp_path)
-    model, params = hf_modernbert.load_hf_modernbert(str(tmp_path))
+    model, params = hf.load_hf_model(str(tmp_path))
     assert isinstance(model, ModernBert)
     ids, am = _batch(seed)
     want = _torch_outputs(ref, ids, am, output_attentions=True)
@@ -117,7 +117,7 @@ def test_real_tokens_equal_transformers_sdpa(tmp_path):
     ref = _random_hf_model(seed=1, global_attn_every_n_layers=2)
     ref.config._attn_implementation = "sdpa"
     ref.save_pretrained(tmp_path)
-    model, params = hf_modernbert.load_hf_modernbert(str(tmp_path))
+    model, params = hf.load_hf_model(str(tmp_path))
     ids, am = _batch(1)
     want = _torch_outputs(ref, ids, am).logits.numpy()
     got = np.asarray(model.apply({"params": params}, ids, am).logits)
@@ -160,7 +160,7 @@ def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
     state["model.layers.1.attn.Wqkv.weight"] = state["model.layers.1.attn.Wqkv.weight"][:64]
     with pytest.raises(ValueError, match=r"missing model\.layers\.2\.mlp\.Wi\.weight.*model\.layers\.1\."
                                          r"attn\.Wqkv\.weight \(64, 32\) \(expected \(96, 32\)\)"):
-        hf_modernbert.params_from_hf(state, config)
+        hf.params_from_state_dict(state, config)
 
 
 # --- our model's own surface ------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_export_round_trip_and_fill_mask_pipeline(tmp_path):
                            hidden_act="gelu_pytorch_tanh")
     model = ModernBert(config)
     params = _random_params(model, seed=6)
-    hf_modernbert.save_hf_modernbert(params, config, str(tmp_path), tokenizer=_tokenizer())
+    hf.save_hf_model(params, config, str(tmp_path), tokenizer=_tokenizer())
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "modernbert" and saved["architectures"] == ["ModernBertForMaskedLM"]
     assert hf_modernbert.read_modernbert_config(saved) == config
@@ -267,7 +267,7 @@ def test_export_round_trip_and_fill_mask_pipeline(tmp_path):
     ours = np.asarray(model.apply({"params": params}, ids, am).logits)
     # measured max abs error 4.6e-6 (logits up to 5.6: these params are larger than PARITY's)
     np.testing.assert_allclose(ours, want, atol=2e-5)
-    _, again = hf_modernbert.load_hf_modernbert(str(tmp_path))
+    _, again = hf.load_hf_model(str(tmp_path))
     chex.assert_trees_all_equal(again, params)
 
     fill = transformers.pipeline("fill-mask", model=str(tmp_path), top_k=3)

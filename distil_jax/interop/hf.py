@@ -1,52 +1,29 @@
-"""Hugging Face <-> Flax: parameter mapping tables, import of teachers, export of students.
+"""Hugging Face <-> Flax: the one door for every family's checkpoints (import of teachers,
+export of students), dispatching on config.json's model_type.
 
-Hugging Face checkpoints are PyTorch layout: a Linear weight is [out, in], ours is
-[in, out]; attention projections are split by head on our side. Each architecture is a
-table of (Hugging Face name, our path, transform), so the whole mapping reads in one
-screen. Transformers 5 has no Flax classes: the Flax side is ours.
+Each architecture is a table of (Hugging Face name, our path, transform), so a mapping
+reads in one screen: BERT, RoBERTa, XLM-R (RoBERTa's layout) and DistilBERT here,
+DeBERTa-v2/v3 in hf_deberta.py, ModernBERT in hf_modernbert.py; what they share (layout
+transforms, reading and writing a directory, the tensor check) is tables.py.
+Transformers 5 has no Flax classes: the Flax side is ours.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
-from absl import logging
-from etils import epy
 
-from distil_jax.models import Bert, BertConfig, DistilBert, DistilBertConfig, EncoderConfig, init_params
+from distil_jax.interop import hf_deberta, hf_modernbert, tables
+from distil_jax.interop.tables import (BERT_LAYER, Params, read_config_json, read_state_dict,  # noqa: F401
+                                       resolve_model_dir, write_hf_dir)
+from distil_jax.models import (BertConfig, DebertaV2Config, DistilBertConfig, EncoderConfig, ModernBertConfig,
+                               init_params, module_for)
 
-with epy.lazy_imports():  # optional: only a pytorch_model.bin needs it
-    import torch
-
-Params = Dict[str, Any]
-
-# --- the tables -------------------------------------------------------------------
+# --- the tables (BERT, RoBERTa, XLM-R, DistilBERT) -----------------------------------
 # Per-layer entries: (HF name under the layer prefix, our path under encoder/layer_{i}, transform)
-_BERT_LAYER = [
-    ("attention.self.query.weight", "attention/query/kernel", "qkv"),
-    ("attention.self.query.bias", "attention/query/bias", "qkv_bias"),
-    ("attention.self.key.weight", "attention/key/kernel", "qkv"),
-    ("attention.self.key.bias", "attention/key/bias", "qkv_bias"),
-    ("attention.self.value.weight", "attention/value/kernel", "qkv"),
-    ("attention.self.value.bias", "attention/value/bias", "qkv_bias"),
-    ("attention.output.dense.weight", "attention/out/kernel", "attn_out"),
-    ("attention.output.dense.bias", "attention/out/bias", None),
-    ("attention.output.LayerNorm.weight", "attention_norm/scale", None),
-    ("attention.output.LayerNorm.bias", "attention_norm/bias", None),
-    ("intermediate.dense.weight", "wi/kernel", "linear"),
-    ("intermediate.dense.bias", "wi/bias", None),
-    ("output.dense.weight", "wo/kernel", "linear"),
-    ("output.dense.bias", "wo/bias", None),
-    ("output.LayerNorm.weight", "output_norm/scale", None),
-    ("output.LayerNorm.bias", "output_norm/bias", None),
-]
 _DISTILBERT_LAYER = [
     ("attention.q_lin.weight", "attention/query/kernel", "qkv"),
     ("attention.q_lin.bias", "attention/query/bias", "qkv_bias"),
@@ -67,19 +44,6 @@ _DISTILBERT_LAYER = [
 ]
 
 
-def _embeddings(base: str, token_types: bool):
-    rows = [
-        (f"{base}.embeddings.word_embeddings.weight", "word_embeddings/embedding", None),
-        (f"{base}.embeddings.position_embeddings.weight", "position_embeddings/embedding", None),
-        (f"{base}.embeddings.LayerNorm.weight", "embeddings_norm/scale", None),
-        (f"{base}.embeddings.LayerNorm.bias", "embeddings_norm/bias", None),
-    ]
-    if token_types:
-        rows.append((f"{base}.embeddings.token_type_embeddings.weight",
-                     "token_type_embeddings/embedding", None))
-    return rows
-
-
 def _head(dense: str, norm: str, bias: str):
     return [(f"{dense}.weight", "mlm_head/transform/kernel", "linear"),
             (f"{dense}.bias", "mlm_head/transform/bias", None),
@@ -88,69 +52,64 @@ def _head(dense: str, norm: str, bias: str):
             (bias, "mlm_head/bias", None)]
 
 
-# model_type -> (embeddings, layer prefix, layer table, head, tensors that may be present
-# but carry nothing of ours: tied decoders, NSP head, old position-id buffers)
+# model_type -> (encoder prefix, layer prefix, layer table, head, tensors that may be present
+# but carry nothing of ours: tied decoders, NSP head, old position-id buffers).
+# XLM-R is RoBERTa's architecture (XLMRobertaForMaskedLM: roberta.*, lm_head.*).
+_ROBERTA = ("roberta", "roberta.encoder.layer.{i}.", BERT_LAYER,
+            _head("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"),
+            ("lm_head.decoder.weight", "lm_head.decoder.bias", "roberta.embeddings.position_ids"))
 _ARCHS = {
-    "bert": (_embeddings("bert", True), "bert.encoder.layer.{i}.", _BERT_LAYER,
+    "bert": ("bert", "bert.encoder.layer.{i}.", BERT_LAYER,
              _head("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
                    "cls.predictions.bias"),
              ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
               "cls.seq_relationship.weight", "cls.seq_relationship.bias",
               "bert.embeddings.position_ids")),
-    "roberta": (_embeddings("roberta", True), "roberta.encoder.layer.{i}.", _BERT_LAYER,
-                _head("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"),
-                ("lm_head.decoder.weight", "lm_head.decoder.bias",
-                 "roberta.embeddings.position_ids")),
-    "distilbert": (_embeddings("distilbert", False), "distilbert.transformer.layer.{i}.",
-                   _DISTILBERT_LAYER,
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
+    "distilbert": ("distilbert", "distilbert.transformer.layer.{i}.", _DISTILBERT_LAYER,
                    _head("vocab_transform", "vocab_layer_norm", "vocab_projector.bias"),
                    ("vocab_projector.weight", "distilbert.embeddings.position_ids")),
 }
 _POOLER = [("{base}.pooler.dense.weight", "pooler/kernel", "linear"),
            ("{base}.pooler.dense.bias", "pooler/bias", None)]
+_HF_CLASSES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM",
+               "xlm-roberta": "XLMRobertaForMaskedLM"}
+# Every model_type a checkpoint may have (config.json), and the family's own mapping.
+SUPPORTED = ("bert", "roberta", "xlm-roberta", "distilbert", hf_deberta.MODEL_TYPE, hf_modernbert.MODEL_TYPE)
 
 
-def param_table(config: EncoderConfig) -> List[Tuple[str, str, Optional[str]]]:
-    """Every (HF name, our '/'-joined path, transform) of a model with this config."""
+def param_table(config: EncoderConfig) -> List[Tuple[str, Any, Optional[str]]]:
+    """Every (HF name, our '/'-joined path (or paths: a fused tensor), transform) of a
+    masked LM with this config."""
+    if isinstance(config, DebertaV2Config):
+        return hf_deberta.param_table(config)
+    if isinstance(config, ModernBertConfig):
+        return hf_modernbert.param_table(config)
     arch = model_type(config)
-    embeddings, prefix, layer, head, _ = _ARCHS[arch]
-    rows = list(embeddings)
+    base, prefix, layer, head, _ = _ARCHS[arch]
+    token_types = isinstance(config, BertConfig)
+    rows = [
+        (f"{base}.embeddings.word_embeddings.weight", "word_embeddings/embedding", None),
+        (f"{base}.embeddings.position_embeddings.weight", "position_embeddings/embedding", None),
+        (f"{base}.embeddings.LayerNorm.weight", "embeddings_norm/scale", None),
+        (f"{base}.embeddings.LayerNorm.bias", "embeddings_norm/bias", None),
+    ] + ([(f"{base}.embeddings.token_type_embeddings.weight", "token_type_embeddings/embedding", None)]
+         if token_types else [])
     for i in range(config.num_layers):
         rows += [(prefix.format(i=i) + hf, f"encoder/layer_{i}/{ours}", t) for hf, ours, t in layer]
     rows += head
     if isinstance(config, BertConfig) and config.add_pooler:
-        rows += [(hf.format(base=arch), ours, t) for hf, ours, t in _POOLER]
+        rows += [(hf.format(base=base), ours, t) for hf, ours, t in _POOLER]
     return rows
 
 
-def _to_ours(kind: Optional[str], x: np.ndarray, config: EncoderConfig) -> np.ndarray:
-    h, d = config.num_heads, config.hidden_size
-    if kind is None:
-        return x
-    if kind == "linear":
-        return x.T
-    if kind == "qkv":  # [h*hd, d] -> [d, h, hd]
-        return x.T.reshape(d, h, -1)
-    if kind == "qkv_bias":
-        return x.reshape(h, -1)
-    if kind == "attn_out":  # [d, h*hd] -> [h, hd, d]
-        return x.T.reshape(h, -1, d)
-    raise ValueError(kind)
-
-
-def _to_hf(kind: Optional[str], x: np.ndarray, config: EncoderConfig) -> np.ndarray:
-    d = config.hidden_size
-    if kind is None:
-        return x
-    if kind == "linear":
-        return x.T
-    if kind == "qkv":  # [d, h, hd] -> [h*hd, d]
-        return x.reshape(d, -1).T
-    if kind == "qkv_bias":
-        return x.reshape(-1)
-    if kind == "attn_out":  # [h, hd, d] -> [d, h*hd]
-        return x.reshape(-1, d).T
-    raise ValueError(kind)
+def _ignorable(config: EncoderConfig) -> Callable[[str], bool]:
+    if isinstance(config, DebertaV2Config):
+        return lambda name: hf_deberta.ignorable(name, config)
+    if isinstance(config, ModernBertConfig):
+        return lambda name: hf_modernbert.ignorable(name, config)
+    return frozenset(_ARCHS[model_type(config)][4]).__contains__
 
 
 # --- configs ----------------------------------------------------------------------
@@ -159,17 +118,25 @@ def model_type(config: EncoderConfig) -> str:
         return "distilbert"
     if isinstance(config, BertConfig):
         return config.model_type
+    if isinstance(config, DebertaV2Config):
+        return hf_deberta.MODEL_TYPE
+    if isinstance(config, ModernBertConfig):
+        return hf_modernbert.MODEL_TYPE
     raise TypeError(f"no Hugging Face mapping for {type(config).__name__}")
 
 
 def config_from_hf(hf: Dict[str, Any]) -> EncoderConfig:
     """Our config from a Hugging Face config.json dict."""
     model_type = hf.get("model_type")
-    if model_type in ("bert", "roberta"):
+    if model_type == hf_deberta.MODEL_TYPE:
+        return hf_deberta.read_deberta_config(hf)
+    if model_type == hf_modernbert.MODEL_TYPE:
+        return hf_modernbert.read_modernbert_config(hf)
+    if model_type in ("bert", "roberta", "xlm-roberta"):
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
                 f"position_embedding_type {hf['position_embedding_type']!r} is not supported; "
-                "only 'absolute' position embeddings (every BERT/RoBERTa release) are")
+                "only 'absolute' position embeddings (every BERT/RoBERTa/XLM-R release) are")
         return BertConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -179,7 +146,7 @@ def config_from_hf(hf: Dict[str, Any]) -> EncoderConfig:
             hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
             attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
             hidden_act=hf.get("hidden_act", "gelu"),
-            pad_token_id=hf.get("pad_token_id") or (1 if model_type == "roberta" else 0),
+            pad_token_id=hf.get("pad_token_id") or (0 if model_type == "bert" else 1),
             initializer_range=hf.get("initializer_range", 0.02),
             type_vocab_size=hf.get("type_vocab_size", 2), model_type=model_type)
     if model_type == "distilbert":
@@ -192,12 +159,16 @@ def config_from_hf(hf: Dict[str, Any]) -> EncoderConfig:
             hidden_act=hf.get("activation", "gelu"), pad_token_id=hf.get("pad_token_id") or 0,
             initializer_range=hf.get("initializer_range", 0.02))
     raise ValueError(
-        f"unsupported model_type {model_type!r} in config.json; supported: bert, roberta, "
-        "distilbert (a masked-LM checkpoint of one of these architectures)")
+        f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(SUPPORTED)} "
+        "(a masked-LM or encoder checkpoint of one of these architectures; mBERT is 'bert')")
 
 
 def config_to_hf(config: EncoderConfig) -> Dict[str, Any]:
     """A config.json dict that transformers reads back as the same architecture."""
+    if isinstance(config, DebertaV2Config):
+        return hf_deberta.deberta_config_to_hf(config)
+    if isinstance(config, ModernBertConfig):
+        return hf_modernbert.modernbert_config_to_hf(config)
     arch = model_type(config)
     if arch == "distilbert":
         return dict(
@@ -210,7 +181,7 @@ def config_to_hf(config: EncoderConfig) -> Dict[str, Any]:
             initializer_range=config.initializer_range, sinusoidal_pos_embds=False,
             tie_word_embeddings=True, qa_dropout=0.1, seq_classif_dropout=0.2)
     return dict(
-        architectures=["BertForMaskedLM" if arch == "bert" else "RobertaForMaskedLM"],
+        architectures=[_HF_CLASSES[arch]],
         model_type=arch, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
@@ -223,101 +194,21 @@ def config_to_hf(config: EncoderConfig) -> Dict[str, Any]:
 
 
 # --- reading and writing ----------------------------------------------------------
-def resolve_model_dir(name_or_path: str) -> str:
-    """A local directory as is; otherwise a hub name, fetched when there is a network."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.exists(name_or_path):
-        raise ValueError(f"{name_or_path} is a file; pass the Hugging Face model directory "
-                         "that holds config.json and the weights")
-    try:
-        return huggingface_hub.snapshot_download(
-            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-    except Exception as e:  # no network, unknown repo, gated repo, ...
-        raise FileNotFoundError(
-            f"{name_or_path!r} is neither a local directory nor a model the hub gave "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download it "
-            f"where there is a network (`hf download {name_or_path} --local-dir DIR`) and "
-            "pass DIR") from None
-
-
 def read_config(name_or_path: str) -> EncoderConfig:
     """The architecture in a Hugging Face directory's config.json (a hub name needs a network)."""
-    model_dir = resolve_model_dir(name_or_path)
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face model "
-                                "directory (save_pretrained writes config.json and weights)")
-    with open(config_path) as f:
-        return config_from_hf(json.load(f))
+    return config_from_hf(read_config_json(resolve_model_dir(name_or_path)))
 
 
-def read_state_dict(model_dir: str) -> Dict[str, np.ndarray]:
-    """All tensors of a HF checkpoint: model.safetensors (single or sharded) or pytorch_model.bin."""
-    def load_file(path):
-        try:
-            return safetensors.numpy.load_file(path)
-        except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
-            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
-                             "by an interrupted download: download it again") from None
-    single = os.path.join(model_dir, "model.safetensors")
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    legacy = os.path.join(model_dir, "pytorch_model.bin")
-    if os.path.exists(single):
-        state = load_file(single)
-    elif os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(model_dir, shard)))
-    elif os.path.exists(legacy):
-        try:
-            loaded = torch.load(legacy, map_location="cpu", weights_only=True)
-        except ImportError:
-            raise ImportError(f"{legacy} is a PyTorch pickle and needs torch to read; install "
-                              "torch or convert the checkpoint to model.safetensors") from None
-        state = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in loaded.items()}
-    else:
-        raise FileNotFoundError(
-            f"no weights in {model_dir}: expected model.safetensors, "
-            "model.safetensors.index.json or pytorch_model.bin")
-    # Original BERT releases name LayerNorm parameters gamma/beta (HF renames them on load).
-    return {_rename_legacy(k): np.asarray(v) for k, v in state.items()}
-
-
-def _rename_legacy(name: str) -> str:
-    if name.endswith(".gamma"):
-        return name[: -len("gamma")] + "weight"
-    if name.endswith(".beta"):
-        return name[: -len("beta")] + "bias"
-    return name
-
-
-def _set(tree: Params, path: str, value) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
-
-
-def _get(tree: Params, path: str):
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
-
-
-def _hf_shape(kind: Optional[str], ours: Tuple[int, ...]) -> Tuple[int, ...]:
-    """The PyTorch-layout shape of one of our tensors (the inverse of `_to_ours`)."""
-    if kind == "linear":
-        return tuple(reversed(ours))
-    if kind == "qkv":  # [d, h, hd] <- [h*hd, d]
-        return (ours[1] * ours[2], ours[0])
-    if kind == "qkv_bias":
-        return (ours[0] * ours[1],)
-    if kind == "attn_out":  # [h, hd, d] <- [d, h*hd]
-        return (ours[2], ours[0] * ours[1])
-    return tuple(ours)
+def _description(config: EncoderConfig, what: str) -> str:
+    extra = ""
+    if isinstance(config, DebertaV2Config):
+        extra = (f", relative_attention={config.relative_attention}, share_att_key={config.share_att_key}, "
+                 f"pos_att_type={list(config.pos_att_type)}")
+    elif isinstance(config, ModernBertConfig):
+        extra = (f", biases: attention {config.attention_bias}, mlp {config.mlp_bias}, norm {config.norm_bias}, "
+                 f"classifier {config.classifier_bias}, decoder {config.decoder_bias}")
+    return (f"a {model_type(config)} {what} of the architecture its config.json gives ({config.num_layers} "
+            f"layers, width {config.hidden_size}, vocabulary {config.vocab_size}{extra})")
 
 
 def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
@@ -325,79 +216,49 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
     """Our masked LM's params from HF tensors.
 
     Tensors the masked LM does not use (a pooler it has no place for, classification
-    heads beside `cls.predictions`, old buffers) are ignored with one warning listing
+    heads beside the MLM head, old buffers) are ignored with one warning listing
     them, as transformers does; a tensor it needs that is missing or of the wrong shape
     is an error naming it."""
-    module = DistilBert if isinstance(config, DistilBertConfig) else Bert
-    shapes = jax.eval_shape(lambda: init_params(module(config), jax.random.key(0)))
-    return params_from_table(state, config, param_table(config), shapes, "masked LM", param_dtype)
+    table = param_table(config)
+    if isinstance(config, DebertaV2Config):
+        table = hf_deberta.param_table(config, hf_deberta.encoder_prefix(state))
+    shapes = jax.eval_shape(lambda: init_params(module_for(config)(config), jax.random.key(0)))
+    what = "masked LM" if getattr(config, "mlm_head", True) else "encoder"
+    return params_from_table(state, config, table, shapes, what, param_dtype)
 
 
 def params_from_table(state: Dict[str, np.ndarray], config: EncoderConfig, table, shapes, what: str,
                       param_dtype=jnp.float32) -> Params:
     """Our params (of the shapes in `shapes`) from HF tensors by `table` (a model of kind
     `what`: "masked LM", "sequence classifier"...); see `params_from_state_dict`."""
-    _, _, _, _, ignorable = _ARCHS[model_type(config)]
-    missing = [hf for hf, _, _ in table if hf not in state]
-    wrong = [f"{hf} {tuple(state[hf].shape)} (expected {_hf_shape(kind, _get(shapes, ours).shape)})"
-             for hf, ours, kind in table
-             if hf in state and tuple(state[hf].shape) != _hf_shape(kind, _get(shapes, ours).shape)]
-    if missing or wrong:
-        found = ([f"missing {_brief(missing)}"] if missing else []) + ([f"wrong shape {_brief(wrong)}"] if wrong else [])
-        raise ValueError(
-            f"the checkpoint does not hold a {model_type(config)} {what} of the architecture its "
-            f"config.json gives ({config.num_layers} layers, width {config.hidden_size}, vocabulary "
-            f"{config.vocab_size}): {'; '.join(found)}. Pass a checkpoint whose config.json matches "
-            "its weights")
-    known = {hf for hf, _, _ in table}
-    unused = sorted(k for k in state if k not in known and k not in ignorable)
-    if unused:
-        logging.warning("%d tensors of the checkpoint are not part of a %s %s and are "
-                        "ignored: %s", len(unused), model_type(config), what, _brief(unused, 20))
-    params: Params = {}
-    for hf, ours, kind in table:
-        _set(params, ours, jnp.asarray(_to_ours(kind, state[hf], config), param_dtype))
-    return params
-
-
-def _brief(names: List[str], n: int = 8) -> str:
-    if not names:
-        return "none"
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    return tables.params_from_table(state, table, config, shapes, _description(config, what),
+                                    _ignorable(config), param_dtype)
 
 
 def load_hf_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
-    """(model, params) for a HF bert / roberta / distilbert masked-LM directory or hub name."""
+    """(model, params) for a HF masked-LM (or encoder) directory or hub name of any family
+    in SUPPORTED. A DeBERTa checkpoint without MLM head (the released DeBERTa-v3) gives an
+    encoder: config.mlm_head False, logits None."""
     model_dir = resolve_model_dir(path)
-    config = read_config(model_dir)
+    config = config_from_hf(read_config_json(model_dir))
     state = read_state_dict(model_dir)
-    if isinstance(config, BertConfig) and f"{config.model_type}.pooler.dense.weight" in state:
-        config = config.replace(add_pooler=True)
+    if isinstance(config, BertConfig):
+        base = _ARCHS[config.model_type][0]
+        if f"{base}.pooler.dense.weight" in state:
+            config = config.replace(add_pooler=True)
+    elif isinstance(config, DebertaV2Config):
+        config = hf_deberta.with_the_head_found(config, state)
     params = params_from_state_dict(state, config, param_dtype)
-    module = DistilBert if isinstance(config, DistilBertConfig) else Bert
-    return module(config, dtype=dtype, param_dtype=param_dtype), params
+    return module_for(config)(config, dtype=dtype, param_dtype=param_dtype), params
 
 
 def state_dict_from_params(params: Params, config: EncoderConfig, dtype=np.float32, table=None) -> Dict[str, np.ndarray]:
     """HF tensors (PyTorch layout, float32 unless `dtype` says otherwise) from our params,
     by `table` (default: the masked LM's, `param_table`)."""
-    return {hf: np.ascontiguousarray(_to_hf(kind, np.asarray(_get(params, ours), np.float32), config)).astype(dtype)
-            for hf, ours, kind in (table or param_table(config))}
-
-
-def write_hf_dir(hf_config: Dict[str, Any], state: Dict[str, np.ndarray], out_dir: str, tokenizer=None) -> str:
-    """config.json, model.safetensors (PyTorch-layout tensors) and the tokenizer's files in out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-    safetensors.numpy.save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        if not hasattr(tokenizer, "save_pretrained"):
-            raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}; pass a "
-                            "transformers tokenizer (e.g. PreTrainedTokenizerFast)")
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
+    state = tables.state_from_table(params, table or param_table(config), config, dtype)
+    if isinstance(config, DebertaV2Config) and table is None:
+        state.update(hf_deberta.unused_norm(config, dtype))
+    return state
 
 
 def save_hf_model(params: Params, config: EncoderConfig, out_dir: str, tokenizer=None,

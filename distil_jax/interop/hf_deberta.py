@@ -1,7 +1,7 @@
 """Hugging Face DeBERTa-v2/v3 (model_type "deberta-v2") <-> our DebertaV2 params.
 
-The same conventions as interop/hf.py (whose layout transforms and readers are reused):
-a PyTorch Linear weight is [out, in], ours [in, out]; attention projections are split by
+The table and config.json fields of the family; interop/hf.py loads and saves through
+them (tables.py's transforms and readers). A PyTorch Linear weight is [out, in], ours [in, out]; attention projections are split by
 head on our side. The mapping is one table built from the config, since which tensors
 exist depends on it (absolute positions, token types, embedding projection, relative
 table and its LayerNorm, per-layer position projections unless share_att_key, the head).
@@ -10,24 +10,18 @@ Checkpoints come with the encoder under "deberta." (DebertaV2ForMaskedLM and the
 task models) or at the top level (DebertaV2Model.save_pretrained). The MLM head is
 transformers' legacy `cls.predictions.*` or the newer `lm_predictions.lm_head.*`
 (config `legacy`); the released DeBERTa-v3 checkpoints have neither (they are the
-ELECTRA-style discriminators): those load as an encoder, `has_mlm_head` False.
+ELECTRA-style discriminators): those load as an encoder, config.mlm_head False.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from distil_jax.interop.hf import (_BERT_LAYER, _brief, _get, _hf_shape, _set, _to_hf, _to_ours, read_state_dict,
-                                   resolve_model_dir, write_hf_dir)
-from distil_jax.models.deberta import DebertaV2, DebertaV2Config
-from distil_jax.models.layers import init_params
+from distil_jax.interop.tables import BERT_LAYER
+from distil_jax.models.deberta import DebertaV2Config
 
 Params = Dict[str, Any]
 Table = List[Tuple[str, str, Optional[str]]]
@@ -37,7 +31,7 @@ BASE = "deberta."  # the encoder's prefix in every task model's checkpoint
 
 # BERT's layer table with DeBERTa's names for the attention's projections.
 _LAYER = [(hf.replace("self.query.", "self.query_proj.").replace("self.key.", "self.key_proj.")
-           .replace("self.value.", "self.value_proj."), ours, kind) for hf, ours, kind in _BERT_LAYER]
+           .replace("self.value.", "self.value_proj."), ours, kind) for hf, ours, kind in BERT_LAYER]
 _POS_KEY = [("attention.self.pos_key_proj.weight", "attention/pos_key/kernel", "qkv"),
             ("attention.self.pos_key_proj.bias", "attention/pos_key/bias", "qkv_bias")]
 _POS_QUERY = [("attention.self.pos_query_proj.weight", "attention/pos_query/kernel", "qkv"),
@@ -162,83 +156,23 @@ def encoder_prefix(state: Dict[str, np.ndarray]) -> str:
                      f"{BASE}embeddings.word_embeddings.weight nor embeddings.word_embeddings.weight")
 
 
-def _ignorable(name: str, config: DebertaV2Config, prefix: str) -> bool:
+def ignorable(name: str, config: DebertaV2Config) -> bool:
     """Tensors a checkpoint may hold that carry nothing of ours (transformers ignores them
     too): buffers, the tied decoder, the RTD discriminator head, absolute positions of a
-    model that does not add them, the rel LayerNorm of a model without relative attention."""
-    return (name in (f"{prefix}embeddings.position_ids", "cls.predictions.decoder.weight",
-                     "cls.predictions.decoder.bias")
+    model that does not add them, the rel LayerNorm of a model without relative attention
+    (the encoder's under "deberta." or at the top level)."""
+    bare = name.removeprefix(BASE)
+    return (bare == "embeddings.position_ids"
+            or name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
             or name.startswith("mask_predictions.")
-            or (not config.position_biased_input and name == f"{prefix}embeddings.position_embeddings.weight")
-            or (not config.relative_attention and name.startswith(f"{prefix}encoder.LayerNorm.")))
+            or (not config.position_biased_input and bare == "embeddings.position_embeddings.weight")
+            or (not config.relative_attention and bare.startswith("encoder.LayerNorm.")))
 
 
-def params_from_hf(state: Dict[str, np.ndarray], config: DebertaV2Config, param_dtype=jnp.float32,
-                   prefix: Optional[str] = None) -> Params:
-    """Our DebertaV2 params from HF tensors (numpy, PyTorch layout). The head's tensors
-    are read when config.mlm_head. A tensor needed that is missing or of the wrong shape is
-    an error naming it; tensors of no use here are ignored with one warning listing them."""
-    prefix = encoder_prefix(state) if prefix is None else prefix
-    table = param_table(config, prefix)
-    shapes = jax.eval_shape(lambda: init_params(DebertaV2(config), jax.random.key(0)))
-    missing = [hf for hf, _, _ in table if hf not in state]
-    wrong = [f"{hf} {tuple(state[hf].shape)} (expected {_hf_shape(kind, _get(shapes, ours).shape)})"
-             for hf, ours, kind in table
-             if hf in state and tuple(state[hf].shape) != _hf_shape(kind, _get(shapes, ours).shape)]
-    if missing or wrong:
-        found = ([f"missing {_brief(missing)}"] if missing else []) + \
-                ([f"wrong shape {_brief(wrong)}"] if wrong else [])
-        raise ValueError(
-            f"the checkpoint does not hold a {MODEL_TYPE} model of the architecture its config gives "
-            f"({config.num_layers} layers, width {config.hidden_size}, vocabulary {config.vocab_size}, "
-            f"relative_attention={config.relative_attention}, share_att_key={config.share_att_key}, "
-            f"pos_att_type={list(config.pos_att_type)}): {'; '.join(found)}. Pass a checkpoint whose "
-            "config.json matches its weights")
-    known = {hf for hf, _, _ in table}
-    unused = sorted(k for k in state if k not in known and not _ignorable(k, config, prefix))
-    if unused:
-        logging.warning("%d tensors of the checkpoint are not part of a %s %s and are ignored: %s",
-                        len(unused), MODEL_TYPE, "masked LM" if config.mlm_head else "encoder",
-                        _brief(unused, 20))
-    params: Params = {}
-    for hf, ours, kind in table:
-        _set(params, ours, jnp.asarray(_to_ours(kind, np.asarray(state[hf]), config), param_dtype))
-    return params
-
-
-def hf_from_params(params: Params, config: DebertaV2Config, dtype=np.float32) -> Dict[str, np.ndarray]:
-    """HF tensors (PyTorch layout, the encoder under "deberta.") from our params."""
-    state = {hf: np.ascontiguousarray(_to_hf(kind, np.asarray(_get(params, ours), np.float32), config)).astype(dtype)
-             for hf, ours, kind in param_table(config)}
-    if not config.relative_attention and config.rel_layer_norm:
-        # transformers builds this LayerNorm whenever norm_rel_ebd says so, and uses it
-        # only on the relative table: written as the identity so that nothing is missing.
-        state[f"{BASE}encoder.LayerNorm.weight"] = np.ones(config.hidden_size, dtype)
-        state[f"{BASE}encoder.LayerNorm.bias"] = np.zeros(config.hidden_size, dtype)
-    return state
-
-
-# --- directories ------------------------------------------------------------------
-def save_hf_deberta(params: Params, config: DebertaV2Config, out_dir: str, tokenizer=None,
-                    dtype=np.float32) -> str:
-    """config.json + model.safetensors (+ tokenizer files) that
-    transformers.AutoModelForMaskedLM.from_pretrained loads as DebertaV2ForMaskedLM
-    (an encoder-only config: AutoModel's DebertaV2Model)."""
-    return write_hf_dir(deberta_config_to_hf(config), hf_from_params(params, config, dtype), out_dir, tokenizer)
-
-
-def load_hf_deberta(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
-    """(module, params, has_mlm_head) of a DeBERTa-v2/v3 directory (or hub name, with a
-    network). Without MLM head tensors (the released DeBERTa-v3 checkpoints) the module is
-    an encoder (config.mlm_head False, logits None) and has_mlm_head is False: a caller
-    that needs logits (a distillation with alpha_ce > 0) must refuse it."""
-    model_dir = resolve_model_dir(path)
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face model directory")
-    with open(config_path) as f:
-        config = read_deberta_config(json.load(f))
-    state = read_state_dict(model_dir)
+def with_the_head_found(config: DebertaV2Config, state: Dict[str, np.ndarray]) -> DebertaV2Config:
+    """The config with `legacy` and `mlm_head` as the checkpoint's tensors say: without MLM
+    head tensors (the released DeBERTa-v3 checkpoints) the model is an encoder (mlm_head
+    False, logits None), which a distillation that needs the teacher's logits must refuse."""
     has_head = {legacy: f"{_HEADS[legacy][0]}.weight" in state for legacy in (True, False)}
     legacy = config.legacy
     if not has_head[legacy] and has_head[not legacy]:
@@ -248,6 +182,14 @@ def load_hf_deberta(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
         logging.warning("the config says legacy=%s but the checkpoint holds the %s MLM head: using it",
                         legacy, _HEADS[not legacy][0].split(".")[0])
         legacy = not legacy
-    config = config.replace(legacy=legacy, mlm_head=has_head[legacy])
-    params = params_from_hf(state, config, param_dtype)
-    return DebertaV2(config, dtype=dtype, param_dtype=param_dtype), params, config.mlm_head
+    return config.replace(legacy=legacy, mlm_head=has_head[legacy])
+
+
+def unused_norm(config: DebertaV2Config, dtype=np.float32) -> Dict[str, np.ndarray]:
+    """transformers builds the relative table's LayerNorm whenever norm_rel_ebd says so and
+    uses it only on that table: for a model without relative attention it is written as
+    the identity, so that nothing is missing on load."""
+    if config.relative_attention or not config.rel_layer_norm:
+        return {}
+    return {f"{BASE}encoder.LayerNorm.weight": np.ones(config.hidden_size, dtype),
+            f"{BASE}encoder.LayerNorm.bias": np.zeros(config.hidden_size, dtype)}

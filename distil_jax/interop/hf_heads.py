@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax.interop import hf
-from distil_jax.models import (Bert, DistilBert, DistilBertConfig, EncoderConfig, QuestionAnswerer,
-                               SequenceClassifier)
+from distil_jax.models import EncoderConfig, QuestionAnswerer, SequenceClassifier, module_for
 
 Params = Dict[str, Any]
 # Sequence-classification heads: the Hugging Face names of our `pre_classifier` (BERT's
@@ -32,12 +31,16 @@ Params = Dict[str, Any]
 _CLASSIFIER_HEADS = {
     "bert": ("bert.pooler.dense", "classifier"),
     "roberta": ("classifier.dense", "classifier.out_proj"),
+    "xlm-roberta": ("classifier.dense", "classifier.out_proj"),
     "distilbert": ("pre_classifier", "classifier"),
 }
 
 
 def _encoder_rows(config: EncoderConfig) -> List[Tuple[str, str, Optional[str]]]:
     """The encoder's rows under `encoder/` (no MLM head, no pooler)."""
+    if hf.model_type(config) not in _CLASSIFIER_HEADS:
+        raise ValueError(f"task heads are mapped to Hugging Face for {', '.join(_CLASSIFIER_HEADS)} encoders, "
+                         f"not {hf.model_type(config)}: fine-tune and export a student of one of those")
     return [(name, f"encoder/{ours}", kind) for name, ours, kind in hf.param_table(config)
             if not ours.startswith(("mlm_head/", "pooler/"))]
 
@@ -92,7 +95,7 @@ def load_hf_task_model(path: str, dtype=jnp.float32) -> Tuple[Any, Params, List[
         raw = json.load(f)
     architecture = (raw.get("architectures") or ["(none given)"])[0]
     config = hf.config_from_hf(raw)
-    encoder = (DistilBert if isinstance(config, DistilBertConfig) else Bert)(config, dtype=dtype)
+    encoder = module_for(config)(config, dtype=dtype)
     if architecture.endswith("ForSequenceClassification"):
         id2label = raw.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
         labels = [id2label[str(i)] for i in range(len(id2label))]

@@ -1,8 +1,8 @@
 """Hugging Face ModernBERT (model_type "modernbert") <-> our ModernBert params.
 
-The conventions of interop/hf.py (whose layout transforms and readers are reused): a
-PyTorch Linear weight is [out, in], ours [in, out]; attention projections are split by
-head on our side. Two of transformers' tensors are fused where ours are not, so a row of
+The table and config.json fields of the family; interop/hf.py loads and saves through
+them (tables.py's transforms and readers). A PyTorch Linear weight is [out, in], ours
+[in, out]; attention projections are split by head on our side. Two of transformers' tensors are fused where ours are not, so a row of
 the table maps one HF tensor to one or more of our paths, the HF tensor cut into equal
 parts along its output axis (PyTorch axis 0):
 
@@ -21,19 +21,10 @@ local_rope_theta: both are read; both are written.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import logging
 
-from distil_jax.interop.hf import (_brief, _get, _hf_shape, _set, _to_hf, _to_ours, read_state_dict,
-                                   resolve_model_dir, write_hf_dir)
-from distil_jax.models.layers import init_params
-from distil_jax.models.modernbert import LAYER_TYPES, ModernBert, ModernBertConfig
+from distil_jax.models.modernbert import LAYER_TYPES, ModernBertConfig
 
 Params = Dict[str, Any]
 # (HF name, our '/'-joined paths (the HF tensor is cut into that many parts), transform)
@@ -173,77 +164,6 @@ def modernbert_config_to_hf(config: ModernBertConfig) -> Dict[str, Any]:
 
 
 # --- tensors ----------------------------------------------------------------------
-def _ignorable(name: str, config: ModernBertConfig) -> bool:
+def ignorable(name: str, config: ModernBertConfig) -> bool:
     """Tensors that may be present and carry nothing of ours: a tied decoder's copy."""
     return name == "decoder.weight" and config.tie_word_embeddings
-
-
-def _expected_hf_shape(kind, ours: Tuple[str, ...], shapes) -> Tuple[int, ...]:
-    first = _hf_shape(kind, _get(shapes, ours[0]).shape)
-    return (first[0] * len(ours),) + tuple(first[1:])
-
-
-def params_from_hf(state: Dict[str, np.ndarray], config: ModernBertConfig,
-                   param_dtype=jnp.float32) -> Params:
-    """Our params from the tensors of a ModernBertForMaskedLM. A tensor we need that is
-    missing or of the wrong shape is an error naming it; tensors we have no place for are
-    ignored with one warning listing them."""
-    table = param_table(config)
-    shapes = jax.eval_shape(lambda: init_params(ModernBert(config), jax.random.key(0)))
-    missing = [hf for hf, _, _ in table if hf not in state]
-    wrong = [f"{hf} {tuple(state[hf].shape)} (expected {_expected_hf_shape(kind, ours, shapes)})"
-             for hf, ours, kind in table
-             if hf in state and tuple(state[hf].shape) != _expected_hf_shape(kind, ours, shapes)]
-    if missing or wrong:
-        found = ([f"missing {_brief(missing)}"] if missing else []) + (
-            [f"wrong shape {_brief(wrong)}"] if wrong else [])
-        raise ValueError(
-            f"the checkpoint does not hold a ModernBERT masked LM of the architecture its config "
-            f"gives ({config.num_layers} layers, width {config.hidden_size}, vocabulary "
-            f"{config.vocab_size}, biases: attention {config.attention_bias}, mlp {config.mlp_bias}, "
-            f"norm {config.norm_bias}, classifier {config.classifier_bias}, decoder "
-            f"{config.decoder_bias}): {'; '.join(found)}. Pass a checkpoint whose config.json "
-            "matches its weights")
-    known = {hf for hf, _, _ in table}
-    unused = sorted(k for k in state if k not in known and not _ignorable(k, config))
-    if unused:
-        logging.warning("%d tensors of the checkpoint are not part of a ModernBERT masked LM and "
-                        "are ignored: %s", len(unused), _brief(unused, 20))
-    params: Params = {}
-    for hf, ours, kind in table:
-        parts = np.split(np.asarray(state[hf], np.float32), len(ours), axis=0)
-        for path, part in zip(ours, parts, strict=True):
-            _set(params, path, jnp.asarray(_to_ours(kind, part, config), param_dtype))
-    return params
-
-
-def hf_from_params(params: Params, config: ModernBertConfig, dtype=np.float32) -> Dict[str, np.ndarray]:
-    """transformers' tensors (PyTorch layout, float32 unless `dtype` says otherwise) from
-    our params. A tied decoder is not written (transformers ties it on load)."""
-    state = {}
-    for hf, ours, kind in param_table(config):
-        parts = [_to_hf(kind, np.asarray(_get(params, p), np.float32), config) for p in ours]
-        state[hf] = np.ascontiguousarray(np.concatenate(parts, axis=0)).astype(dtype)
-    return state
-
-
-def save_hf_modernbert(params: Params, config: ModernBertConfig, out_dir: str, tokenizer=None,
-                       dtype=np.float32) -> str:
-    """config.json + model.safetensors (+ tokenizer files) that
-    transformers.AutoModelForMaskedLM.from_pretrained loads as ModernBertForMaskedLM."""
-    return write_hf_dir(modernbert_config_to_hf(config), hf_from_params(params, config, dtype),
-                        out_dir, tokenizer)
-
-
-def load_hf_modernbert(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
-    """(ModernBert module, params) from a ModernBertForMaskedLM directory (config.json and
-    model.safetensors) or a hub name (which needs a network)."""
-    model_dir = resolve_model_dir(path)
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face model "
-                                "directory (save_pretrained writes config.json and weights)")
-    with open(config_path) as f:
-        config = read_modernbert_config(json.load(f))
-    params = params_from_hf(read_state_dict(model_dir), config, param_dtype)
-    return ModernBert(config, dtype=dtype, param_dtype=param_dtype), params

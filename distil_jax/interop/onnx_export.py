@@ -65,7 +65,7 @@ def load_torch_model(hf_dir: str, task: str = "fill-mask"):
     auto, _ = _task(task)
     with open(os.path.join(hf_dir, "config.json")) as f:
         model_type = json.load(f).get("model_type")
-    kwargs = {"add_pooling_layer": False} if task == "feature-extraction" and model_type in ("bert", "roberta") else {}
+    kwargs = {"add_pooling_layer": False} if task == "feature-extraction" and model_type in ("bert", "roberta", "xlm-roberta") else {}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # an MLM checkpoint read as AutoModel lists its head
     transformers.logging.disable_progress_bar()

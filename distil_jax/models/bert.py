@@ -1,4 +1,4 @@
-"""The teacher: BERT (or RoBERTa) with its masked-LM head, like HF BertForMaskedLM."""
+"""BERT, RoBERTa and XLM-R with their masked-LM head, like HF BertForMaskedLM / RobertaForMaskedLM."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import jax.numpy as jnp
 
 from distil_jax.models.layers import Embed, EncoderConfig, MaskedLM, kernel_init, zeros_init
 
-MODEL_TYPES = ("bert", "roberta")
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+ROBERTA_LIKE = ("roberta", "xlm-roberta")  # XLM-R is RoBERTa's architecture with its own vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig(EncoderConfig):
     """HF BertConfig / RobertaConfig fields.
 
-    model_type "roberta" counts positions from pad_token_id + 1 over non-pad tokens
+    model_type "roberta" (and "xlm-roberta") counts positions from pad_token_id + 1 over non-pad tokens
     (HF `create_position_ids_from_input_ids`), so its position table is 2 rows longer.
     """
 
@@ -33,12 +34,16 @@ class BertConfig(EncoderConfig):
     def head_act(self) -> str:
         """RoBERTa's MLM head applies exact gelu whatever hidden_act says (transformers'
         RobertaLMHead); BERT's applies hidden_act."""
-        return "gelu" if self.model_type == "roberta" else self.hidden_act
+        return "gelu" if self.roberta_like else self.hidden_act
+
+    @property
+    def roberta_like(self) -> bool:
+        return self.model_type in ROBERTA_LIKE
 
     @property
     def position_offset(self) -> int:
         """Index of the first real position in the position table."""
-        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+        return self.pad_token_id + 1 if self.roberta_like else 0
 
 
 class Bert(MaskedLM):
@@ -58,7 +63,7 @@ class Bert(MaskedLM):
                 kernel_init=kernel_init(cfg, ("embed_in", "embed")), bias_init=zeros_init(("embed",)))
 
     def position_ids(self, input_ids):
-        if self.config.model_type != "roberta":
+        if not self.config.roberta_like:
             return super().position_ids(input_ids)
         pad = self.config.pad_token_id
         real = (input_ids != pad).astype(jnp.int32)
