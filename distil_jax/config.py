@@ -19,6 +19,7 @@ import ml_collections
 from distil_jax import parallel
 from distil_jax.data import sources
 from distil_jax.models import BertConfig, EncoderConfig
+from distil_jax.models.students import distils_to_distilbert, pattern_problems, student_config_from_teacher
 from distil_jax.terms import LAYER_KINDS, LossWeights, layer_terms
 
 # What `python -m distil_jax.main` runs for each config.mode (main.py dispatches).
@@ -427,11 +428,34 @@ def _model_problems(c, teacher: EncoderConfig) -> List[str]:
         if c.student.layer_map and len(c.student.layer_map) != c.student.num_layers:
             problems.append(f"student.layer_map {tuple(c.student.layer_map)} must name "
                             f"{c.student.num_layers} teacher layers")
+    problems += _family_problems(c, teacher)
     if c.distill.alpha_cos > 0 and sizes["hidden_size"] != teacher.hidden_size:
         problems.append(f"distill.alpha_cos > 0 needs equal widths (the cosine loss compares "
                         f"hidden states): student {sizes['hidden_size']}, teacher {teacher.hidden_size}; "
                         "use distill.layer_terms=(('hidden_cos',),) to compare them through a projection")
     return problems + _layer_term_problems(c, sizes, teacher)
+
+
+def _family_problems(c, teacher: EncoderConfig) -> List[str]:
+    """What a teacher of another family than BERT rules out (models/students.py)."""
+    problems = []
+    if not getattr(teacher, "mlm_head", True):
+        for key in ("alpha_ce", "alpha_mse"):
+            if c.distill[key] > 0:
+                problems.append(
+                    f"distill.{key} > 0 needs the teacher's MLM logits, and {c.teacher.path or 'the teacher'} has no "
+                    "MLM head (the released DeBERTa-v3 checkpoints are ELECTRA discriminators): set "
+                    f"distill.{key}=0 and distil through the hidden states (distill.alpha_cos, "
+                    "distill.layer_terms such as (('relation',),)); distill.alpha_mlm trains the student's "
+                    "fresh head")
+    if c.student.init == "prune" and not distils_to_distilbert(teacher):
+        problems.append(f"student.init='prune' cuts BERT teachers into DistilBERT students; a "
+                        f"{type(teacher).__name__} student copies whole layers: use student.init='teacher' "
+                        "(or 'random' for another width)")
+    if c.student.init == "teacher" and c.student.layer_map and c.student.num_layers > 0:
+        student = student_config_from_teacher(teacher, c.student.num_layers)
+        problems += pattern_problems(teacher, student, tuple(c.student.layer_map))
+    return problems
 
 
 def _layer_term_problems(c, sizes, teacher: EncoderConfig) -> List[str]:

@@ -195,8 +195,13 @@ def config_to_hf(config: EncoderConfig) -> Dict[str, Any]:
 
 # --- reading and writing ----------------------------------------------------------
 def read_config(name_or_path: str) -> EncoderConfig:
-    """The architecture in a Hugging Face directory's config.json (a hub name needs a network)."""
-    return config_from_hf(read_config_json(resolve_model_dir(name_or_path)))
+    """The architecture in a Hugging Face directory's config.json (a hub name needs a
+    network); for a DeBERTa, whether it has an MLM head, from its tensors' names."""
+    model_dir = resolve_model_dir(name_or_path)
+    config = config_from_hf(read_config_json(model_dir))
+    if isinstance(config, DebertaV2Config):
+        config = hf_deberta.with_the_head_found(config, tables.tensor_names(model_dir))
+    return config
 
 
 def _description(config: EncoderConfig, what: str) -> str:

@@ -15,7 +15,7 @@ ELECTRA-style discriminators): those load as an encoder, config.mlm_head False.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 from absl import logging
@@ -169,11 +169,11 @@ def ignorable(name: str, config: DebertaV2Config) -> bool:
             or (not config.relative_attention and bare.startswith("encoder.LayerNorm.")))
 
 
-def with_the_head_found(config: DebertaV2Config, state: Dict[str, np.ndarray]) -> DebertaV2Config:
-    """The config with `legacy` and `mlm_head` as the checkpoint's tensors say: without MLM
+def with_the_head_found(config: DebertaV2Config, names: Collection[str]) -> DebertaV2Config:
+    """The config with `legacy` and `mlm_head` as the checkpoint's tensor names say: without MLM
     head tensors (the released DeBERTa-v3 checkpoints) the model is an encoder (mlm_head
     False, logits None), which a distillation that needs the teacher's logits must refuse."""
-    has_head = {legacy: f"{_HEADS[legacy][0]}.weight" in state for legacy in (True, False)}
+    has_head = {legacy: f"{_HEADS[legacy][0]}.weight" in names for legacy in (True, False)}
     legacy = config.legacy
     if not has_head[legacy] and has_head[not legacy]:
         # e.g. microsoft/deberta-v2-* carry lm_predictions.lm_head.* with no `legacy` key (True

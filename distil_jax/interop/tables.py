@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import huggingface_hub
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 import safetensors.numpy
 from absl import logging
 from etils import epy
@@ -233,6 +234,19 @@ def read_state_dict(model_dir: str) -> Dict[str, np.ndarray]:
             "model.safetensors.index.json or pytorch_model.bin")
     # Original BERT releases name LayerNorm parameters gamma/beta (HF renames them on load).
     return {_rename_legacy(k): np.asarray(v) for k, v in state.items()}
+
+
+def tensor_names(model_dir: str) -> frozenset:
+    """The names of a checkpoint's tensors, from the safetensors headers (nothing loaded)."""
+    single = os.path.join(model_dir, "model.safetensors")
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(single):
+        with safetensors.safe_open(single, "np") as f:
+            return frozenset(_rename_legacy(k) for k in f.keys())
+    if os.path.exists(index):
+        with open(index) as f:
+            return frozenset(_rename_legacy(k) for k in json.load(f)["weight_map"])
+    return frozenset(read_state_dict(model_dir))
 
 
 def _rename_legacy(name: str) -> str:

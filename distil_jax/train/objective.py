@@ -129,6 +129,7 @@ class Objective:
     token_probs: np.ndarray = dataclasses.field(hash=False, compare=False)
     loss_chunk: int = 0  # rows per block of the vocabulary terms; 0: one block
     relation_heads: int = 1  # MiniLMv2's relation heads (the relation terms)
+    teacher_logits: bool = True  # False: a teacher without MLM head (DeBERTa-v3), no vocabulary terms from it
 
     @classmethod
     def from_config(cls, config, vocab, teacher=None, student=None) -> "Objective":
@@ -138,6 +139,7 @@ class Objective:
                                           getattr(student, "num_layers", 0))
         heads = d.relation_heads or getattr(teacher, "num_heads", 1)
         return cls(weights=weights, temperature=d.temperature, relation_heads=heads,
+                   teacher_logits=getattr(teacher, "mlm_head", True),
                    restrict_ce_to_mask=d.restrict_ce_to_mask,
                    masking=dict(mask_prop=m.mask_prop, word_mask=m.word_mask, word_keep=m.word_keep,
                                 word_rand=m.word_rand),
@@ -171,7 +173,7 @@ class Objective:
     @property
     def targets_only(self) -> bool:
         """Whether only the MLM targets are projected onto the vocabulary (no all-rows KL)."""
-        return self.restrict_ce_to_mask or not self.weights.uses_teacher
+        return self.restrict_ce_to_mask or not (self.weights.uses_teacher and self.teacher_logits)
 
     @property
     def logit_fraction(self) -> float:
@@ -222,6 +224,7 @@ def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, t
                                                      w.records_layers, deterministic=True))
         t_head = lambda h: teacher.apply({"params": teacher_params}, h,  # noqa: E731
                                          method=type(teacher).head_inputs)
+    t_logits = teacher_pass is not None and obj.teacher_logits
 
     def loss_fn(p):
         student, projections = model_params(p), p.get(PROJECTIONS, {})
@@ -229,7 +232,7 @@ def loss_and_grads(params, teacher_params, masked_ids, attention_mask, labels, t
                          deterministic=False, rngs={"dropout": dropout_rng})
         out = s_pass.out
         s_head = lambda h: model.apply({"params": student}, h, method=type(model).head_inputs)  # noqa: E731
-        t_hidden = None if teacher_pass is None else teacher_pass.out.last_hidden_state
+        t_hidden = teacher_pass.out.last_hidden_state if t_logits else None
         loss, terms = vocab_loss_and_terms(obj, out.last_hidden_state, s_head, t_hidden, t_head, labels,
                                        targets, attention_mask)
         if teacher_pass is not None:

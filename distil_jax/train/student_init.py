@@ -1,7 +1,11 @@
 """A student's params taken from its teacher's (the reference's scripts/extract_distilbert.py).
 
-Both models share one parameter naming (distil_jax/models/layers.py), so this is a copy
-of embeddings, chosen layers and the MLM head. Token-type embeddings have no place in
+Every family shares one parameter naming (distil_jax/models/layers.py), so this is a
+copy of embeddings, chosen layers and the MLM head. A BERT teacher's student is a
+DistilBERT (the paper's); any other family's is of its own family (student_config_from_teacher):
+a RoBERTa / XLM-R student (DistilRoBERTa's layout) keeps its token types and position
+offset, a DeBERTa its relative-position table, a ModernBERT its global / sliding-window
+rule, each student layer taken from a teacher layer of its own attention kind. Token-type embeddings have no place in
 the student; by default their row 0 (the segment every input here uses) is folded
 into the position table, so that the student's embedding output equals the teacher's
 exactly. The reference drops them instead: `fold_token_type=False` does the same.
@@ -23,55 +27,21 @@ Heads are kept whole: the student's head size is the teacher's.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax.models import (BertConfig, DistilBert, DistilBertConfig, EncoderConfig, MaskedLM,
-                               apply_recording, init_params)
+from distil_jax.models import (BertConfig, DistilBertConfig, EncoderConfig, MaskedLM, apply_recording,
+                               init_params, module_for)
+from distil_jax.models.students import (DISTILBERT_LAYER_MAP, default_layer_map, layer_map_for, pattern_problems,
+                                        student_config_from_teacher)
+
+__all__ = ["DISTILBERT_LAYER_MAP", "activation_importance", "default_layer_map", "init_student_from_teacher",
+           "layer_map_for", "most_important", "student_config_from_teacher"]
 
 Params = Dict[str, Any]
-
-# The paper's choice for 12 -> 6: one layer out of two, keeping the first and the last.
-DISTILBERT_LAYER_MAP = (0, 2, 4, 7, 9, 11)
-
-
-def default_layer_map(teacher_layers: int, student_layers: int) -> tuple:
-    """Student layer k <- teacher layer round_half_up(k * (T - 1) / (S - 1)).
-
-    Evenly spaced teacher layers keeping the first and the last; for 12 -> 6 this is the
-    paper's (0, 2, 4, 7, 9, 11). A one-layer student takes the teacher's first layer.
-    """
-    if not 1 <= student_layers <= teacher_layers:
-        raise ValueError(f"a student of {student_layers} layers cannot be taken from a teacher "
-                         f"of {teacher_layers}; choose 1..{teacher_layers} student layers")
-    if student_layers == 1:
-        return (0,)
-    step = (teacher_layers - 1) / (student_layers - 1)
-    return tuple(int(math.floor(k * step + 0.5)) for k in range(student_layers))
-
-
-def student_config_from_teacher(teacher: EncoderConfig, num_layers: Optional[int] = None,
-                                **overrides) -> DistilBertConfig:
-    """A DistilBertConfig of the teacher's width and vocabulary with half its layers by default."""
-    max_pos = teacher.max_position_embeddings - _position_offset(teacher)
-    fields = dict(
-        vocab_size=teacher.vocab_size, hidden_size=teacher.hidden_size,
-        num_layers=num_layers or max(1, teacher.num_layers // 2), num_heads=teacher.num_heads,
-        intermediate_size=teacher.intermediate_size, max_position_embeddings=max_pos,
-        layer_norm_eps=teacher.layer_norm_eps, hidden_dropout=teacher.hidden_dropout,
-        attention_dropout=teacher.attention_dropout, hidden_act=teacher.hidden_act,
-        pad_token_id=teacher.pad_token_id, initializer_range=teacher.initializer_range)
-    fields.update(overrides)
-    return DistilBertConfig(**fields)
-
-
-def _position_offset(config: EncoderConfig) -> int:
-    return config.position_offset if isinstance(config, BertConfig) else 0
-
 
 def activation_importance(model: MaskedLM, params: Params, batches: Iterable[Dict[str, np.ndarray]],
                           combine: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]] = lambda s: s
@@ -128,7 +98,7 @@ def _keep(layer: Params, ch, heads, neurons) -> Params:
 
 
 def init_student_from_teacher(teacher_params: Params, teacher_config: EncoderConfig,
-                              student_config: DistilBertConfig,
+                              student_config: EncoderConfig,
                               layer_map: Optional[Sequence[int]] = None,
                               vocab_transform: bool = True, fold_token_type: bool = True,
                               rng: Optional[jax.Array] = None,
@@ -152,21 +122,30 @@ def init_student_from_teacher(teacher_params: Params, teacher_config: EncoderCon
     if importance is not None and student_config.head_dim != teacher_config.head_dim:
         problems.append(f"head size: teacher {teacher_config.head_dim}, student {student_config.head_dim} "
                         "(pruning keeps whole heads)")
-    offset = _position_offset(teacher_config)
-    if student_config.max_position_embeddings > teacher_config.max_position_embeddings - offset:
-        problems.append(f"max_position_embeddings: student {student_config.max_position_embeddings} "
-                        f"> teacher's {teacher_config.max_position_embeddings - offset} usable")
+    t_off, s_off = _position_offset(teacher_config), _position_offset(student_config)
+    usable = teacher_config.max_position_embeddings - t_off
+    if student_config.max_position_embeddings - s_off > usable:
+        problems.append(f"max_position_embeddings: student {student_config.max_position_embeddings - s_off} "
+                        f"usable > teacher's {usable}")
     if problems:
         raise ValueError("cannot initialise the student from the teacher, the shapes differ ("
                          + "; ".join(problems) + "); make the student's sizes equal the "
                          "teacher's, prune it (student.init='prune') or initialise it randomly")
     if layer_map is None:
-        layer_map = default_layer_map(teacher_config.num_layers, student_config.num_layers)
+        layer_map = layer_map_for(teacher_config, student_config)
     layer_map = tuple(int(i) for i in layer_map)
     if len(layer_map) != student_config.num_layers or not all(
             0 <= i < teacher_config.num_layers for i in layer_map):
         raise ValueError(f"layer_map {layer_map} must name {student_config.num_layers} teacher "
                          f"layers in 0..{teacher_config.num_layers - 1}")
+    problems = pattern_problems(teacher_config, student_config, layer_map)
+    if problems:
+        raise ValueError(problems[0])
+    if not isinstance(student_config, (BertConfig, DistilBertConfig)):
+        if importance is not None:
+            raise ValueError(f"pruning cuts BERT-style teachers; a {type(teacher_config).__name__} "
+                             "student copies whole layers: use student.init='teacher' or 'random'")
+        return _copy_layers(teacher_params, student_config, layer_map, vocab_transform, rng)
 
     if importance is None:  # keep everything
         importance = {"channels": np.zeros(teacher_config.hidden_size),
@@ -174,9 +153,12 @@ def init_student_from_teacher(teacher_params: Params, teacher_config: EncoderCon
                       "neurons": np.zeros((teacher_config.num_layers, teacher_config.intermediate_size))}
     ch = most_important(importance["channels"], student_config.hidden_size)
     tp = jax.tree.map(np.asarray, teacher_params)
-    positions = tp["position_embeddings"]["embedding"][
-        offset: offset + student_config.max_position_embeddings]
-    if fold_token_type and "token_type_embeddings" in tp:
+    # Student row s_off + p <- teacher row t_off + p; a RoBERTa student's rows below its
+    # offset (padding's) are the teacher's own (the same offset).
+    table = tp["position_embeddings"]["embedding"]
+    positions = np.concatenate([table[:s_off], table[t_off: t_off + student_config.max_position_embeddings - s_off]])
+    keeps_token_types = isinstance(student_config, BertConfig)  # DistilRoBERTa's layout; DistilBERT has none
+    if fold_token_type and not keeps_token_types and "token_type_embeddings" in tp:
         positions = positions + tp["token_type_embeddings"]["embedding"][0]
 
     t_head = tp["mlm_head"]
@@ -187,7 +169,7 @@ def init_student_from_teacher(teacher_params: Params, teacher_config: EncoderCon
         if rng is None:
             raise ValueError("vocab_transform=False initialises the head's transform afresh "
                              "and needs an rng")
-        fresh = init_params(DistilBert(student_config.replace(num_layers=1)), rng)["mlm_head"]
+        fresh = _fresh_head(student_config, rng)
         head.update(transform=fresh["transform"], layer_norm=fresh["layer_norm"])
 
     layers = {}
@@ -195,11 +177,42 @@ def init_student_from_teacher(teacher_params: Params, teacher_config: EncoderCon
         heads = most_important(importance["heads"][t], student_config.num_heads)
         neurons = most_important(importance["neurons"][t], student_config.intermediate_size)
         layers[f"layer_{k}"] = _keep(tp["encoder"][f"layer_{t}"], ch, heads, neurons)
-    # jnp.array: own buffers, never aliased to the teacher's.
-    return jax.tree.map(jnp.array, {
+    out = {
         "word_embeddings": {"embedding": tp["word_embeddings"]["embedding"][:, ch]},
         "position_embeddings": {"embedding": positions[:, ch]},
         "embeddings_norm": {k: v[ch] for k, v in tp["embeddings_norm"].items()},
         "encoder": layers,
         "mlm_head": head,
-    })
+    }
+    if keeps_token_types:
+        out["token_type_embeddings"] = {"embedding": tp["token_type_embeddings"]["embedding"][:, ch]}
+    return jax.tree.map(jnp.array, out)  # own buffers, never aliased to the teacher's
+
+
+def _fresh_head(student_config: EncoderConfig, rng: Optional[jax.Array]) -> Params:
+    if rng is None:
+        raise ValueError("a fresh MLM head (vocab_transform=False, or a teacher without one) needs an rng")
+    return init_params(module_for(student_config)(student_config.replace(num_layers=1)), rng)["mlm_head"]
+
+
+def _copy_layers(teacher_params: Params, student_config: EncoderConfig, layer_map: Sequence[int],
+                 vocab_transform: bool, rng: Optional[jax.Array]) -> Params:
+    """A student of the teacher's own family (DeBERTa, ModernBERT) and width: everything
+    outside the layers copied (embeddings, DeBERTa's relative-position table and its norm,
+    ModernBERT's final norm, the MLM head), layer k = teacher layer layer_map[k]. A teacher
+    without MLM head (DeBERTa-v3) gives a fresh one; `vocab_transform=False` a fresh
+    transform and norm before the tied decoder."""
+    tp = jax.tree.map(np.asarray, teacher_params)
+    out = {k: v for k, v in tp.items() if k not in ("encoder", "pooler")}
+    out["encoder"] = {k: v for k, v in tp["encoder"].items() if not k.startswith("layer_")}
+    out["encoder"].update({f"layer_{k}": tp["encoder"][f"layer_{t}"] for k, t in enumerate(layer_map)})
+    if "mlm_head" not in out:
+        out["mlm_head"] = _fresh_head(student_config, rng)
+    elif not vocab_transform:
+        fresh = _fresh_head(student_config, rng)
+        out["mlm_head"] = {**out["mlm_head"], "transform": fresh["transform"], "layer_norm": fresh["layer_norm"]}
+    return jax.tree.map(jnp.array, out)  # own buffers, never aliased to the teacher's
+
+
+def _position_offset(config: EncoderConfig) -> int:
+    return config.position_offset if isinstance(config, BertConfig) else 0

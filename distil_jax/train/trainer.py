@@ -41,7 +41,7 @@ from distil_jax.data.arrays import ShuffledBatches
 from distil_jax.data.tasks import TaskSet
 from distil_jax.data.tokenizer import special_ids
 from distil_jax.metrics import MetricWriter, device_peak_tflops, train_flops_per_token, window_summary
-from distil_jax.models import Bert, DistilBert, MaskedLM, init_params, logical_axes
+from distil_jax.models import Bert, MaskedLM, init_params, logical_axes, module_for
 from distil_jax.train.objective import Objective, init_projections
 from distil_jax.terms import PROJECTIONS, TrainingObjective, model_params
 from distil_jax.train.step import TrainState, compiled_step, tree_all_finite
@@ -182,7 +182,7 @@ def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, proc
         s_config = student_config_from_teacher(
             teacher.config, num_layers=config.student.num_layers,
             **config_lib.student_sizes(config, teacher.config))
-        model = DistilBert(s_config, **kw)
+        model = module_for(s_config)(s_config, **kw)
         teacher_ref = {"path": config.teacher.path or "(random teacher.model)",
                        "fingerprint": params_fingerprint(teacher_params32)}
     data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
