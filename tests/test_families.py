@@ -15,9 +15,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from conftest import tiny_config
 from distil_jax import main
 from distil_jax.checkpoint import load_model
-from distil_jax.config import ConfigError, with_changes
+from distil_jax.config import ConfigError, find_problems, with_changes
+from distil_jax.data.vocab_prune import count_params
 from distil_jax.interop import hf
-from distil_jax.models import DebertaV2Config, ModernBertConfig, init_params, module_for
+from distil_jax.models import BertConfig, DebertaV2Config, ModernBertConfig, init_params, module_for
 from distil_jax.models.students import layer_map_for, student_config_from_teacher
 from distil_jax.train.student_init import init_student_from_teacher
 
@@ -241,3 +242,19 @@ def test_a_deberta_student_carries_the_relative_table():
     t_out = module_for(config)(config).apply({"params": params}, ids)
     s_out = module_for(student)(student).apply({"params": s_params}, ids)
     np.testing.assert_allclose(s_out.hidden_states[1], t_out.hidden_states[1], atol=1e-6)
+
+
+def test_the_distilroberta_config_is_a_valid_student_of_roberta_base(config_file):
+    """configs/distilroberta.py against roberta-base's architecture: no problem, and the
+    student it builds has distilroberta-base's published 82M parameters (roberta-base 125M),
+    counted from the shapes (a DistilBERT student would have no token types, a pooler or
+    the wrong offset would add or remove rows)."""
+    config = config_file("distilroberta").get_config()
+    roberta_base = BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                              layer_norm_eps=1e-5, model_type="roberta")
+    assert find_problems(config, 8, roberta_base) == [] and not config.data.lowercase
+    student = student_config_from_teacher(roberta_base, config.student.num_layers)
+    assert type(student).__name__ == "BertConfig" and student.model_type == "roberta"
+    assert layer_map_for(roberta_base, student) == (0, 2, 4, 7, 9, 11)
+    assert round(count_params(module_for(student)(student)) / 1e6) == 82
+    assert round(count_params(module_for(roberta_base)(roberta_base)) / 1e6) == 125
