@@ -61,13 +61,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict(dict(
         path="", dtype="float32", model=_bert_fields()))
 
-    # The student: DistilBERT; sizes 0 mean "the teacher's value". init: "teacher" (copy
+    # The student: a DistilBERT of a BERT teacher, of its own family otherwise
+    # (models/students.py); sizes 0 mean "the teacher's value". init: "teacher" (copy
     # the layers of layer_map; the teacher's width only), "random", or "prune" (the
     # teacher cut to the student's width by activation importance on prune_batches
     # batches of the training corpus, then the layers of layer_map; student_init.py).
+    # vocab: "full" (the teacher's vocabulary) or "prune" (only the ids the prepared
+    # corpus holds, plus the specials: teacher and student sliced to them, a matching
+    # tokenizer written; data/vocab_prune.py).
     c.student = ml_collections.ConfigDict(dict(
         num_layers=6, init="teacher", layer_map=(), vocab_transform=True,
-        fold_token_type=True, hidden_size=0, num_heads=0, intermediate_size=0, prune_batches=8))
+        fold_token_type=True, hidden_size=0, num_heads=0, intermediate_size=0, prune_batches=8, vocab="full"))
 
     # layer_terms: layer-pair terms, each (kind,), (kind, teacher_layer, student_layer) or
     # (kind, teacher_layer, student_layer, weight); kinds hidden_mse, hidden_cos (TinyBERT;
@@ -266,6 +270,15 @@ def find_problems(config, num_devices: Optional[int] = None, teacher: Optional[E
                         f"teacher.path must be empty (got {c.teacher.path!r})")
     if c.student.init not in STUDENT_INITS:
         problems.append(f"student.init {c.student.init!r} is not one of {STUDENT_INITS}")
+    if c.student.vocab not in ("full", "prune"):
+        problems.append(f"student.vocab {c.student.vocab!r} is not one of 'full', 'prune'")
+    elif c.student.vocab == "prune" and c.mode not in ("distill", "prepare", "export"):
+        problems.append(f"student.vocab='prune' cuts the vocabulary when distilling (modes prepare, distill, "
+                        f"export), not in mode {c.mode!r}: set student.vocab='full' (the exported student "
+                        "carries its pruned tokenizer)")
+    elif c.student.vocab == "prune" and c.data.source != "corpus":
+        problems.append("student.vocab='prune' keeps the ids a prepared corpus holds: it needs data.source='corpus' "
+                        f"(got {c.data.source!r})")
 
     t = c.train
     if c.export.onnx not in ("", "fp32", "int8"):

@@ -16,6 +16,7 @@ from conftest import tiny_config
 from distil_jax import main
 from distil_jax.checkpoint import load_model
 from distil_jax.config import ConfigError, find_problems, with_changes
+from distil_jax.data import vocab_prune
 from distil_jax.data.vocab_prune import count_params
 from distil_jax.interop import hf
 from distil_jax.models import BertConfig, DebertaV2Config, ModernBertConfig, init_params, module_for
@@ -33,7 +34,7 @@ def _corpus(path, n=200, seed=0):
     return path
 
 
-def _tokenizer(kind: str, corpus) -> transformers.PreTrainedTokenizerFast:
+def _tokenizer(kind: str, corpus, pieces: int = 0) -> transformers.PreTrainedTokenizerFast:
     """A tokenizer of the family's kind trained on the corpus: byte-level BPE with RoBERTa's
     specials (<s>=0, <pad>=1, </s>=2, <mask>) or ModernBERT's ([CLS], [SEP], [MASK], [PAD]);
     SentencePiece-style Unigram with XLM-R's or DeBERTa-v3's ([PAD]=0)."""
@@ -52,7 +53,7 @@ def _tokenizer(kind: str, corpus) -> transformers.PreTrainedTokenizerFast:
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=90, special_tokens=order, unk_token=order[3])
+        trainer = trainers.UnigramTrainer(vocab_size=pieces or 90, special_tokens=order, unk_token=order[3])
     tok.train([str(corpus)], trainer)
     first, last = (specials["bos"], specials["eos"]) if specials is roberta else (specials["cls"], specials["sep"])
     tok.post_processor = processors.TemplateProcessing(
@@ -91,9 +92,9 @@ def _hf_model(kind: str, vocab: int, pad: int, seed: int, **changes):
     return model.eval()
 
 
-def _teacher_dir(tmp_path, kind, headless=False):
+def _teacher_dir(tmp_path, kind, headless=False, tokenizer_text=None, pieces=0):
     corpus = _corpus(tmp_path / "corpus.txt")
-    tok = _tokenizer(kind, corpus)
+    tok = _tokenizer(kind, tokenizer_text or corpus, pieces)
     model = _hf_model(kind, len(tok), tok.pad_token_id, seed=len(kind))
     directory = tmp_path / "teacher"
     if headless:  # the released DeBERTa-v3 checkpoints: the encoder alone
@@ -258,3 +259,43 @@ def test_the_distilroberta_config_is_a_valid_student_of_roberta_base(config_file
     assert layer_map_for(roberta_base, student) == (0, 2, 4, 7, 9, 11)
     assert round(count_params(module_for(student)(student)) / 1e6) == 82
     assert round(count_params(module_for(roberta_base)(roberta_base)) / 1e6) == 125
+
+
+OTHER_WORDS = ("ein Wort das niemand hier braucht und ein anderes dazu une phrase que personne ne lit "
+               "jamais dans ce corpus zeta omega kappa lambda").split()
+
+
+def test_an_xlmr_teacher_distils_into_a_student_of_the_corpus_vocabulary(tmp_path):
+    """student.vocab=prune: the teacher's tokenizer knows words the corpus never uses; the
+    run keeps only the ids the prepared corpus holds (and the specials), slices teacher and
+    student to them, and exports an XLMRobertaForMaskedLM of that vocabulary with a
+    tokenizer that gives the kept ids of what the teacher's gave, and the same logits in
+    transformers as ours (a dropped row, a shifted id or an unsliced bias moves them)."""
+    rng = np.random.default_rng(1)
+    wide = tmp_path / "wide.txt"
+    wide.write_text("\n".join(" ".join(rng.choice(WORDS + OTHER_WORDS, 20)) for _ in range(300)) + "\n")
+    directory, corpus = _teacher_dir(tmp_path, "xlm-roberta", tokenizer_text=wide, pieces=160)
+    teacher_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    workdir = tmp_path / "run"
+    out = _run(directory, corpus, workdir, **{"student.vocab": "prune"})
+    assert out["update"] == 2 and all(np.isfinite(out["metrics"][k]) for k in ("loss_ce", "loss_mlm", "loss_cos"))
+    kept = vocab_prune.KeptVocab.load(str(workdir / "data" / vocab_prune.PRUNED_DIR))
+    assert kept.old_size == len(teacher_tok) and kept.size < len(teacher_tok) - 20, (kept.size, len(teacher_tok))
+    export = _run(directory, corpus, workdir, mode="export", **{"student.vocab": "prune"})["export_dir"]
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(export).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert type(loaded).__name__ == "XLMRobertaForMaskedLM" and loaded.config.vocab_size == kept.size == len(tok)
+    lines = corpus.read_text().splitlines()[:20]
+    for line in lines:
+        assert tok(line)["input_ids"] == kept.remap(np.asarray(teacher_tok(line)["input_ids"])).tolist()
+    module, params, _ = load_model(str(workdir))
+    assert params["word_embeddings"]["embedding"].shape[0] == kept.size
+    ids = np.full((2, SEQ), tok.pad_token_id, np.int32)
+    for i, line in enumerate(lines[:2]):
+        row = tok(line)["input_ids"][:SEQ]
+        ids[i, :len(row)] = row
+    am = (ids != tok.pad_token_id).astype(np.int32)
+    with torch.no_grad():
+        want = loaded(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(am)).logits.numpy()
+    got = np.asarray(module.apply({"params": params}, ids, am).logits)
+    np.testing.assert_allclose(got[am.astype(bool)], want[am.astype(bool)], atol=2e-5)

@@ -13,6 +13,7 @@
         [--workers 1 2] [--micro_batch 32]                  (bench/data.py)
     python -m distil_jax.bench deploy [--models base|embedded] [--task feature-extraction]
         [--seq 128 --batch 32 --threads 2]       (needs the deploy extra; bench/deploy.py)
+    python -m distil_jax.bench vocab [--pieces 250002 --student_layers 6]   (bench/vocab.py)
 
 `train`: the real jitted train step (masking, teacher forward, student forward and
 backward, the triple loss, clip + AdamW) on random tokens of the given shape: compile
@@ -45,6 +46,7 @@ from distil_jax import runtime
 from distil_jax.bench import data as bench_data
 from distil_jax.bench import deploy as bench_deploy
 from distil_jax.bench import inference, step
+from distil_jax.bench import vocab as bench_vocab
 from distil_jax.bench.timing import emit, machine
 
 
@@ -113,6 +115,9 @@ def main(argv=None) -> None:
     data = sub.add_parser("data", help="preparation (in-process, Beam workers) against the tokenizer alone "
                           "and datasets.map; loader throughput; padding (bench_data.py)")
     bench_data.add_flags(data)
+    voc = sub.add_parser("vocab", help="student.vocab=prune on the embedded corpus: an XLM-R-shaped teacher's "
+                         "parameters before and after (bench/vocab.py)")
+    bench_vocab.add_flags(voc)
     dep = sub.add_parser("deploy", help="exported teacher and student: PyTorch and ONNX Runtime, fp32 and int8")
     _model_flags(dep)  # --models base
     bench_deploy.add_flags(dep)
@@ -121,6 +126,8 @@ def main(argv=None) -> None:
         runtime.keep_host_memory()
     if args.command == "deploy":
         return emit(bench_deploy.run(args))
+    if args.command == "vocab":
+        return emit(bench_vocab.run(args))
     if args.command == "data":
         for record in bench_data.run(args):
             emit({**record, **(machine() if record["bench"] == "data/tokenize" else {})})

@@ -32,6 +32,7 @@ with epy.lazy_imports():
 
     from distil_jax.data import loader as loader_lib
     from distil_jax.data import prepare as prepare_lib
+    from distil_jax.data import vocab_prune
 
 __all__ = ["BatchIterator", "DataError", "VocabInfo", "make_data", "next_update", "prepared_dir"]
 
@@ -50,10 +51,14 @@ def block_rows(process_index: int, process_count: int, micro_batch_size: int) ->
 
 def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
               process_count: int = 1, vocab_size: Optional[int] = None, workdir: str = "",
-              keep_together: int = 1, rows: Optional[np.ndarray] = None):
+              keep_together: int = 1, rows: Optional[np.ndarray] = None, pad_id: Optional[int] = None):
     """(iterator, VocabInfo) for `config.data` and split 'train' or 'eval': process
     `process_index` of `process_count`, reading `rows` of each global micro-batch (their
-    positions: parallel.process_rows; default the process's block of them).
+    positions: parallel.process_rows; default the process's block of them). `vocab_size`
+    and `pad_id` are the teacher's (its ids, before any pruning).
+
+    With student.vocab='prune' the batches and the VocabInfo are in the kept vocabulary's
+    ids (vocab_prune.py: VocabInfo.kept, the pruned tokenizer), remapped as they are read.
 
     With source 'corpus' a single process prepares the sources first when they are not
     yet; a run of several processes reads a directory prepared beforehand (mode prepare)
@@ -68,7 +73,7 @@ def make_data(config, split: str, micro_batch_size: int, process_index: int = 0,
         return it, corpus.vocab_info()
     if config.data.source == "corpus":
         return _corpus_data(config, split, micro_batch_size, process_index, process_count,
-                            vocab_size, workdir, keep_together, rows)
+                            vocab_size, workdir, keep_together, rows, pad_id)
     raise DataError(f"data.source {config.data.source!r} is not one of: corpus, synthetic")
 
 
@@ -89,7 +94,7 @@ def next_update(data: BatchIterator, k: int, pad_id: int = 0) -> Dict[str, np.nd
 
 
 def _corpus_data(config, split, micro_batch_size, process_index, process_count, vocab_size, workdir,
-                 keep_together, rows):
+                 keep_together, rows, pad_id):
     data_dir = prepared_dir(config, workdir)
     if process_count > 1 and not prepare_lib.is_prepared(data_dir):
         raise DataError(
@@ -123,4 +128,10 @@ def _corpus_data(config, split, micro_batch_size, process_index, process_count, 
     info = VocabInfo(vocab_size=len(tok), pad_id=tok.pad_token_id, mask_id=tok.mask_token_id,
                      special_ids=special_ids(tok), token_counts=counts, tokenizer=tok,
                      tokenizer_dir=os.path.abspath(tok_dir))
+    if config.student.vocab == "prune":
+        extra = {} if pad_id is None else {"the model's pad": pad_id}
+        kept, pruned, pruned_dir = vocab_prune.pruned_vocabulary(data_dir, tok, vocab_size or len(tok), extra,
+                                                                 write=process_index == 0)
+        info = vocab_prune.prune_vocab_info(info, kept, pruned, pruned_dir)
+        return vocab_prune.RemappedBatches(loader, kept), info
     return loader, info

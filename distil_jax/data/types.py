@@ -23,6 +23,7 @@ class VocabInfo:
     token_counts: np.ndarray  # [vocab_size], for the masking's smoothing
     tokenizer: Any = None  # saved with exports when known
     tokenizer_dir: str = ""  # where it was loaded from (recorded in checkpoints)
+    kept: Any = None  # student.vocab='prune': the vocab_prune.KeptVocab the ids above are of
 
 
 class BatchIterator(Protocol):

@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import json
 import math
+import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -60,6 +61,7 @@ with epy.lazy_imports():  # heavy; the id bookkeeping and the tokenizer need non
     from distil_jax import models as encoders
     from distil_jax.models import students
 
+PRUNED_DIR = "pruned_vocab"  # DATA_DIR/pruned_vocab: kept_vocab.json and the pruned tokenizer
 KEPT_FILE = "kept_vocab.json"  # what `KeptVocab.save` writes into a directory
 MODEL_TYPES = ("WordPiece", "Unigram", "BPE")  # the tokenizers models `prune_tokenizer` handles
 # The tokenizer attributes whose tokens a pruned tokenizer carries over (transformers' names).
@@ -493,7 +495,7 @@ def prune_vocab_info(info: VocabInfo, kept: KeptVocab, tokenizer=None, tokenizer
     return VocabInfo(vocab_size=kept.size, pad_id=int(kept.remap(info.pad_id)), mask_id=int(kept.remap(info.mask_id)),
                      special_ids=tuple(sorted(kept.remap(list(info.special_ids)).tolist())), token_counts=counts,
                      tokenizer=info.tokenizer if tokenizer is None else tokenizer,
-                     tokenizer_dir=tokenizer_dir or info.tokenizer_dir)
+                     tokenizer_dir=tokenizer_dir or info.tokenizer_dir, kept=kept)
 
 
 class RemappedBatches:
@@ -557,3 +559,28 @@ def parameter_counts(teacher_config=None, kept_size: Union[int, KeptVocab] = 0,
               "student": count_params(_model_of_config(student)),
               "student_pruned": count_params(_model_of_config(student.replace(vocab_size=size)))}
     return counts
+
+
+def pruned_vocabulary(data_dir: str, tokenizer, old_size: int, extra_special_ids=(), write: bool = True):
+    """(KeptVocab, pruned tokenizer, its directory) of a prepared corpus (`student.vocab='prune'`):
+    the ids seen in both splits, the tokenizer's specials and `extra_special_ids` (the
+    model's pad id), closed under BPE merges; saved once in DATA_DIR/pruned_vocab (by the
+    process that writes, `write`; kept_vocab.json last). Deterministic: every process
+    computes the same; a directory already there must hold the same ids, else the corpus
+    changed under it and the run is refused (a fresh data.dir prepares anew)."""
+    directory = storage.join(data_dir, PRUNED_DIR)
+    kept = kept_vocab_for(tokenizer, corpus_seen_ids(data_dir), old_size, extra_special_ids)
+    pruned = prune_tokenizer(tokenizer, kept)
+    if storage.exists(storage.join(directory, KEPT_FILE)):
+        saved = KeptVocab.load(directory)
+        if saved.old_size != kept.old_size or not np.array_equal(saved.kept, kept.kept):
+            raise DataError(f"{directory} holds a pruned vocabulary of {saved.size} ids that the corpus in "
+                            f"{data_dir} no longer gives ({kept.size} ids now): the prepared data changed under "
+                            "it. Nothing was changed; set data.dir to a fresh directory")
+    elif write:
+        with tempfile.TemporaryDirectory() as tmp:
+            pruned.save_pretrained(tmp)
+            kept.save(tmp)
+            storage.upload_dir(tmp, directory, last=KEPT_FILE)
+    written = storage.exists(storage.join(directory, KEPT_FILE))
+    return kept, pruned, storage.local_copy(directory) if written else directory

@@ -37,6 +37,7 @@ from distil_jax.interop import hf
 from distil_jax.train import optim, task
 from distil_jax.checkpoint import Checkpointer, model_meta, params_fingerprint
 from distil_jax.data import tasks
+from distil_jax.data import vocab_prune
 from distil_jax.data.arrays import ShuffledBatches
 from distil_jax.data.tasks import TaskSet
 from distil_jax.data.tokenizer import special_ids
@@ -63,6 +64,16 @@ def load_teacher(config) -> Tuple[MaskedLM, Any]:
                         attention_impl=config.train.attention or None), params
 
 
+def pruned_teacher(teacher: MaskedLM, params, kept) -> Tuple[MaskedLM, Any]:
+    """The teacher on the kept vocabulary (vocab_prune.py): its word embeddings and MLM
+    head cut to the kept ids. On text of the corpus it computes what it did, and its
+    softmax over the kept ids is its distribution conditioned on them (the mass on dropped
+    tokens removed, the rest renormalised): what the student's KL is taken against."""
+    pruned = type(teacher)(vocab_prune.prune_config(teacher.config, kept), dtype=teacher.dtype,
+                           param_dtype=teacher.param_dtype, attention_impl=teacher.attention_impl)
+    return pruned, vocab_prune.prune_params(params, kept, vocab_prune.vocab_paths(type(teacher)(teacher.config)))
+
+
 def validate_with_teacher(config) -> None:
     """ConfigError listing every problem, with the teacher's architecture read from disk."""
     teacher, found = None, []
@@ -75,12 +86,12 @@ def validate_with_teacher(config) -> None:
 
 
 def calibration_importance(config, workdir: str, teacher: MaskedLM, teacher_params, process_index: int,
-                           process_count: int, rows: np.ndarray) -> Dict[str, Any]:
+                           process_count: int, rows: np.ndarray, data_vocab: Dict[str, int]) -> Dict[str, Any]:
     """The teacher's activation importance (student_init.py) on the first
     `student.prune_batches` training batches, in float32: each process reads its rows of
     them, and the sums over all rows are gathered, so every process prunes alike."""
     data, _ = data_lib.make_data(config, "train", config.train.micro_batch_size, process_index, process_count,
-                                 vocab_size=teacher.config.vocab_size, workdir=workdir, rows=rows)
+                                 workdir=workdir, rows=rows, **data_vocab)
     batches = [next(data) for _ in range(config.student.prune_batches)]
     logging.info("pruning the teacher to the student's shape by activation importance on %d batches",
                  len(batches))
@@ -177,17 +188,23 @@ def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, proc
         model = Bert(config_lib.teacher_model(config), **kw)
         teacher = teacher_params32 = None
         teacher_ref = {"path": "", "fingerprint": ""}
+        data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
+                                         vocab_size=model.config.vocab_size, workdir=workdir,
+                                         keep_together=accumulation, rows=rows)
     else:
         teacher, teacher_params32 = load_teacher(config)
+        # The data in the teacher's ids (as prepared); pruned to the kept ones when asked.
+        data_vocab = dict(vocab_size=teacher.config.vocab_size, pad_id=teacher.config.pad_token_id)
+        data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
+                                         workdir=workdir, keep_together=accumulation, rows=rows, **data_vocab)
+        if vocab.kept is not None:  # student.vocab='prune': the teacher too speaks the kept ids only
+            teacher, teacher_params32 = pruned_teacher(teacher, teacher_params32, vocab.kept)
         s_config = student_config_from_teacher(
             teacher.config, num_layers=config.student.num_layers,
             **config_lib.student_sizes(config, teacher.config))
         model = module_for(s_config)(s_config, **kw)
         teacher_ref = {"path": config.teacher.path or "(random teacher.model)",
                        "fingerprint": params_fingerprint(teacher_params32)}
-    data, vocab = data_lib.make_data(config, "train", t.micro_batch_size, process_index, process_count,
-                                     vocab_size=model.config.vocab_size, workdir=workdir,
-                                     keep_together=accumulation, rows=rows)
     obj = Objective.from_config(config, vocab, None if teacher is None else teacher.config, model.config)
     # The hidden-state terms' projections across widths train with the student (replicated).
     new_projections = functools.partial(
@@ -206,7 +223,7 @@ def mlm_parts(config, workdir: str, kw: Dict[str, Any], process_index: int, proc
         importance = None
         if config.student.init == "prune":
             importance = calibration_importance(config, workdir, teacher, teacher_params32, process_index,
-                                                process_count, rows)
+                                                process_count, rows, data_vocab)
         host = init_student_from_teacher(
             teacher_params32, teacher.config, model.config,
             layer_map=tuple(config.student.layer_map) or None,
