@@ -140,7 +140,7 @@ def test_a_teacher_of_each_family_distils_exports_and_reloads(kind, distilled):
     """A student of the teacher's family (2 of its 4 layers) trains 2 updates with the
     triple loss, exports as the family's *ForMaskedLM, and transformers gives the logits our
     student gives (a wrong table row, transform or config field moves them)."""
-    _, _, workdir, out, export = distilled(kind)
+    directory, _, workdir, out, export = distilled(kind)
     m = out["metrics"]
     assert out["update"] == 2 and all(np.isfinite(m[k]) and m[k] > 0 for k in ("loss_ce", "loss_mlm", "loss_cos"))
     loaded = transformers.AutoModelForMaskedLM.from_pretrained(export).eval()
@@ -158,6 +158,16 @@ def test_a_teacher_of_each_family_distils_exports_and_reloads(kind, distilled):
     real = am.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=2e-5)
     chex.assert_trees_all_close(hf.load_hf_model(export)[1], params, atol=0)
+    # The teacher as loaded: ours against transformers on its own directory (logits of size
+    # ~10 from weights of scale 0.2; measured max 2e-6 over the four families).
+    teacher, t_params = hf.load_hf_model(str(directory))
+    ref = transformers.AutoModelForMaskedLM.from_pretrained(directory, attn_implementation="eager").eval()
+    with torch.no_grad():
+        t_want = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(am)).logits.numpy()
+    t_got = np.asarray(teacher.apply({"params": t_params}, ids, am).logits)
+    print(kind, "teacher max error", float(np.abs(t_got[real] - t_want[real]).max()),
+          "student", float(np.abs(got[real] - want[real]).max()))
+    np.testing.assert_allclose(t_got[real], t_want[real], atol=2e-5)
 
 
 def test_roberta_end_to_end_classifier_in_a_pipeline(distilled, tmp_path):
@@ -299,3 +309,28 @@ def test_an_xlmr_teacher_distils_into_a_student_of_the_corpus_vocabulary(tmp_pat
         want = loaded(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(am)).logits.numpy()
     got = np.asarray(module.apply({"params": params}, ids, am).logits)
     np.testing.assert_allclose(got[am.astype(bool)], want[am.astype(bool)], atol=2e-5)
+
+
+def test_a_family_refusal_is_a_config_problem_before_anything_runs(tiny):
+    """Checked by `find_problems` with the teacher's architecture (what main does before it
+    loads or compiles anything): a ModernBERT layer map that mixes attention kinds, pruning
+    outside BERT, a headless teacher with alpha_ce, student.vocab=prune without a corpus."""
+    modernbert, _ = _modernbert_teacher(layers=9, every=3)
+    headless = DebertaV2Config(vocab_size=64, hidden_size=16, num_layers=4, num_heads=2, intermediate_size=24,
+                               max_position_embeddings=32, mlm_head=False)
+    cases = [
+        (modernbert, {"student.num_layers": 4, "student.layer_map": (0, 3, 4, 6)},
+         "student.layer_map (0, 3, 4, 6) breaks ModernBERT's attention pattern"),
+        (modernbert, {"student.num_layers": 2, "student.init": "prune", "student.hidden_size": 8,
+                      "student.num_heads": 1, "distill.alpha_cos": 0.0},
+         "student.init='prune' cuts BERT teachers into DistilBERT students"),
+        (headless, {"student.num_layers": 2}, "distill.alpha_ce > 0 needs the teacher's MLM logits"),
+        (headless, {"student.num_layers": 2, "distill.alpha_ce": 0.0, "distill.alpha_mse": 1.0},
+         "distill.alpha_mse > 0 needs the teacher's MLM logits"),
+        (modernbert, {"student.num_layers": 2, "student.vocab": "prune"}, "needs data.source='corpus'"),
+    ]
+    for teacher, changes, message in cases:
+        problems = find_problems(tiny(**changes), 8, teacher)
+        assert any(message in p for p in problems), (message, problems)
+    assert find_problems(tiny(**{"student.num_layers": 4, "student.layer_map": (0, 2, 5, 6)}), 8, modernbert) == []
+    assert find_problems(tiny(**{"student.num_layers": 2, "distill.alpha_ce": 0.0}), 8, headless) == []

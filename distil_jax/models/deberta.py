@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax.models.layers import (INTERMEDIATES, REMAT_POLICIES, Dropout, Embed,
-                                      EncoderConfig, MaskedLM, MaskedLMOutput, MLMHead, kernel_init,
-                                      add_and_feed_forward, layer_norm, zeros_init)
+from distil_jax.models.layers import (Dropout, Embed, EncoderConfig, MaskedLM, MaskedLMOutput, MLMHead,
+                                      add_and_feed_forward, attend, head_projection, kernel_init, key_lengths,
+                                      layer_norm, output_projection, record_qkv, stack_layers, zeros_init)
 
 POS_ATT_TYPES = ("c2p", "p2c")
 NORM_REL_EBD = ("none", "layer_norm")
@@ -182,7 +182,7 @@ class TableDropout(nn.Module):
 class DisentangledSelfAttention(nn.Module):
     """Content-to-content + c2p + p2c attention over the shared relative-position table.
 
-    `attention_impl` as in layers.SelfAttention: jax.nn.dot_product_attention (the c2p +
+    `attention_impl` as in layers.attend: jax.nn.dot_product_attention (the c2p +
     p2c terms as its bias) where no dropout is applied to the probabilities and none are
     returned, the explicit softmax otherwise. With "cudnn" the key padding goes as lengths
     (right-padded batches): padded query rows then attend to the real keys only, unlike
@@ -197,15 +197,9 @@ class DisentangledSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, attention_mask, rel_embeddings, deterministic: bool, output_attentions: bool):
         cfg = self.config
-        dense = lambda name: nn.DenseGeneral(  # noqa: E731
-            features=(cfg.num_heads, cfg.head_dim), dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
-            kernel_init=kernel_init(cfg, ("embed", "heads", "kv")),
-            bias_init=zeros_init(("heads", "kv")))
-        query_proj, key_proj = dense("query"), dense("key")
-        query, key, value = query_proj(x), key_proj(x), dense("value")(x)
-        for name, v in (("q", query), ("k", key), ("v", value)):
-            self.sow(INTERMEDIATES, name, v)
+        query_proj, key_proj = head_projection(self, "query"), head_projection(self, "key")
+        query, key, value = query_proj(x), key_proj(x), head_projection(self, "value")(x)
+        record_qkv(self, query, key, value)
         scale = math.sqrt(cfg.head_dim * cfg.scale_factor)
 
         bias = None  # the c2p + p2c scores, [B, H, S, S]
@@ -216,13 +210,13 @@ class DisentangledSelfAttention(nn.Module):
             positions = relative_positions(seq, seq, cfg)
             rows = np.arange(seq)[:, None]
             if "c2p" in cfg.pos_att_type:
-                pos_key = (key_proj if cfg.share_att_key else dense("pos_key"))(rel)  # [2span, H, d]
+                pos_key = (key_proj if cfg.share_att_key else head_projection(self, "pos_key"))(rel)  # [2span, H, d]
                 scores = jnp.einsum("bqhd,rhd->bhqr", query, pos_key)
                 index = np.clip(positions + span, 0, 2 * span - 1)  # [q, k] -> row of the table
                 c2p = scores[:, :, rows, index]  # [B, H, q, k]
                 bias = c2p / jnp.asarray(scale, c2p.dtype)
             if "p2c" in cfg.pos_att_type:
-                pos_query = (query_proj if cfg.share_att_key else dense("pos_query"))(rel)
+                pos_query = (query_proj if cfg.share_att_key else head_projection(self, "pos_query"))(rel)
                 scores = jnp.einsum("bkhd,rhd->bhkr", key, pos_query)
                 index = np.clip(-positions + span, 0, 2 * span - 1)  # [k, q] -> row of the table
                 p2c = jnp.swapaxes(scores[:, :, rows, index], -1, -2)  # [B, H, q, k]
@@ -231,32 +225,9 @@ class DisentangledSelfAttention(nn.Module):
 
         real = attention_mask.astype(bool)
         keep = real[:, None, :, None] & real[:, None, None, :]  # [B, 1, q, k]
-        if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
-            if self.attention_impl == "cudnn":
-                lengths = jnp.maximum(attention_mask.astype(jnp.int32).sum(-1), 1)
-                context = jax.nn.dot_product_attention(
-                    query, key, value, bias=bias, scale=1.0 / scale,
-                    key_value_seq_lengths=lengths, implementation="cudnn")
-            else:
-                context = jax.nn.dot_product_attention(
-                    query, key, value, bias=bias, mask=keep, scale=1.0 / scale,
-                    implementation=self.attention_impl)
-            probs = None
-        else:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key / jnp.asarray(scale, key.dtype))
-            if bias is not None:
-                scores = scores + bias
-            scores = jnp.where(keep, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1)
-            dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-            context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
-        self.sow(INTERMEDIATES, "context", context)
-        out = nn.DenseGeneral(
-            features=cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
-            param_dtype=self.param_dtype, name="out",
-            kernel_init=kernel_init(cfg, ("heads", "kv", "embed")),
-            bias_init=zeros_init(("embed",)))(context)
-        return out, (probs if output_attentions else None)
+        context, probs = attend(self, query, key, value, keep, deterministic, output_attentions,
+                                lengths=key_lengths(attention_mask), bias=bias, divisor=scale)
+        return output_projection(self, context), probs
 
 
 class DebertaLayer(nn.Module):
@@ -298,17 +269,9 @@ class DebertaEncoder(nn.Module):
             if cfg.rel_layer_norm:
                 rel = layer_norm(cfg.layer_norm_eps, "rel_norm", dtype=self.dtype,
                                  param_dtype=self.param_dtype)(rel)
-        layer_cls = DebertaLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(DebertaLayer, static_argnums=(4, 5), policy=REMAT_POLICIES[self.remat])
-        hidden_states, attentions = [x], []
-        for i in range(cfg.num_layers):
-            x, probs = layer_cls(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 attention_impl=self.attention_impl, name=f"layer_{i}")(
-                x, attention_mask, rel, deterministic, output_attentions)
-            hidden_states.append(x)
-            attentions.append(probs)
-        return tuple(hidden_states), (tuple(attentions) if output_attentions else None)
+        return stack_layers(self, DebertaLayer, lambda cls, i: cls(
+            cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+            name=f"layer_{i}"), x, (attention_mask, rel), deterministic, output_attentions)
 
 
 class DebertaMLMHead(MLMHead):

@@ -12,6 +12,7 @@ Every kernel and embedding carries logical axis names (`vocab`, `embed`, `heads`
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -149,13 +150,72 @@ class Dropout(nn.Module):
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention over a key padding mask.
+def head_projection(module: nn.Module, name: str, use_bias: bool = True) -> nn.DenseGeneral:
+    """A projection onto the heads [.., D] -> [.., H, d], a submodule `name` of the compact
+    `module` (its config, dtype and param_dtype): every family's query / key / value."""
+    cfg = module.config
+    return nn.DenseGeneral(
+        features=(cfg.num_heads, cfg.head_dim), use_bias=use_bias, dtype=module.dtype,
+        param_dtype=module.param_dtype, name=name, kernel_init=kernel_init(cfg, ("embed", "heads", "kv")),
+        bias_init=zeros_init(("heads", "kv")))
 
-    `attention_impl` is `jax.nn.dot_product_attention`'s implementation (None = XLA,
-    "cudnn" = cuDNN flash attention on GPU), used wherever no dropout is applied to the
-    probabilities and none are returned; otherwise the explicit softmax runs.
-    """
+
+def record_qkv(module: nn.Module, query, key, value) -> None:
+    for name, v in (("q", query), ("k", key), ("v", value)):
+        module.sow(INTERMEDIATES, name, v)
+
+
+def attend(module: nn.Module, query, key, value, keep, deterministic: bool, output_attentions: bool, *,
+           lengths=None, bias=None, divisor: Optional[float] = None):
+    """(context [B, S, H, d], probabilities or None): softmax(q k^T / divisor + bias) v over
+    the keys `keep` allows ([B, 1, 1|S, S]), inside the compact `module` (its
+    attention_impl, config.attention_dropout).
+
+    Where no dropout is applied to the probabilities and none are returned, the fused
+    `jax.nn.dot_product_attention` (`module.attention_impl`: None = XLA, "cudnn" = cuDNN
+    flash attention on GPU); cuDNN takes the key padding as `lengths` (right-padded
+    batches; a row of padding alone gets length 1: no target reads it), and where a caller
+    gives none (a mask cuDNN cannot take, such as a sliding window) XLA's fused attention
+    runs. Otherwise the explicit float32 softmax, whose probabilities dropout sees."""
+    cfg = module.config
+    divisor = math.sqrt(cfg.head_dim) if divisor is None else divisor
+    scale = 1.0 / divisor
+    if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
+        if module.attention_impl == "cudnn" and lengths is not None:
+            context = jax.nn.dot_product_attention(
+                query, key, value, bias=bias, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn")
+        else:
+            impl = None if module.attention_impl == "cudnn" else module.attention_impl
+            context = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=keep, scale=scale,
+                                                   implementation=impl)
+        return context, None
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query / jnp.asarray(divisor, query.dtype), key)
+    if bias is not None:
+        scores = scores + bias
+    scores = jnp.where(keep, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(module.dtype), value), probs
+
+
+def key_lengths(attention_mask):
+    """Real keys per row for cuDNN's flash attention (at least 1)."""
+    return jnp.maximum(attention_mask.astype(jnp.int32).sum(-1), 1)
+
+
+def output_projection(module: nn.Module, context, use_bias: bool = True):
+    """The attention's output [B, S, D] from the heads' context (recorded as "context"),
+    as the submodule out of the compact `module`."""
+    cfg = module.config
+    module.sow(INTERMEDIATES, "context", context)  # [B, S, H, d], before the output projection
+    return nn.DenseGeneral(
+        features=cfg.hidden_size, axis=(-2, -1), use_bias=use_bias, dtype=module.dtype,
+        param_dtype=module.param_dtype, name="out", kernel_init=kernel_init(cfg, ("heads", "kv", "embed")),
+        bias_init=zeros_init(("embed",)))(context)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention over a key padding mask (`attend`)."""
 
     config: EncoderConfig
     dtype: Dtype = jnp.float32
@@ -164,44 +224,12 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
-        cfg = self.config
-        dense = lambda name: nn.DenseGeneral(  # noqa: E731
-            features=(cfg.num_heads, cfg.head_dim), dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
-            kernel_init=kernel_init(cfg, ("embed", "heads", "kv")),
-            bias_init=zeros_init(("heads", "kv")))
-        query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
-        for name, v in (("q", query), ("k", key), ("v", value)):
-            self.sow(INTERMEDIATES, name, v)
+        query, key, value = (head_projection(self, name)(x) for name in ("query", "key", "value"))
+        record_qkv(self, query, key, value)
         keep = attention_mask[:, None, None, :].astype(bool)
-        if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
-            # No dropout on the probabilities and no probabilities to return: the fused
-            # attention (cuDNN flash attention on GPU where it applies, XLA elsewhere).
-            if self.attention_impl == "cudnn":
-                # cuDNN's flash attention takes the key padding as lengths (our batches are
-                # right-padded), not as the [B, 1, 1, S] mask, which it would refuse (it needs
-                # a [B, N, T, S] bias). A row of padding alone gets length 1: no target reads it.
-                lengths = jnp.maximum(attention_mask.astype(jnp.int32).sum(-1), 1)
-                context = jax.nn.dot_product_attention(
-                    query, key, value, key_value_seq_lengths=lengths, implementation="cudnn")
-            else:
-                context = jax.nn.dot_product_attention(
-                    query, key, value, mask=keep, implementation=self.attention_impl)
-            probs = None
-        else:
-            query = query / jnp.sqrt(cfg.head_dim).astype(self.dtype)
-            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-            scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1)
-            dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-            context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
-        self.sow(INTERMEDIATES, "context", context)  # [B, S, H, d], before the output projection
-        out = nn.DenseGeneral(
-            features=cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
-            param_dtype=self.param_dtype, name="out",
-            kernel_init=kernel_init(cfg, ("heads", "kv", "embed")),
-            bias_init=zeros_init(("embed",)))(context)
-        return out, (probs if output_attentions else None)
+        context, probs = attend(self, query, key, value, keep, deterministic, output_attentions,
+                                lengths=key_lengths(attention_mask))
+        return output_projection(self, context), probs
 
 
 class EncoderLayer(nn.Module):
@@ -263,18 +291,26 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
-        layer_cls = EncoderLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(EncoderLayer, static_argnums=(3, 4), policy=REMAT_POLICIES[self.remat])
-        hidden_states, attentions = [x], []
-        for i in range(self.config.num_layers):
-            x, probs = layer_cls(
-                self.config, self.dropout_after_attention, dtype=self.dtype,
-                param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                name=f"layer_{i}")(x, attention_mask, deterministic, output_attentions)
-            hidden_states.append(x)
-            attentions.append(probs)
-        return tuple(hidden_states), (tuple(attentions) if output_attentions else None)
+        return stack_layers(self, EncoderLayer, lambda cls, i: cls(
+            self.config, self.dropout_after_attention, dtype=self.dtype, param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl, name=f"layer_{i}"), x, (attention_mask,), deterministic,
+            output_attentions)
+
+
+def stack_layers(encoder: nn.Module, layer_cls, make, x, args: tuple, deterministic: bool, output_attentions: bool):
+    """(hidden states: x then every layer's output, attention probabilities per layer or
+    None) of `encoder.config.num_layers` layers made by `make(cls, i)` (named layer_i) and
+    called as layer(x, *args, deterministic, output_attentions); `encoder.remat` as in
+    Encoder (the two flags static)."""
+    if encoder.remat != "none":
+        flags = 1 + len(args)
+        layer_cls = nn.remat(layer_cls, static_argnums=(flags + 1, flags + 2), policy=REMAT_POLICIES[encoder.remat])
+    hidden_states, attentions = [x], []
+    for i in range(encoder.config.num_layers):
+        x, probs = make(layer_cls, i)(x, *args, deterministic, output_attentions)
+        hidden_states.append(x)
+        attentions.append(probs)
+    return tuple(hidden_states), (tuple(attentions) if output_attentions else None)
 
 
 class Embed(nn.Module):

@@ -42,13 +42,12 @@ import dataclasses
 from typing import Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax.models.layers import (ACTIVATIONS, INTERMEDIATES, REMAT_POLICIES, Dropout, Embed,
-                                      EncoderConfig, MaskedLM, MaskedLMOutput, kernel_init, ones_init,
-                                      zeros_init)
+from distil_jax.models.layers import (ACTIVATIONS, INTERMEDIATES, Dropout, Embed, EncoderConfig, MaskedLM,
+                                      MaskedLMOutput, attend, head_projection, kernel_init, key_lengths, ones_init,
+                                      output_projection, record_qkv, stack_layers, zeros_init)
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -177,7 +176,7 @@ def window_mask(seq_len: int, half_window: int):
 class ModernBertAttention(nn.Module):
     """Multi-head self-attention with rotary positions, global or in a sliding window.
 
-    `attention_impl` as in layers.SelfAttention. With "cudnn", global layers run cuDNN's
+    `attention_impl` as in layers.attend. With "cudnn", global layers run cuDNN's
     flash attention over key lengths; sliding layers run XLA's fused attention with the
     boolean window mask (jax's cuDNN path takes a sliding window only with a causal mask).
     """
@@ -191,45 +190,21 @@ class ModernBertAttention(nn.Module):
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
         cfg = self.config
-        dense = lambda name: nn.DenseGeneral(  # noqa: E731
-            features=(cfg.num_heads, cfg.head_dim), use_bias=cfg.attention_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
-            kernel_init=kernel_init(cfg, ("embed", "heads", "kv")),
-            bias_init=zeros_init(("heads", "kv")))
-        query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
+        query, key, value = (head_projection(self, name, cfg.attention_bias)(x) for name in ("query", "key", "value"))
         theta = cfg.global_rope_theta if self.is_global else cfg.local_rope_theta
         cos, sin = rotary_tables(theta, cfg.head_dim, x.shape[1])
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        for name, v in (("q", query), ("k", key), ("v", value)):
-            self.sow(INTERMEDIATES, name, v)
+        record_qkv(self, query, key, value)
         keep = attention_mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]: real keys
         if not self.is_global:
             keep = keep & window_mask(x.shape[1], cfg.sliding_window)[None, None]  # [B, 1, S, S]
-        if (deterministic or cfg.attention_dropout == 0.0) and not output_attentions:
-            if self.attention_impl == "cudnn" and self.is_global:
-                # As layers.SelfAttention: cuDNN takes the key padding as lengths (right padding).
-                lengths = jnp.maximum(attention_mask.astype(jnp.int32).sum(-1), 1)
-                context = jax.nn.dot_product_attention(
-                    query, key, value, key_value_seq_lengths=lengths, implementation="cudnn")
-            else:
-                impl = None if self.attention_impl == "cudnn" else self.attention_impl
-                context = jax.nn.dot_product_attention(query, key, value, mask=keep, implementation=impl)
-            probs = None
-        else:
-            query = query / jnp.sqrt(cfg.head_dim).astype(self.dtype)
-            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-            scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1)
-            dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-            context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
-        self.sow(INTERMEDIATES, "context", context)
-        out = nn.DenseGeneral(
-            features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="out",
-            kernel_init=kernel_init(cfg, ("heads", "kv", "embed")),
-            bias_init=zeros_init(("embed",)))(context)
+        # cuDNN (key lengths, right padding) in global layers only: jax's cuDNN path takes a
+        # sliding window with a causal mask alone, so sliding layers run XLA's fused attention.
+        context, probs = attend(self, query, key, value, keep, deterministic, output_attentions,
+                                lengths=key_lengths(attention_mask) if self.is_global else None)
+        out = output_projection(self, context, cfg.attention_bias)
         out = Dropout(cfg.attention_dropout)(out, deterministic=deterministic)
-        return out, (probs if output_attentions else None)
+        return out, probs
 
 
 class ModernBertLayer(nn.Module):
@@ -275,17 +250,9 @@ class ModernBertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool, output_attentions: bool):
-        layer_cls = ModernBertLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(ModernBertLayer, static_argnums=(3, 4), policy=REMAT_POLICIES[self.remat])
-        hidden_states, attentions = [x], []
-        for i in range(self.config.num_layers):
-            x, probs = layer_cls(self.config, i, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 attention_impl=self.attention_impl, name=f"layer_{i}")(
-                x, attention_mask, deterministic, output_attentions)
-            hidden_states.append(x)
-            attentions.append(probs)
-        return tuple(hidden_states), (tuple(attentions) if output_attentions else None)
+        return stack_layers(self, ModernBertLayer, lambda cls, i: cls(
+            self.config, i, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+            name=f"layer_{i}"), x, (attention_mask,), deterministic, output_attentions)
 
 
 class ModernBertHead(nn.Module):

@@ -78,6 +78,14 @@ def _hidden_cos(s: ForwardPass, t: ForwardPass, term: LayerTerm, mask, projectio
                               t.out.hidden_states[term.teacher_layer], mask)
 
 
+# The attention terms are made of what each layer records (models/layers.py
+# INTERMEDIATES): its queries, keys and values, padding masked. What that leaves out of a
+# family's own attention: DeBERTa's scores add the disentangled position terms (content-to-
+# position c2p and position-to-content p2c, through the shared relative table): the Q-K
+# relation and attention_kl compare the content-to-content part alone (q and k are the
+# content projections), and V-V is unaffected. ModernBERT's q and k are recorded after the
+# rotary rotation, so positions are in them, but a sliding-window layer's band is not
+# applied: its Q-K relation spans the whole sequence.
 def _attention_kl(s: ForwardPass, t: ForwardPass, term: LayerTerm, mask, projection, obj) -> jax.Array:
     a, b = s.attention(term.student_layer), t.attention(term.teacher_layer)
     return losses.attention_kl(losses.attention_scores(a["q"], a["k"]),
