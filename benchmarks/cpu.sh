@@ -43,3 +43,5 @@ bench data
 # Deployment (needs the deploy extra): the exported models in PyTorch and ONNX Runtime, fp32 and int8.
 bench deploy --models base
 bench deploy --models embedded --steps 40 --pause 0.05
+# Vocabulary pruning: an XLM-R-shaped teacher and its student on the embedded corpus.
+bench vocab
