@@ -37,7 +37,6 @@ import math
 from typing import Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -162,23 +161,6 @@ def relative_positions(query_len: int, key_len: int, config: DebertaV2Config) ->
     return rel.astype(np.int64)
 
 
-class TableDropout(nn.Module):
-    """Dropout on a table shared by the whole batch (the relative-position embeddings): one
-    mask from the dropout key, the same on every device group (no row offset: its rows
-    are not the batch's)."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool):
-        if deterministic or self.rate == 0.0:
-            return x
-        if self.rate == 1.0:
-            return jnp.zeros_like(x)
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
-        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
-
-
 class DisentangledSelfAttention(nn.Module):
     """Content-to-content + c2p + p2c attention over the shared relative-position table.
 
@@ -204,7 +186,7 @@ class DisentangledSelfAttention(nn.Module):
 
         bias = None  # the c2p + p2c scores, [B, H, S, S]
         if cfg.relative_attention and cfg.pos_att_type:
-            rel = TableDropout(cfg.hidden_dropout)(rel_embeddings, deterministic=deterministic)
+            rel = Dropout(cfg.hidden_dropout, shared=True)(rel_embeddings, deterministic=deterministic)
             seq = x.shape[1]
             span = cfg.position_span
             positions = relative_positions(seq, seq, cfg)

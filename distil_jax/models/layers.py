@@ -133,9 +133,12 @@ def layer_norm(eps: float, name: Optional[str] = None, *, dtype: Dtype,
 class Dropout(nn.Module):
     """Dropout whose mask is drawn row by row, each row's from its global index in the
     micro-batch (parallel.row_offset), so that the masks are the same however the rows are
-    spread over devices (the update's per-device loop, parallel.per_device)."""
+    spread over devices (the update's per-device loop, parallel.per_device). `shared`: x
+    is a table the whole batch shares (DeBERTa's relative positions), not rows of the
+    batch: one mask from the key, the same on every device group."""
 
     rate: float
+    shared: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
@@ -144,9 +147,12 @@ class Dropout(nn.Module):
         if self.rate == 1.0:
             return jnp.zeros_like(x)
         key = self.make_rng("dropout")
-        rows = parallel.row_offset(x.shape[0]) + jnp.arange(x.shape[0], dtype=jnp.int32)
-        keep = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(key, r), 1.0 - self.rate,
-                                                       x.shape[1:]))(rows)
+        if self.shared:
+            keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        else:
+            rows = parallel.row_offset(x.shape[0]) + jnp.arange(x.shape[0], dtype=jnp.int32)
+            keep = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(key, r), 1.0 - self.rate,
+                                                           x.shape[1:]))(rows)
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
