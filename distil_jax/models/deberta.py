@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax.models.layers import (Dropout, Embed, EncoderConfig, MaskedLM, MaskedLMOutput, MLMHead,
+from distil_jax.models.layers import (Dropout, Embed, EncoderConfig, MaskedLM, MLMHead,
                                       add_and_feed_forward, attend, head_projection, kernel_init, key_lengths,
                                       layer_norm, output_projection, record_qkv, stack_layers, zeros_init)
 
@@ -306,18 +306,11 @@ class DebertaV2(MaskedLM):
             x = self.embed_proj(x)
         return x
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, output_attentions: bool = False,
-                 compute_logits: bool = True) -> MaskedLMOutput:
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        x = self.embeddings_norm(self.embed(input_ids, token_type_ids))
-        x = x * attention_mask[..., None].astype(x.dtype)  # padded positions start at zero
-        x = self.embeddings_dropout(x, deterministic=deterministic)
-        hidden_states, attentions = self.encoder(x, attention_mask, deterministic, output_attentions)
-        # Without an MLM head there are no logits to give (None), as with compute_logits=False.
-        logits = self.mlm_logits(hidden_states[-1]) if compute_logits and self.config.mlm_head else None
-        return MaskedLMOutput(logits=logits, hidden_states=hidden_states, attentions=attentions)
+    zero_padded_embeddings = True  # as transformers' DebertaV2Embeddings
+
+    @property
+    def has_mlm_head(self) -> bool:
+        return self.config.mlm_head
 
     def _require_head(self):
         if not self.config.mlm_head:

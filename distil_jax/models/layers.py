@@ -369,7 +369,9 @@ class MLMHead(nn.Module):
 
 
 class MaskedLM(nn.Module):
-    """Embeddings -> Encoder -> MLMHead; the teacher and the student specialise `embed`.
+    """Embeddings -> Encoder -> MLMHead; every family specialises `setup` and `embed`, and
+    where it needs to, `zero_padded_embeddings` (DeBERTa), `last_hidden` (ModernBERT's
+    final norm) and `has_mlm_head` (a DeBERTa encoder without one).
 
     `apply({'params': p}, input_ids, attention_mask, deterministic=...)` returns a
     MaskedLMOutput. `compute_logits=False` skips the vocabulary projection: training
@@ -382,7 +384,8 @@ class MaskedLM(nn.Module):
     attention_impl: Optional[str] = None  # see SelfAttention
     remat: str = "none"  # see Encoder
 
-    dropout_after_attention = True  # class constant, not a dataclass field
+    dropout_after_attention = True  # class constants, not dataclass fields
+    zero_padded_embeddings = False  # padded positions enter the encoder as zeros
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -414,12 +417,24 @@ class MaskedLM(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         x = self.embeddings_norm(self.embed(input_ids, token_type_ids))
+        if self.zero_padded_embeddings:
+            x = x * attention_mask[..., None].astype(x.dtype)
         x = self.embeddings_dropout(x, deterministic=deterministic)
         hidden_states, attentions = self.encoder(
             x, attention_mask, deterministic, output_attentions)
-        logits = self.mlm_logits(hidden_states[-1]) if compute_logits else None
+        hidden_states = hidden_states[:-1] + (self.last_hidden(hidden_states[-1]),)
+        # Without an MLM head there are no logits to give (None), as with compute_logits=False.
+        logits = self.mlm_logits(hidden_states[-1]) if compute_logits and self.has_mlm_head else None
         return MaskedLMOutput(logits=logits, hidden_states=hidden_states,
                               attentions=attentions, pooled_output=self.pool(hidden_states[-1]))
+
+    @property
+    def has_mlm_head(self) -> bool:
+        return True
+
+    def last_hidden(self, hidden):
+        """The last layer's output as the model gives it (and its head reads it)."""
+        return hidden
 
     def mlm_logits(self, hidden):
         return self.mlm_head(hidden, self.word_embeddings)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax.models.layers import (ACTIVATIONS, INTERMEDIATES, Dropout, Embed, EncoderConfig, MaskedLM,
-                                      MaskedLMOutput, attend, head_projection, kernel_init, key_lengths, ones_init,
+                                      attend, head_projection, kernel_init, key_lengths, ones_init,
                                       output_projection, record_qkv, stack_layers, zeros_init)
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -310,20 +310,8 @@ class ModernBert(MaskedLM):
     def embed(self, input_ids, token_type_ids):
         return self.word_embeddings(input_ids)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True, output_attentions: bool = False,
-                 compute_logits: bool = True) -> MaskedLMOutput:
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        x = self.embeddings_norm(self.embed(input_ids, token_type_ids))
-        x = self.embeddings_dropout(x, deterministic=deterministic)
-        hidden_states, attentions = self.encoder(x, attention_mask, deterministic, output_attentions)
-        hidden_states = hidden_states[:-1] + (self.final_norm(hidden_states[-1]),)
-        logits = self.mlm_logits(hidden_states[-1]) if compute_logits else None
-        return MaskedLMOutput(logits=logits, hidden_states=hidden_states, attentions=attentions)
-
-    def mlm_logits(self, hidden):
-        return self.mlm_head(hidden, self.word_embeddings)
+    def last_hidden(self, hidden):
+        return self.final_norm(hidden)
 
     def head_inputs(self, hidden):
         """(features, decoder matrix [V, D], bias [V]): logits = features @ matrix.T + bias.
