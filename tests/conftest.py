@@ -30,8 +30,19 @@ import uuid
 
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
                 " --xla_cpu_use_fusion_emitters=false")
+# The files whose tests need the eight fake devices in process (sharded = unsharded, the
+# mesh's axes, device order); every other file runs the same on one. A device is not free
+# here: with eight, every in-process program is partitioned eight ways and runs as eight,
+# which costs the suite about a tenth of its time. So under the README's `-n 3 --dist
+# loadfile` (`DeviceScheduling` below), worker gw0 has eight devices and runs exactly these
+# files; the other workers have one and run all the rest: each file always meets the same
+# device count. Run any other way (plain pytest, another --dist), every process has eight.
+EIGHT_DEVICE_FILES = ("test_trainer.py", "test_shapes.py", "test_multihost.py")
+ROUTED = "DISTIL_JAX_TEST_DEVICE_ROUTING"  # set by the controller when it routes (pytest_configure)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+DEVICES = 1 if os.environ.get(ROUTED) and WORKER not in (None, "gw0") else 8
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
+                           f" --xla_force_host_platform_device_count={DEVICES} {FAST_COMPILE}").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (xdist workers inherit it)
@@ -59,9 +70,9 @@ WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang loud s
          "green trees near old stone houses by the quiet river").split()
 
 
-# The longest files first: the README's `-n 2 --dist loadfile --no-loadscope-reorder`
-# hands whole files to two workers in collection order (two each to start with), and a
-# long file taken last would run alone at the end.
+# The longest files first: the README's `-n 3 --dist loadfile --no-loadscope-reorder`
+# hands whole files to the workers in collection order (two each to start with; see
+# DeviceScheduling), and a long file taken last would run alone at the end.
 LONGEST_FIRST = ("test_demo.py", "test_trainer.py", "test_shapes.py", "test_main.py", "test_reliability.py",
                  "test_multihost.py", "test_buckets.py", "test_families.py", "test_bench.py", "test_finetune.py",
                  "test_data.py",
@@ -71,6 +82,49 @@ LONGEST_FIRST = ("test_demo.py", "test_trainer.py", "test_shapes.py", "test_main
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+def _routes(config) -> bool:
+    return (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "dist", "no") == "loadfile"
+            and (getattr(config.option, "numprocesses", 0) or 0) >= 2)
+
+
+def pytest_configure(config):
+    if WORKER is None and _routes(config):  # the controller, before it starts the workers
+        os.environ[ROUTED] = "1"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if _routes(config):
+        from xdist.scheduler import LoadFileScheduling
+
+        class DeviceScheduling(LoadFileScheduling):
+            """--dist loadfile with a fixed device count per file: gw0 (eight devices) takes
+            EIGHT_DEVICE_FILES only, the other workers (one device) every other file, each in
+            collection order; a worker with nothing left of its kind stops."""
+
+            def _assign_work_unit(self, node):
+                eight = node.gateway.id == "gw0"
+                scope = next((s for s in self.workqueue
+                              if (os.path.basename(s) in EIGHT_DEVICE_FILES) == eight), None)
+                if scope is None:
+                    if not node.shutting_down:
+                        node.shutdown()
+                    return
+                self.workqueue.move_to_end(scope, last=False)
+                super()._assign_work_unit(node)
+
+        return DeviceScheduling(config, log)
+    return None
+
+
+def pytest_runtest_setup(item):
+    """A file that needs eight devices fails (never skips) on a process with fewer."""
+    if item.path.name in EIGHT_DEVICE_FILES and jax.device_count() != 8:
+        pytest.fail(f"{item.path.name} needs 8 devices and this process has {jax.device_count()}: "
+                    "it is in conftest.EIGHT_DEVICE_FILES, which the README's `-n 3 --dist loadfile` "
+                    "runs on worker gw0 (eight devices)")
 
 
 def pytest_sessionfinish(session, exitstatus):
