@@ -3,8 +3,9 @@
 Set before jax is imported: eight fake CPU devices for the multi-device tests (one on the
 workers that run the other files: EIGHT_DEVICE_FILES), no model hub, and one persistent
 compilation cache for the whole session, which the subprocesses the tests start (main,
-launch scripts, kills) inherit: a program compiled once is loaded from it afterwards. The cache lives in a temporary directory of this session
-(removed at its end), so every run of the suite starts cold and measures the same.
+launch scripts, kills) inherit: a program compiled once is loaded from it afterwards. The
+cache lives in a temporary directory of this session (removed at its end), so every run of
+the suite starts cold and measures the same.
 
 Compiling is most of what this suite does on a CPU (a tiny model's train step is ~15,000
 lines of optimised HLO and took 60% of the in-process tests' time), so XLA's CPU
