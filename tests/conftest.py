@@ -86,8 +86,9 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def _routes(config) -> bool:
+    workers = getattr(config.option, "numprocesses", None)  # an int once xdist resolved -n auto
     return (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "dist", "no") == "loadfile"
-            and (getattr(config.option, "numprocesses", 0) or 0) >= 2)
+            and isinstance(workers, int) and workers >= 2)
 
 
 def pytest_configure(config):
@@ -103,17 +104,31 @@ def pytest_xdist_make_scheduler(config, log):
         class DeviceScheduling(LoadFileScheduling):
             """--dist loadfile with a fixed device count per file: gw0 (eight devices) takes
             EIGHT_DEVICE_FILES only, the other workers (one device) every other file, each in
-            collection order; a worker with nothing left of its kind stops."""
+            collection order. A worker with nothing left of its kind stops, unless no live
+            worker of the other kind is left to take what remains (fewer files than workers:
+            xdist stops the spare workers first); then it takes it, and a file of eight
+            devices on one fails in `pytest_runtest_setup`."""
+
+            def schedule(self):
+                if self.collection is None and self.collection_is_completed:
+                    # With fewer files than workers xdist stops the workers added last: keep
+                    # gw0 among the first when a file of eight devices is selected, last otherwise.
+                    names = {os.path.basename(n.split("::")[0]) for n in next(iter(self.registered_collections.values()))}
+                    eight_first = bool(names & set(EIGHT_DEVICE_FILES))
+                    rank = lambda n: (n.gateway.id != "gw0" if eight_first else n.gateway.id == "gw0", n.gateway.id)  # noqa: E731
+                    self.assigned_work = dict(sorted(self.assigned_work.items(), key=lambda kv: rank(kv[0])))
+                super().schedule()
 
             def _assign_work_unit(self, node):
                 eight = node.gateway.id == "gw0"
-                scope = next((s for s in self.workqueue
-                              if (os.path.basename(s) in EIGHT_DEVICE_FILES) == eight), None)
-                if scope is None:
-                    if not node.shutting_down:
-                        node.shutdown()
-                    return
-                self.workqueue.move_to_end(scope, last=False)
+                mine = [s for s in self.workqueue if (os.path.basename(s) in EIGHT_DEVICE_FILES) == eight]
+                if not mine:
+                    if any((n.gateway.id == "gw0") != eight and not n.shutting_down for n in self.nodes):
+                        if not node.shutting_down:
+                            node.shutdown()
+                        return
+                    mine = list(self.workqueue)
+                self.workqueue.move_to_end(mine[0], last=False)
                 super()._assign_work_unit(node)
 
         return DeviceScheduling(config, log)
