@@ -1,8 +1,8 @@
 """What a practitioner watches: model FLOPs and MFU, a logging window's means, the writers.
 
 TensorBoard's event files are written by tensorboardX (`EventWriter`: its Event protos,
-scalar summaries, TFRecord framing and CRC), imported only by the process that writes them
-(where PyTorch is installed, tensorboardX's import brings it in: about a second, once).
+scalar summaries, TFRecord framing and CRC), imported only by the process that writes them,
+without the PyTorch import its package makes where PyTorch is installed (`_tensorboardx`).
 
 FLOPs follow the MaxText convention: a train step costs 3x the student's forward
 (forward + backward) plus 1x the teacher's forward when a loss reads the teacher.
@@ -13,8 +13,10 @@ logits (all of them, or only the MLM targets).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -103,6 +105,23 @@ def _records_up_to(path: str, step: int) -> bytes:
 
 
 # --- TensorBoard event files --------------------------------------------------------------
+def _tensorboardx():
+    """tensorboardX's (event_file_writer, record_writer, summary, event_pb2). Its package
+    imports PyTorch where PyTorch is installed, for tensor types this writer never passes:
+    a second of CPU and hundreds of MB in every process that writes metrics. So it is first
+    imported with `import torch` failing, which it handles (numpy only); torch imports as
+    usual afterwards."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # an import of torch raises ImportError while this is set
+        try:
+            importlib.import_module("tensorboardX")
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import event_file_writer, record_writer, summary
+    from tensorboardX.proto import event_pb2
+    return event_file_writer, record_writer, summary, event_pb2
+
+
 class _AppendedFiles:
     """tensorboardX's writer factory for a URL scheme: an event file is a storage.Appender
     (on GCS grown by compose; tensorboardX's own gs:// writer uploads it whole at each flush)."""
@@ -121,8 +140,7 @@ class EventWriter:
     (a SessionLog START there, tensorboardX's `purge_step`): a resume repeats them."""
 
     def __init__(self, directory: str, purge_from: Optional[int] = None):
-        from tensorboardX import event_file_writer, record_writer, summary
-        from tensorboardX.proto import event_pb2
+        event_file_writer, record_writer, summary, event_pb2 = _tensorboardx()
         self._event, self._scalar = event_pb2.Event, summary.scalar  # float32; out of range: +-inf
         if storage.is_remote(directory):
             record_writer.register_writer_factory(directory.split("://")[0], _AppendedFiles())
