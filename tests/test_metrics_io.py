@@ -5,6 +5,8 @@ framing with every checksum recomputed by google-crc32c (not tensorboardX's CRC)
 import json
 import math
 import struct
+import subprocess
+import sys
 import time
 
 import google_crc32c
@@ -113,6 +115,19 @@ def test_event_records_are_framed_and_checksummed_and_hold_the_exact_float32_sca
             assert got[tag] == (math.copysign(math.inf, want) if abs(want) > 3.5e38 else _f32(want)), tag
     assert [(v.tag, v.simple_value) for v in second.summary.value] == [("loss", 1.0)]
     assert abs(first.wall_time - time.time()) < 60
+
+
+def test_writing_event_files_does_not_import_pytorch_and_leaves_it_importable(tmp_path, env):
+    """tensorboardX's package imports PyTorch wherever it is installed (as here: the test
+    extra); the writer keeps it out of a training process (a second of CPU in each) and
+    torch still imports afterwards. A fresh process: this one has imported torch already."""
+    code = ("import sys\nfrom distil_jax import metrics\n"
+            f"w = metrics.EventWriter({str(tmp_path)!r}); w.write(1, {{'loss': 2.0}}); w.close()\n"
+            "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules, 'torch was imported'\n"
+            "import torch\nprint(torch.ones(2).sum().item())\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
+    assert len(raw_events(next(tmp_path.glob("events.out.tfevents.*")).read_bytes())) == 2  # version, scalars
 
 
 def test_event_files_on_a_bucket_are_appended_and_read_back(bucket):
