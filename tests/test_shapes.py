@@ -110,8 +110,10 @@ def test_the_minilm_config_is_a_valid_relation_only_student_of_bert_base(config_
 
 
 # Mode shapes at CI's size: each student trained 3 updates of 16 sequences of 32, one
-# held-out batch (its 7 passes), the demo's batch of 32 otherwise.
+# held-out batch (its 7 passes), the demo's batch of 32 otherwise; the narrow students of
+# 2 layers (half the teacher's depth: the prune row also picks layers), not the default 4.
 SHAPES = {"mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "demo.student_train.steps": 3,
+          "demo.narrow.num_layers": 2,
           "train.batch_size": 16, "train.micro_batch_size": 16, "eval.batches": 1, "finetune.train.epochs": 0,
           "demo.inference_batches": 1, "student.prune_batches": 2, "checkpoint.every_steps": 1000,
           "demo.mlm_only_baseline": False}
@@ -132,8 +134,9 @@ def test_students_of_another_shape_table(tmp_path, config_file, run_main):
     pruned = list(rows)[-1]
     assert pruned.startswith("prune init") and out["best_objective"] in shapes.variants(config, hf.read_config(assets.DEMO_TEACHER))
     narrow, teacher = rows[shapes.KD], rows["teacher"]
-    assert (narrow["layers"], narrow["width"], narrow["heads"]) == (4, 128, 2)
-    assert narrow["non_embedding_parameters"] / teacher["non_embedding_parameters"] == pytest.approx(0.25, abs=0.01)
+    assert (narrow["layers"], narrow["width"], narrow["heads"]) == (2, 128, 2)
+    assert all((r["layers"], r["width"]) == (2, 128) for r in list(rows.values())[2:])
+    assert narrow["non_embedding_parameters"] / teacher["non_embedding_parameters"] == pytest.approx(0.125, abs=0.005)
     assert set(out["comparisons"]) == {f"{shapes.KD_RELATIONS} - {shapes.KD}", f"{shapes.KD_HIDDEN} - {shapes.KD}",
                                        f"{shapes.KD} - {shapes.MLM_ONLY}", f"{pruned} - {out['best_objective']}"}
     gain = out["comparisons"][f"{pruned} - {out['best_objective']}"]
