@@ -108,9 +108,9 @@ def _records_up_to(path: str, step: int) -> bytes:
 def _tensorboardx():
     """tensorboardX's (event_file_writer, record_writer, summary, event_pb2). Its package
     imports PyTorch where PyTorch is installed, for tensor types this writer never passes:
-    a second of CPU and hundreds of MB in every process that writes metrics. So it is first
-    imported with `import torch` failing, which it handles (numpy only); torch imports as
-    usual afterwards."""
+    about a second of CPU and 180 MB of memory in every process that writes metrics (peak
+    RSS after the import: 257 MB with torch, 76 MB without). So it is first imported with
+    `import torch` failing, which it handles (numpy only); torch imports as usual after."""
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # an import of torch raises ImportError while this is set
         try:
