@@ -6,7 +6,7 @@ What changes, and on what evidence (BENCHMARKS.md "GPU and TPU"):
 - train.dtype / teacher.dtype bfloat16: bf16 compute, float32 master weights, optimizer
   state and loss math. ASSUMED: the bf16 step's speed and its ratio to float32 on a GPU are
   unmeasured (the one H200 lease ended in XLA's compile). Checked on CPU: the bf16 step's
-  dtypes and its loss against float32 (tests/test_trainer.py).
+  dtypes and its loss against float32 (tests/test_objective.py).
 - train.attention cudnn: cuDNN flash attention wherever no dropout is applied to the
   probabilities (the teacher; the student only with attention_dropout 0), the key padding
   passed as lengths. ASSUMED: its speed and its agreement with XLA attention on a GPU are

@@ -77,7 +77,7 @@ WORDS = ("the cat sat on a mat while dogs ran past quickly and birds sang loud s
 # DeviceScheduling), and a long file taken last would run alone at the end.
 LONGEST_FIRST = ("test_demo.py", "test_trainer.py", "test_shapes.py", "test_main.py", "test_reliability.py",
                  "test_multihost.py", "test_buckets.py", "test_families.py", "test_bench.py", "test_finetune.py",
-                 "test_data.py",
+                 "test_data.py", "test_objective.py",
                  "test_sources.py", "test_hf.py")
 
 

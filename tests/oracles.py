@@ -151,3 +151,12 @@ def mean_gradient(params, teacher_params, rng, update, micro_batches, *, model, 
         total = g if total is None else jax.tree.map(np.add, total, g)
     mean = jax.tree.map(lambda x: x / k, total)
     return mean, float(np.sqrt(sum(np.sum(x * x) for x in jax.tree.leaves(mean))))
+
+
+def gradient_error(got, want):
+    """(largest |got - want| over every element, over the largest |want|): the error of a
+    gradient tree relative to its scale."""
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got) == len(want)
+    worst = max(float(np.max(np.abs(np.asarray(a, np.float64) - b))) for a, b in zip(got, want))
+    return worst / max(float(np.max(np.abs(b))) for b in want)
