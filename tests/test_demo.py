@@ -90,8 +90,9 @@ def test_a_second_run_skips_every_stage(demo_dir, config_file):
     assert after["student_mlm_accuracy"] == before["student_mlm_accuracy"]
 
 
+@pytest.mark.slow  # the second tier (pytest.ini): python -m pytest -q -m slow tests
 def test_ablation_table_with_paired_errors(demo_dir, run_main):
-    """Two of the ablation's rows beside the triple loss (the demo's student), in CI's time."""
+    """Two of the ablation's rows beside the triple loss (the demo's student): 44 s and 68 CPU-s alone."""
     assert [name for name, _ in ablate.VARIANTS] == [
         "triple loss", "without L_ce", "without L_cos", "without L_mlm", "triple loss, random init",
         "triple loss, T = 1", "triple loss, T = 4"]
