@@ -14,11 +14,11 @@ from distil_jax.config import with_changes
 
 # The demo made small enough for CI: the shipped teacher, sequences of 32 (one length, one
 # compiled step), 100 updates of 16 sequences instead of 500 of 32, 4 held-out batches
-# instead of all, one epoch of fine-tuning (fewer updates and the fine-tuned student falls
-# behind its MLM-only twin: 60 updates of 32 did). Measured alone: 107 s (162 CPU-s), 44 s for the
-# two ablation rows, 40 s for deploy. With batches of 16 the distillation gain is 1.67
-# points, 4.9 paired s.e. (1.02 and 2.7 with 32), and the fine-tuned student beats its twin
-# by 2 of 451 held-out examples (7 with 32).
+# instead of all, one epoch of fine-tuning (51 updates; 20 leave the students under half
+# right, the distilled one 5.54 ± 2.15 points behind its twin: the assertions fail).
+# Measured alone: 107 s (162 CPU-s), 44 s for the two ablation rows, 40 s for deploy. With
+# batches of 16 the distillation gain is 1.67 points, 4.9 paired s.e. (1.02 and 2.7 with
+# 32), and the fine-tuned student is +0.44 ± 1.04 points over its twin.
 REDUCED = {"data.seq_len": 32, "data.length_buckets": (32,), "demo.student_train.steps": 100,
            "train.batch_size": 16, "train.micro_batch_size": 16, "eval.batches": 4,
            "finetune.train.epochs": 1, "finetune.max_len": 32, "demo.examples": 2, "checkpoint.every_steps": 1000,
@@ -60,12 +60,18 @@ def test_reduced_demo_goes_the_demos_directions(demo_dir):
     assert s["student_parameters"] < s["teacher_parameters"] and s["teacher"] == "shipped"
     # The directions of the full demo's targets (README): the distilled student beats its
     # MLM-only twin on the same masks by more than twice its paired standard error, keeps
-    # most of the teacher (the full run's 500 updates keep 90.7%; 150 keep 87-90%), is
-    # closer to it, and fine-tunes at least as well as the twin.
+    # most of the teacher (the full run's 500 updates keep 90.7%; 150 keep 87-90%), and is
+    # closer to it. Fine-tuned, every model learns the task (over three times chance: 78-81%
+    # here against 1/6), and the distilled student is no worse than its twin beyond two paired
+    # standard errors: the full run finds no measurable difference (+1.11 ± 1.06 points),
+    # and this one +0.44 ± 1.04, so asserting more would hold by determinism, not evidence.
     assert s["teacher_mlm_accuracy"] >= 5 * s["most_frequent_token_accuracy"], s
     assert s["distillation_gain"] > 2 * s["distillation_gain_se"] > 0, s
     assert s["retention"] >= 0.8, s
-    assert s["student_finetune_accuracy"] >= s["student_mlm_only_finetune_accuracy"], s
+    tuned = [s[f"{name}_finetune_accuracy"] for name in ("teacher", "student", "student_mlm_only", "student_task_kd")]
+    assert min(tuned) > 3 / 6, tuned  # configs/demo.py: finetune.classes = 6
+    fine = s["finetune_comparisons"]["student - student_mlm_only"]
+    assert fine["difference"] > -2 * fine["se"] > -0.05 and fine["targets"] == 451, fine
     assert s["kl_teacher_student"] < s["student_mlm_only_kl_teacher"], s
     assert s["agreement"] > s["student_mlm_only_agreement"], s
     gain = s["comparisons"]["student - student_mlm_only"]
