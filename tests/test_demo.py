@@ -61,7 +61,7 @@ def test_reduced_demo_goes_the_demos_directions(demo_dir):
     # The directions of the full demo's targets (README): the distilled student beats its
     # MLM-only twin on the same masks by more than twice its paired standard error, keeps
     # most of the teacher (the full run's 500 updates keep 90.7%; 150 keep 87-90%), and is
-    # closer to it. Fine-tuned, every model learns the task (over three times chance: 78-81%
+    # closer to it. Fine-tuned, every model learns the task (over three times chance: 77.6-80.9%
     # here against 1/6), and the distilled student is no worse than its twin beyond two paired
     # standard errors: the full run finds no measurable difference (+1.11 ± 1.06 points),
     # and this one +0.44 ± 1.04, so asserting more would hold by determinism, not evidence.

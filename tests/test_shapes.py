@@ -122,7 +122,7 @@ SHAPES = {"mode": "shapes", "data.seq_len": 32, "data.length_buckets": (32,), "d
 @pytest.mark.slow  # the second tier (pytest.ini): python -m pytest -q -m slow tests
 def test_students_of_another_shape_table(tmp_path, config_file, run_main):
     """Mode shapes on the demo's corpus and shipped teacher in a fresh workdir (its demo
-    student first), in CI's time (SHAPES): the rows, the comparisons with paired errors,
+    student first), at a small size (SHAPES): the rows, the comparisons with paired errors,
     and pruning's head start over random init (97 CPU-s alone). A subprocess at the suite's fast code
     generation: with 3 updates per student, compiling is most of its time (measured with
     narrow students of 4 layers: 82 s alone against 103 s at XLA's defaults)."""
